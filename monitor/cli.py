@@ -1,0 +1,274 @@
+"""The command line; the only place where exceptions become exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from monitor.config import Config, load_config
+from monitor.errors import MonitorError
+
+EXIT_ERROR = 2
+CONFIG_OPTION = click.option(
+    "--config", "-c", "config_path", type=click.Path(path_type=Path),
+    default=None, help="config.toml (default: ./config.toml if present, else built-in defaults).",
+)
+
+
+class _Group(click.Group):
+    """Turns pbf-monitor's own errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MonitorError as e:
+            click.echo(f"pbf-monitor: error: {e}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+def _load(config_path: Path | None) -> Config:
+    if config_path is None and Path("config.toml").is_file():
+        config_path = Path("config.toml")
+    return load_config(config_path)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="pbf-monitor")
+def main() -> None:
+    """pbf-monitor: layer-by-layer defect monitoring for powder-bed-fusion printers."""
+
+
+@main.command()
+@CONFIG_OPTION
+def run(config_path: Path | None) -> None:
+    """Run the daemon until SIGTERM or Ctrl-C."""
+    from monitor.pipeline import Daemon
+
+    cfg = _load(config_path)
+    _setup_logging(cfg.log.level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logging.getLogger("monitor").info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        daemon.stop()
+
+
+@main.command("validate-config")
+@click.argument("file", type=click.Path(path_type=Path))
+def validate_config(file: Path) -> None:
+    """Check a config file and the weights it names."""
+    from monitor.alarms import AreaFractionRules
+    from monitor.errors import ConfigError
+    from monitor.model import read_info
+
+    cfg = load_config(file)
+    info = read_info(cfg.model.weights)
+    unknown = set(cfg.model.thresholds) - set(info.class_names)
+    if unknown:
+        raise ConfigError(f"{file}: model.thresholds.{sorted(unknown)[0]}: unknown class; the "
+                          f"weights' classes are {', '.join(info.class_names)}")
+    AreaFractionRules(cfg.alarms.area_fraction, severity=cfg.alarms.severity,
+                      class_names=info.class_names)
+    click.echo(f"{file}: ok (watch {cfg.watch.dir}, weights {cfg.model.weights.name} with "
+               f"classes {', '.join(info.class_names)}, database {cfg.store_url})")
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@CONFIG_OPTION
+@click.option("--weights", type=click.Path(path_type=Path), help="Override model.weights.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write a colour overlay PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path | None,
+          as_json: bool) -> None:
+    """Segment one image and print its per-class statistics."""
+    import cv2
+    from rich.table import Table
+
+    from monitor.errors import ImageError
+    from monitor.imaging import decode, overlay
+    from monitor.segmenter import Segmenter
+    from monitor.stats import layer_stats
+
+    cfg = _load(config_path)
+    m = cfg.model
+    seg = Segmenter(weights or m.weights, device=m.device, tile_size=m.tile_size,
+                    tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
+                    expected_sha256="" if weights else m.sha256)
+    try:
+        data = image.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{image}: cannot read ({e.strerror or e})") from e
+    try:
+        gray = decode(data, max_pixels=cfg.watch.max_pixels)
+    except ImageError as e:
+        raise ImageError(f"{image}: {e}") from e
+    result = seg.predict(gray)
+    stats = layer_stats(result.masks, seg.class_names, pixel_size_mm=cfg.camera.pixel_size_mm,
+                        max_components=cfg.store.max_components)
+    if out is not None:
+        ok, buf = cv2.imencode(".png", overlay(gray, result.masks, seg.class_names))
+        if ok:
+            out.write_bytes(buf.tobytes())
+    if as_json:
+        click.echo(json.dumps({
+            "image": str(image), "width": stats.width, "height": stats.height,
+            "model_sha256": seg.info.sha256, "device": str(seg.device),
+            "infer_ms": result.infer_ms, "classes": stats.summary(),
+        }))
+        return
+    t = Table(title=f"{image.name}: {stats.width}x{stats.height}, {result.infer_ms:.0f} ms on "
+                    f"{seg.device}")
+    for col in ("class", "area %", "area mm²", "components", "largest px"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for c in stats.classes.values():
+        t.add_row(c.name, f"{100 * c.area_fraction:.3f}", f"{c.area_mm2:.2f}",
+                  str(c.components), str(c.largest_component_px))
+    Console().print(t)
+
+
+@main.command("subscribe")
+@CONFIG_OPTION
+@click.option("--endpoint", help="PUB endpoint (default: publish.endpoint from the config).")
+@click.option("--topic", "topics", multiple=True, help="Topic prefix; repeatable (default: all).")
+@click.option("--count", type=int, default=0, help="Exit after this many messages.")
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Exit after this many seconds without a message.")
+def subscribe_cmd(config_path: Path | None, endpoint: str | None, topics: tuple[str, ...],
+                  count: int, timeout_s: float | None) -> None:
+    """Print published messages as JSON lines; warns on stderr about gaps in seq."""
+    from monitor.publisher import subscribe
+
+    endpoint = endpoint or _load(config_path).publish.endpoint
+    last_seq: int | None = None
+    n = 0
+    for topic, payload in subscribe(endpoint, topics or ("",), timeout_s=timeout_s):
+        seq = payload.get("seq")
+        if isinstance(seq, int):
+            if last_seq is not None and seq > last_seq + 1:
+                click.echo(f"pbf-monitor: missed messages {last_seq + 1}..{seq - 1}", err=True)
+            last_seq = max(seq, last_seq or 0)
+        click.echo(json.dumps({"topic": topic, **payload}), nl=True)
+        n += 1
+        if count and n >= count:
+            return
+
+
+def _reader(cfg: Config) -> Any:
+    from monitor.store import open_db
+
+    return open_db(cfg.store_url, writer=False)
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def builds(config_path: Path | None, as_json: bool) -> None:
+    """List the builds in the database."""
+    from rich.table import Table
+    from sqlalchemy.orm import Session
+
+    from monitor.store import list_builds
+
+    engine = _reader(_load(config_path))
+    with Session(engine) as s:
+        rows = list_builds(s)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    t = Table(title="builds")
+    for col in ("build", "layers", "first", "last", "errors"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["build"], str(r["layers"]), str(r["first_layer"]), str(r["last_layer"]),
+                  str(r["errors"]))
+    Console().print(t)
+
+
+@main.command()
+@click.argument("build")
+@CONFIG_OPTION
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--out", type=click.Path(path_type=Path), help="Write to a file, not stdout.")
+def report(build: str, config_path: Path | None, fmt: str, out: Path | None) -> None:
+    """Per-layer report of one build."""
+    from sqlalchemy.orm import Session
+
+    from monitor import report as rep
+
+    engine = _reader(_load(config_path))
+    with Session(engine) as s:
+        data = rep.build_report(s, build)
+    if fmt == "table":
+        console = Console(file=out.open("w", encoding="utf-8") if out else None)
+        console.print(rep.to_table(data))
+        return
+    text = json.dumps(data, indent=1) if fmt == "json" else rep.to_csv(data)
+    if out:
+        out.write_text(text, encoding="utf-8")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.option("--layers", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--size", type=click.IntRange(64), default=512, show_default=True)
+@click.option("--interval", "interval_s", type=float, default=1.0, show_default=True,
+              help="Seconds between layers.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--workdir", type=click.Path(path_type=Path),
+              help="Keep the watch folder and database here (default: a temporary folder).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights to use.")
+def demo(layers: int, size: int, interval_s: float, seed: int, workdir: Path | None,
+         weights: Path | None) -> None:
+    """Run the daemon on a synthetic build and print what a subscriber receives."""
+    from monitor.demo import run_demo
+
+    _setup_logging("WARNING")
+    report = run_demo(layers=layers, size=size, interval_s=interval_s, seed=seed,
+                      workdir=workdir, weights=weights)
+    if len([r for r in report["layers"] if r["status"] == "ok"]) < layers:
+        raise MonitorError(f"demo: only {len(report['layers'])} of {layers} layers processed")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--layers", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--size", type=click.IntRange(64), default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: Path, layers: int, size: int, seed: int) -> None:
+    """Write a synthetic build (images, masks, manifest) in the dataset format."""
+    from rich.progress import Progress
+
+    from monitor.synth import write_dataset
+
+    with Progress() as progress:
+        task = progress.add_task(f"synth {out}", total=layers)
+        manifest = write_dataset(out, layers=layers, size=size, seed=seed,
+                                 progress=lambda i: progress.update(task, completed=i + 1))
+    click.echo(f"wrote {manifest}")

@@ -1,0 +1,134 @@
+"""The demo: the real daemon on a temporary state dir, fed a synthetic build layer by layer."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+from rich.console import Console
+from sqlalchemy.orm import Session
+
+from monitor.config import Config, parse_config
+from monitor.pipeline import Daemon
+from monitor.publisher import subscribe
+from monitor.report import build_report, to_table
+from monitor.store import open_db
+from monitor.synth import BuildGenerator
+
+
+def free_tcp_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def demo_config(workdir: Path, *, weights: Path | None = None) -> Config:
+    data: dict[str, Any] = {
+        "watch": {"dir": "watch", "settle_s": 0.5, "rescan_interval_s": 30},
+        "store": {"state_dir": "state"},
+        "publish": {"endpoint": free_tcp_endpoint(), "heartbeat_interval_s": 1.0},
+    }
+    if weights is not None:
+        data["model"] = {"weights": str(weights)}
+    return parse_config(data, base_dir=workdir)
+
+
+def _describe(payload: dict[str, Any]) -> str:
+    if payload["status"] != "ok":
+        return f"[red]error[/red]: {payload.get('error')}"
+    parts = []
+    for name, c in payload["classes"].items():
+        if name != "no_defect" and c["components"]:
+            parts.append(f"{name} {100 * c['area_fraction']:.2f}% ({c['components']})")
+    found = ", ".join(parts) or "no defects"
+    return f"[green]ok[/green] {found}  [dim]{payload['latency_ms']:.0f} ms[/dim]"
+
+
+def write_layer_file(path: Path, image: Any) -> None:
+    """Write like a camera does: straight into the final name (close-after-write)."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.tobytes())
+
+
+def run_demo(
+    *,
+    layers: int = 12,
+    size: int = 512,
+    interval_s: float = 1.0,
+    seed: int = 7,
+    workdir: Path | None = None,
+    weights: Path | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the demo; returns the build's report (also printed)."""
+    console = console or Console()
+    own_tmp = None
+    if workdir is None:
+        own_tmp = tempfile.TemporaryDirectory(prefix="pbf-demo-")
+        workdir = Path(own_tmp.name)
+    cfg = demo_config(workdir, weights=weights)
+    build = f"demo-{seed}"
+    console.print(f"[bold]pbf-monitor demo[/bold]: {layers} layers of {size}x{size} px every "
+                  f"{interval_s:g} s into {cfg.watch.dir / build}")
+    daemon = Daemon(cfg)
+    daemon.start()
+    seg = daemon.segmenter
+    assert seg is not None
+    console.print(f"model {seg.info.sha256[:12]} on {seg.device}; publishing on "
+                  f"{cfg.publish.endpoint}")
+    received: dict[int, dict[str, Any]] = {}
+    connected = threading.Event()
+    done = threading.Event()
+
+    def listen() -> None:
+        for topic, payload in subscribe(cfg.publish.endpoint, stop=done):
+            if topic == "heartbeat":
+                connected.set()
+            elif topic == "layer" and payload["build"] == build:
+                received[payload["layer"]] = payload
+                console.print(f"  layer {payload['layer']:>4}  {_describe(payload)}  "
+                              f"[dim]seq {payload['seq']}[/dim]")
+            elif topic == "alarm":
+                console.print(f"  [bold red]ALARM[/bold red] {payload['state']} "
+                              f"{payload['severity']}: {payload['class']} "
+                              f"{100 * payload['value']:.2f}% > "
+                              f"{100 * payload['threshold']:.2f}% at layer {payload['layer']}")
+
+    listener = threading.Thread(target=listen, name="demo-subscriber", daemon=True)
+    listener.start()
+    try:
+        # Slow joiner: wait for a heartbeat so no layer message is sent before we listen.
+        connected.wait(10)
+        gen = BuildGenerator(size=size, layers=layers, seed=seed)
+        for i in range(layers):
+            layer = gen.layer(i)
+            write_layer_file(cfg.watch.dir / build / f"layer_{i + 1:05d}.png", layer.image)
+            time.sleep(interval_s)
+        deadline = time.monotonic() + 60 + 10 * layers
+        while len(received) < layers and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        done.set()
+        daemon.stop()
+        listener.join(5)
+    engine = open_db(cfg.store_url, writer=False)
+    try:
+        with Session(engine) as s:
+            report = build_report(s, build)
+    finally:
+        engine.dispose()
+    console.print(to_table(report))
+    console.print(f"{len(received)}/{layers} layer messages received; state kept in "
+                  f"{cfg.state_dir}" if own_tmp is None else
+                  f"{len(received)}/{layers} layer messages received")
+    if own_tmp is not None:
+        own_tmp.cleanup()
+    return report

@@ -1,0 +1,121 @@
+"""Decoding and normalisation of layer images, shared by serving and training."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from monitor.errors import ImageError
+
+MIN_SIDE = 16
+
+# Formats whose end marker tells a complete file from one still being written.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file header without decoding pixels; None if unknown."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns on large sizes; we check them ourselves
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+        except Exception:  # PIL raises many types on garbage; the decoder reports the reason
+            return None
+
+
+def _check_complete(data: bytes) -> None:
+    if data.startswith(_PNG_MAGIC) and not data.rstrip(b"\x00").endswith(_PNG_END):
+        raise ImageError("truncated PNG (no IEND chunk)")
+    if data.startswith(_JPEG_MAGIC) and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ImageError("truncated JPEG (no end-of-image marker)")
+
+
+def to_unit_gray(img: np.ndarray) -> np.ndarray:
+    """Any decoded OpenCV image -> (H, W) float32 in [0, 1]; colour becomes gray."""
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        elif img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        else:
+            raise ImageError(f"unsupported channel count {img.shape[2]}")
+    elif img.ndim != 2:
+        raise ImageError(f"unsupported image shape {img.shape}")
+    if img.dtype == np.uint8:
+        return img.astype(np.float32) / 255.0
+    if img.dtype == np.uint16:
+        return img.astype(np.float32) / 65535.0
+    if img.dtype in (np.float32, np.float64):
+        out = np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        hi = float(out.max()) if out.size else 0.0
+        if hi > 1.0:  # float images of arbitrary scale: map the range onto [0, 1]
+            out = out / hi
+        return np.clip(out, 0.0, 1.0)
+    raise ImageError(f"unsupported pixel type {img.dtype}")
+
+
+def decode(data: bytes, *, max_pixels: int = 200_000_000) -> np.ndarray:
+    """Image file bytes -> (H, W) float32 gray in [0, 1].
+
+    Raises ImageError with the reason for empty, truncated, oversized or undecodable input.
+    """
+    if not data:
+        raise ImageError("empty file")
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(f"image header declares {size[0]}x{size[1]} pixels, over the limit "
+                         f"of {max_pixels} (watch.max_pixels)")
+    _check_complete(data)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise ImageError(f"cannot decode image: {str(e).strip().splitlines()[-1]}") from e
+    if img is None:
+        raise ImageError("not a decodable image (unknown format or corrupt data)")
+    gray = to_unit_gray(img)
+    h, w = gray.shape
+    if h < MIN_SIDE or w < MIN_SIDE:
+        raise ImageError(f"image is {w}x{h} pixels, smaller than {MIN_SIDE}x{MIN_SIDE}")
+    if h * w > max_pixels:
+        raise ImageError(f"image is {w}x{h} pixels, over the limit of {max_pixels}")
+    return gray
+
+
+def normalize(gray: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """The model's input normalisation; training and serving both call this."""
+    return (gray - np.float32(mean)) / np.float32(std)
+
+
+# BGR colours for the defect classes in overlays; no_defect is not drawn.
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    "swelling": (0, 0, 255),
+    "spatter": (0, 255, 255),
+    "misprint": (255, 0, 255),
+    "over_melting": (0, 165, 255),
+    "under_melting": (255, 128, 0),
+}
+_FALLBACK = (0, 255, 0)
+
+
+def overlay(gray: np.ndarray, masks: np.ndarray, class_names: tuple[str, ...] | list[str],
+            *, alpha: float = 0.5) -> np.ndarray:
+    """(H, W) gray in [0, 1] and (C, H, W) masks -> (H, W, 3) uint8 BGR with classes tinted."""
+    base = cv2.cvtColor((np.clip(gray, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+    out = base.astype(np.float32)
+    for i, name in enumerate(class_names):
+        if name == "no_defect" or not masks[i].any():
+            continue
+        colour = np.array(CLASS_COLOURS.get(name, _FALLBACK), dtype=np.float32)
+        m = masks[i]
+        out[m] = (1 - alpha) * out[m] + alpha * colour
+    return out.astype(np.uint8)

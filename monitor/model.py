@@ -1,0 +1,171 @@
+"""The U-Net and its self-describing safetensors weights.
+
+A weights file carries, in its safetensors metadata, everything needed to rebuild and use the
+model: architecture, class names, input normalisation and how it was trained. Loading never
+unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from monitor.errors import WeightsError
+
+FORMAT = "pbf-monitor-unet/1"
+DEFAULT_CLASS_NAMES = (
+    "no_defect", "swelling", "spatter", "misprint", "over_melting", "under_melting",
+)
+# ORNL Peregrine v2023 class ids of the default channels.
+DEFAULT_PEREGRINE_IDS = (0, 5, 8, 9, 10, 11)
+DEPTH = 4  # down-sampling steps: inputs are padded to a multiple of 2**DEPTH
+
+
+class DoubleConv(nn.Sequential):
+    """(Conv 3x3 without bias -> BatchNorm -> ReLU) x 2"""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """Transposed-conv upscaling, concatenation of the skip, then DoubleConv"""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
+        self.conv = DoubleConv(cin, cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x)], dim=1))  # type: ignore[no-any-return]
+
+
+class UNet(nn.Module):
+    """The seed's plain U-Net: 4 levels, logits out (one channel per class, multi-label)."""
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 6, base_channels: int = 64) -> None:
+        super().__init__()
+        w = [base_channels * 2**i for i in range(DEPTH + 1)]  # 64 128 256 512 1024
+        self.inc = DoubleConv(in_channels, w[0])
+        self.downs = nn.ModuleList(DoubleConv(w[i], w[i + 1]) for i in range(DEPTH))
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList(Up(w[i + 1], w[i]) for i in reversed(range(DEPTH)))
+        self.outc = nn.Conv2d(w[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, in, H, W) with H, W multiples of 16 -> (N, out, H, W) logits
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(self.pool(skips[-1])))
+        y = skips.pop()
+        for up in self.ups:
+            y = up(y, skips.pop())
+        return self.outc(y)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a weights file says about its model."""
+
+    class_names: tuple[str, ...]
+    base_channels: int
+    in_channels: int = 1
+    mean: float = 0.5  # input normalisation on the [0, 1] scale
+    std: float = 0.25
+    training: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""  # of the file it was loaded from
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.class_names)
+
+    def build(self) -> UNet:
+        return UNet(self.in_channels, self.out_channels, self.base_channels)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(path: Path, model: UNet, info: ModelInfo) -> str:
+    """Write model weights and metadata atomically; returns the file's sha256."""
+    meta = {
+        "format": FORMAT,
+        "class_names": json.dumps(list(info.class_names)),
+        "base_channels": str(info.base_channels),
+        "in_channels": str(info.in_channels),
+        "normalization": json.dumps({"mean": info.mean, "std": info.std}),
+        "training": json.dumps(info.training),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return file_sha256(path)
+
+
+def read_info(path: Path) -> ModelInfo:
+    """Read only the metadata of a weights file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            meta: dict[str, str] = f.metadata() or {}
+    except FileNotFoundError as e:
+        raise WeightsError(f"{path}: weights file not found") from e
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{path}: metadata 'format' is {meta.get('format')!r}, "
+                           f"expected {FORMAT!r}")
+    try:
+        norm = json.loads(meta["normalization"])
+        return ModelInfo(
+            class_names=tuple(json.loads(meta["class_names"])),
+            base_channels=int(meta["base_channels"]),
+            in_channels=int(meta.get("in_channels", "1")),
+            mean=float(norm["mean"]),
+            std=float(norm["std"]),
+            training=json.loads(meta.get("training", "{}")),
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: incomplete model metadata ({e!r})") from e
+
+
+def load_weights(path: Path, *, expected_sha256: str = "") -> tuple[UNet, ModelInfo]:
+    """Rebuild a model from a weights file, in eval mode on the CPU."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    sha = file_sha256(path)
+    if expected_sha256 and sha != expected_sha256:
+        raise WeightsError(f"{path}: sha256 is {sha}, config model.sha256 expects "
+                           f"{expected_sha256}")
+    info = read_info(path)
+    model = info.build()
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise WeightsError(f"{path}: tensors do not match the model in its metadata ({e})") from e
+    model.eval()
+    return model, ModelInfo(**{**info.__dict__, "sha256": sha})

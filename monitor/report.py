@@ -1,0 +1,99 @@
+"""Per-build layer reports from the database, as JSON, CSV or a terminal table."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from rich.table import Table
+from sqlalchemy.orm import Session
+
+from monitor import store
+from monitor.errors import MonitorError
+
+
+def build_report(s: Session, build: str, *, printer: str | None = None) -> dict[str, Any]:
+    """``{"build", "layers": [{"layer", "status", "error", "classes", ...}]}``, one per layer."""
+    layers = store.build_layers(s, build, printer=printer)
+    if not layers:
+        names = [b["build"] for b in store.list_builds(s)]
+        known = ", ".join(names[-10:]) or "none yet"
+        raise MonitorError(f"no build named {build!r} in the database (known: {known})")
+    return {
+        "build": build,
+        "layers": [
+            {
+                "layer": row.layer,
+                "status": row.status,
+                "error": row.error,
+                "classes": {
+                    c.class_name: {
+                        "pixel_count": c.pixel_count,
+                        "area_fraction": c.area_fraction,
+                        "area_mm2": c.area_mm2,
+                        "components": c.components,
+                        "largest_component_px": c.largest_component_px,
+                        "largest_component_mm2": c.largest_component_mm2,
+                    }
+                    for c in row.classes
+                },
+                "image": row.image_path,
+                "image_sha256": row.image_sha256,
+                "width": row.width,
+                "height": row.height,
+                "model_sha256": row.model_sha256,
+                "processed_at": row.processed_at,
+                "latency_ms": row.total_ms,
+                "infer_ms": row.infer_ms,
+                "versions": row.versions,
+            }
+            for row in layers
+        ],
+    }
+
+
+def class_names(report: dict[str, Any]) -> list[str]:
+    """Classes in the order the model gave them, from the first layer that has statistics."""
+    for layer in report["layers"]:
+        if layer["classes"]:
+            return list(layer["classes"])
+    return []
+
+
+_CSV_METRICS = ("area_fraction", "area_mm2", "components", "largest_component_px")
+
+
+def to_csv(report: dict[str, Any]) -> str:
+    names = class_names(report)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["build", "layer", "status", "error"]
+               + [f"{c}_{m}" for c in names for m in _CSV_METRICS])
+    for layer in report["layers"]:
+        cells = [layer["classes"].get(c, {}).get(m, "") for c in names for m in _CSV_METRICS]
+        w.writerow([report["build"], layer["layer"], layer["status"], layer["error"] or "",
+                    *cells])
+    return buf.getvalue()
+
+
+def to_table(report: dict[str, Any]) -> Table:
+    names = [c for c in class_names(report) if c != "no_defect"]
+    t = Table(title=f"build {report['build']}: {len(report['layers'])} layers")
+    t.add_column("layer", justify="right")
+    t.add_column("status")
+    for c in names:
+        t.add_column(f"{c}\narea % / n", justify="right")
+    for layer in report["layers"]:
+        if layer["status"] != "ok":
+            t.add_row(str(layer["layer"]), f"[red]error[/red] {layer['error']}")
+            continue
+        cells = []
+        for c in names:
+            st = layer["classes"].get(c)
+            if not st or not st["pixel_count"]:
+                cells.append("-")
+            else:
+                cells.append(f"{100 * st['area_fraction']:.2f} / {st['components']}")
+        t.add_row(str(layer["layer"]), "ok", *cells)
+    return t

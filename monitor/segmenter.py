@@ -1,0 +1,145 @@
+"""Weights loaded once; a gray image -> per-class probabilities and masks.
+
+Images are served at native resolution: small ones are padded to a multiple of 16, large ones
+are cut into overlapping tiles so memory stays bounded. Each output pixel comes from the tile
+whose centre is nearest, so seams fall in the middle of overlaps where both tiles saw context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monitor.errors import ConfigError, DeviceError
+from monitor.imaging import normalize
+from monitor.model import DEPTH, ModelInfo, UNet, load_weights
+
+log = logging.getLogger(__name__)
+MULTIPLE = 2**DEPTH
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' -> a usable torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("model.device = 'cuda' but no CUDA GPU is available "
+                          "(use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Tiles along one axis as (start, stop, keep_from, keep_to) in image coordinates.
+
+    A length that fits one tile gives one span that may run past the end (the caller pads).
+    """
+    if length <= tile:
+        return [(0, _round_up(length, MULTIPLE), 0, length)]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    starts = [round(i * (length - tile) / (n - 1)) for i in range(n)]
+    cuts = [0] + [(starts[i + 1] + starts[i] + tile) // 2 for i in range(n - 1)] + [length]
+    return [(s, s + tile, cuts[i], cuts[i + 1]) for i, s in enumerate(starts)]
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    probs: np.ndarray  # (C, H, W) float32 in [0, 1]
+    masks: np.ndarray  # (C, H, W) bool
+    infer_ms: float
+
+
+class Segmenter:
+    """Owns the model: one instance, used from one thread."""
+
+    def __init__(
+        self,
+        weights: Path,
+        *,
+        device: str = "auto",
+        tile_size: int = 1024,
+        tile_overlap: int = 64,
+        threshold: float = 0.5,
+        thresholds: Mapping[str, float] | None = None,
+        expected_sha256: str = "",
+    ) -> None:
+        if tile_overlap >= tile_size // 2:
+            raise ConfigError(f"model.tile_overlap ({tile_overlap}) must be less than half of "
+                              f"model.tile_size ({tile_size})")
+        self.device = resolve_device(device)
+        model, self.info = load_weights(weights, expected_sha256=expected_sha256)
+        unknown = set(thresholds or {}) - set(self.info.class_names)
+        if unknown:
+            raise ConfigError(f"model.thresholds.{sorted(unknown)[0]}: unknown class; the "
+                              f"weights' classes are {', '.join(self.info.class_names)}")
+        self.thresholds = np.array(
+            [(thresholds or {}).get(c, threshold) for c in self.info.class_names],
+            dtype=np.float32,
+        )
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            model = model.to(memory_format=torch.channels_last)
+        self.model: UNet = model.to(self.device)
+        self.amp_dtype = (
+            torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        log.info("model %s (width %d, classes %s) on %s%s", self.info.sha256[:12],
+                 self.info.base_channels, ",".join(self.info.class_names), name,
+                 f" with {self.amp_dtype} autocast" if self.cuda else "")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def warm_up(self) -> None:
+        """One small inference so the first real layer does not pay for lazy initialisation."""
+        self.predict(np.zeros((64, 64), dtype=np.float32))
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        # x: (H, W) normalised, H and W multiples of 16 -> (C, H, W) probabilities
+        t = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
+        if self.cuda:
+            t = t.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=self.amp_dtype):
+                logits = self.model(t)
+        else:
+            logits = self.model(t)
+        return torch.sigmoid(logits.float())[0].cpu().numpy()  # type: ignore[no-any-return]
+
+    def predict(self, gray: np.ndarray) -> Segmentation:
+        """(H, W) float32 gray in [0, 1] -> probabilities and thresholded masks."""
+        t0 = time.perf_counter()
+        h, w = gray.shape
+        x = normalize(gray.astype(np.float32, copy=False), self.info.mean, self.info.std)
+        ys = tile_spans(h, self.tile_size, self.tile_overlap)
+        xs = tile_spans(w, self.tile_size, self.tile_overlap)
+        # Reflect-pad so every tile is full size and a multiple of 16.
+        ph, pw = max(ys[-1][1], h), max(xs[-1][1], w)
+        if (ph, pw) != (h, w):
+            x = np.pad(x, ((0, ph - h), (0, pw - w)), mode="reflect")
+        probs = np.empty((len(self.class_names), h, w), dtype=np.float32)
+        with torch.inference_mode():
+            for y0, y1, ky0, ky1 in ys:
+                for x0, x1, kx0, kx1 in xs:
+                    p = self._forward(x[y0:y1, x0:x1])
+                    probs[:, ky0:ky1, kx0:kx1] = p[:, ky0 - y0 : ky1 - y0, kx0 - x0 : kx1 - x0]
+        masks = probs >= self.thresholds[:, None, None]
+        return Segmentation(probs, masks, (time.perf_counter() - t0) * 1000.0)

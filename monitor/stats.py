@@ -1,0 +1,117 @@
+"""Pure functions: per-class masks -> per-layer statistics and connected components."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Component:
+    """One 8-connected region of a class mask, in pixels."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    area_px: int
+    cx: float
+    cy: float
+
+
+@dataclass(frozen=True)
+class ClassStats:
+    name: str
+    pixel_count: int
+    area_fraction: float
+    area_mm2: float
+    components: int  # all of them, even if only the largest are listed
+    largest_component_px: int
+    largest_component_mm2: float
+    component_list: tuple[Component, ...] = field(default=(), repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The per-class object of the `layer` message and reports."""
+        return {
+            "pixel_count": self.pixel_count,
+            "area_fraction": self.area_fraction,
+            "area_mm2": self.area_mm2,
+            "components": self.components,
+            "largest_component_px": self.largest_component_px,
+            "largest_component_mm2": self.largest_component_mm2,
+        }
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    width: int
+    height: int
+    classes: dict[str, ClassStats]
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {name: c.summary() for name, c in self.classes.items()}
+
+
+def class_stats(
+    name: str, mask: np.ndarray, *, pixel_size_mm: float, max_components: int = 200
+) -> ClassStats:
+    """Statistics of one (H, W) bool mask; lists the max_components largest components."""
+    px_mm2 = pixel_size_mm * pixel_size_mm
+    total = int(mask.size)
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return ClassStats(name, 0, 0.0, 0.0, 0, 0, 0.0)
+    n, _, boxes, centroids = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+    )
+    # Label 0 is the background.
+    areas = boxes[1:, cv2.CC_STAT_AREA]
+    order = np.argsort(-areas, kind="stable")[:max_components]
+    comps = tuple(
+        Component(
+            x=int(boxes[i + 1, cv2.CC_STAT_LEFT]),
+            y=int(boxes[i + 1, cv2.CC_STAT_TOP]),
+            w=int(boxes[i + 1, cv2.CC_STAT_WIDTH]),
+            h=int(boxes[i + 1, cv2.CC_STAT_HEIGHT]),
+            area_px=int(areas[i]),
+            cx=float(centroids[i + 1, 0]),
+            cy=float(centroids[i + 1, 1]),
+        )
+        for i in order
+    )
+    largest = int(areas.max())
+    return ClassStats(
+        name=name,
+        pixel_count=count,
+        area_fraction=count / total,
+        area_mm2=count * px_mm2,
+        components=int(n - 1),
+        largest_component_px=largest,
+        largest_component_mm2=largest * px_mm2,
+        component_list=comps,
+    )
+
+
+def layer_stats(
+    masks: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    pixel_size_mm: float,
+    max_components: int = 200,
+) -> LayerStats:
+    """(C, H, W) bool masks -> statistics for every class, keyed by class name."""
+    if masks.ndim != 3 or masks.shape[0] != len(class_names):
+        raise ValueError(f"masks of shape {masks.shape} do not match {len(class_names)} classes")
+    return LayerStats(
+        width=int(masks.shape[2]),
+        height=int(masks.shape[1]),
+        classes={
+            name: class_stats(name, masks[i], pixel_size_mm=pixel_size_mm,
+                              max_components=max_components)
+            for i, name in enumerate(class_names)
+        },
+    )

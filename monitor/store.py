@@ -1,0 +1,467 @@
+"""SQLAlchemy models, the single database writer, and read-only queries for reports.
+
+Writes go through one thread (StoreWriter) fed by a queue: SQLite allows one writer, and a
+queue keeps the model worker from ever waiting on a lock. Each job runs in one transaction,
+so a layer, its statistics, its alarms and its outgoing messages land together or not at all.
+Outgoing messages are kept in an outbox table until the publisher has sent them, so a crash
+between the commit and the send loses nothing: they are re-sent on restart with their seq.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from monitor.alarms import AlarmEvent
+from monitor.errors import StoreError
+from monitor.stats import LayerStats
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Build(Base):
+    __tablename__ = "builds"
+    __table_args__ = (UniqueConstraint("printer", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    printer: Mapped[str] = mapped_column(String(200), default="")
+    name: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[float] = mapped_column(Float)
+    last_layer_at: Mapped[float | None] = mapped_column(Float)
+
+
+class Layer(Base):
+    __tablename__ = "layers"
+    __table_args__ = (UniqueConstraint("build_id", "layer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(10))  # ok | error
+    error: Mapped[str | None] = mapped_column(Text)
+    image_path: Mapped[str] = mapped_column(Text, index=True)
+    image_size: Mapped[int | None] = mapped_column(Integer)
+    image_mtime_ns: Mapped[int | None] = mapped_column(Integer)
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    detected_at: Mapped[float] = mapped_column(Float)
+    processed_at: Mapped[float] = mapped_column(Float)
+    decode_ms: Mapped[float | None] = mapped_column(Float)
+    infer_ms: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float | None] = mapped_column(Float)
+    versions: Mapped[int] = mapped_column(Integer, default=1)  # > 1: the image was replaced
+
+    classes: Mapped[list[ClassStat]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="ClassStat.id"
+    )
+    components: Mapped[list[ComponentRow]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class ClassStat(Base):
+    __tablename__ = "class_stats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+    class_name: Mapped[str] = mapped_column(String(100))
+    pixel_count: Mapped[int] = mapped_column(Integer)
+    area_fraction: Mapped[float] = mapped_column(Float)
+    area_mm2: Mapped[float] = mapped_column(Float)
+    components: Mapped[int] = mapped_column(Integer)
+    largest_component_px: Mapped[int] = mapped_column(Integer)
+    largest_component_mm2: Mapped[float] = mapped_column(Float)
+
+
+class ComponentRow(Base):
+    __tablename__ = "components"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+    class_name: Mapped[str] = mapped_column(String(100))
+    x: Mapped[int] = mapped_column(Integer)
+    y: Mapped[int] = mapped_column(Integer)
+    w: Mapped[int] = mapped_column(Integer)
+    h: Mapped[int] = mapped_column(Integer)
+    area_px: Mapped[int] = mapped_column(Integer)
+    cx: Mapped[float] = mapped_column(Float)
+    cy: Mapped[float] = mapped_column(Float)
+
+
+class Alarm(Base):
+    __tablename__ = "alarms"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(100))
+    rule: Mapped[str] = mapped_column(String(200))
+    severity: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20))  # open | cleared
+    value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    opened_at: Mapped[float] = mapped_column(Float)
+    cleared_at: Mapped[float | None] = mapped_column(Float)
+    cleared_layer: Mapped[int | None] = mapped_column(Integer)
+
+
+class OutboxRow(Base):
+    __tablename__ = "outbox"
+
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(50))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """Everything the worker learned about one image, ready to store."""
+
+    printer: str
+    build: str
+    layer: int
+    status: str
+    error: str | None
+    image_path: str
+    image_size: int | None
+    image_mtime_ns: int | None
+    image_sha256: str | None
+    model_sha256: str
+    detected_at: float
+    processed_at: float
+    decode_ms: float | None = None
+    infer_ms: float | None = None
+    total_ms: float | None = None
+    stats: LayerStats | None = None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A committed message waiting to be published."""
+
+    seq: int
+    topic: str
+    payload: dict[str, Any]
+
+
+# ---------------------------------------------------------------- engines
+
+
+def _sqlite_pragmas(engine: Engine, *, writer: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide when transactions begin (see "begin" below).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 30000")
+        cur.execute("PRAGMA foreign_keys = ON")
+        if writer:
+            mode = cur.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("SQLite refused WAL mode (journal_mode=%s): readers will block "
+                            "the writer; is the state dir on a network share?", mode)
+            cur.execute("PRAGMA synchronous = NORMAL")
+        else:
+            cur.execute("PRAGMA query_only = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front, so busy_timeout applies instead of a
+        # deadlock error when a read transaction later wants to write.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+
+def make_engine(url: str, *, writer: bool) -> Engine:
+    """An engine with the SQLite settings pbf-monitor relies on."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if writer and path and path != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"{Path(path).parent}: cannot create state directory "
+                                 f"({e.strerror})") from e
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _sqlite_pragmas(engine, writer=writer)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    return engine
+
+
+def open_db(url: str, *, writer: bool = True) -> Engine:
+    """Connect, and on a writer create the schema; StoreError names the database."""
+    engine = make_engine(url, writer=writer)
+    try:
+        if writer:
+            Base.metadata.create_all(engine)
+        else:
+            with engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+    except SQLAlchemyError as e:
+        engine.dispose()
+        reason = str(e.orig) if getattr(e, "orig", None) else str(e)
+        raise StoreError(f"{url}: cannot open database ({reason})") from e
+    return engine
+
+
+# ---------------------------------------------------------------- writes
+
+
+def _get_build(s: Session, printer: str, name: str, now: float) -> Build:
+    build = s.scalar(select(Build).where(Build.printer == printer, Build.name == name))
+    if build is None:
+        build = Build(printer=printer, name=name, created_at=now)
+        s.add(build)
+        s.flush()
+    return build
+
+
+def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200) -> tuple[int, bool]:
+    """Insert or replace one layer with its statistics; returns (build id, replaced)."""
+    build = _get_build(s, rec.printer, rec.build, rec.processed_at)
+    build.last_layer_at = max(build.last_layer_at or 0.0, rec.processed_at)
+    old = s.scalar(select(Layer).where(Layer.build_id == build.id, Layer.layer == rec.layer))
+    versions = 1
+    if old is not None:
+        versions = old.versions + 1
+        s.delete(old)
+        s.flush()
+    row = Layer(
+        build_id=build.id, layer=rec.layer, status=rec.status, error=rec.error,
+        image_path=rec.image_path, image_size=rec.image_size, image_mtime_ns=rec.image_mtime_ns,
+        image_sha256=rec.image_sha256, model_sha256=rec.model_sha256,
+        detected_at=rec.detected_at, processed_at=rec.processed_at, decode_ms=rec.decode_ms,
+        infer_ms=rec.infer_ms, total_ms=rec.total_ms, versions=versions,
+        width=rec.stats.width if rec.stats else None,
+        height=rec.stats.height if rec.stats else None,
+    )
+    if rec.stats is not None:
+        for c in rec.stats.classes.values():
+            row.classes.append(ClassStat(
+                class_name=c.name, pixel_count=c.pixel_count, area_fraction=c.area_fraction,
+                area_mm2=c.area_mm2, components=c.components,
+                largest_component_px=c.largest_component_px,
+                largest_component_mm2=c.largest_component_mm2,
+            ))
+            for comp in c.component_list[:max_components]:
+                row.components.append(ComponentRow(
+                    class_name=c.name, x=comp.x, y=comp.y, w=comp.w, h=comp.h,
+                    area_px=comp.area_px, cx=comp.cx, cy=comp.cy,
+                ))
+    s.add(row)
+    s.flush()
+    return build.id, old is not None
+
+
+def put_outbox(s: Session, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[Outgoing]:
+    """Queue messages for publishing in the current transaction; assigns their seq."""
+    rows = [OutboxRow(topic=t, payload=json.dumps(p), created_at=time.time())
+            for t, p in messages]
+    s.add_all(rows)
+    s.flush()
+    return [Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows]
+
+
+def mark_published(s: Session, seqs: list[int]) -> None:
+    s.execute(update(OutboxRow).where(OutboxRow.seq.in_(seqs)).values(published=True))
+
+
+def pending_outbox(s: Session) -> list[Outgoing]:
+    rows = s.scalars(select(OutboxRow).where(OutboxRow.published.is_(False))
+                     .order_by(OutboxRow.seq))
+    return [Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows]
+
+
+def prune_outbox(s: Session, *, keep: int = 10_000) -> None:
+    """Drop published messages beyond the newest `keep`; the layers table is the record."""
+    newest = s.scalar(select(OutboxRow.seq).order_by(OutboxRow.seq.desc()).limit(1)) or 0
+    s.execute(delete(OutboxRow).where(OutboxRow.published.is_(True),
+                                      OutboxRow.seq <= newest - keep))
+
+
+def last_seq(s: Session) -> int:
+    return s.scalar(select(OutboxRow.seq).order_by(OutboxRow.seq.desc()).limit(1)) or 0
+
+
+# ---------------------------------------------------------------- reads
+
+
+def known_images(s: Session) -> dict[str, tuple[int | None, int | None]]:
+    """image path -> (size, mtime_ns) of every stored layer, for the rescan."""
+    rows = s.execute(select(Layer.image_path, Layer.image_size, Layer.image_mtime_ns))
+    return {p: (size, mtime) for p, size, mtime in rows}
+
+
+def list_builds(s: Session) -> list[dict[str, Any]]:
+    from sqlalchemy import func
+
+    q = (
+        select(Build.printer, Build.name, Build.created_at, Build.last_layer_at,
+               func.count(Layer.id), func.min(Layer.layer), func.max(Layer.layer),
+               func.sum((Layer.status == "error").cast(Integer)))
+        .outerjoin(Layer, Layer.build_id == Build.id)
+        .group_by(Build.id)
+        .order_by(Build.created_at)
+    )
+    return [
+        {"printer": p, "build": n, "created_at": c, "last_layer_at": last, "layers": cnt,
+         "first_layer": lo, "last_layer": hi, "errors": int(err or 0)}
+        for p, n, c, last, cnt, lo, hi, err in s.execute(q)
+    ]
+
+
+def build_layers(s: Session, build: str, *, printer: str | None = None) -> list[Layer]:
+    """All layers of a build in order, with their class statistics loaded."""
+    from sqlalchemy.orm import selectinload
+
+    q = select(Layer).join(Build).where(Build.name == build)
+    if printer is not None:
+        q = q.where(Build.printer == printer)
+    return list(s.scalars(q.options(selectinload(Layer.classes)).order_by(Layer.layer)))
+
+
+def open_alarms(s: Session) -> list[Alarm]:
+    return list(s.scalars(select(Alarm).where(Alarm.state == "open")))
+
+
+# ---------------------------------------------------------------- the writer thread
+
+_STOP = object()
+
+
+class StoreWriter:
+    """The one thread that writes to the database.
+
+    Jobs are functions of a Session run in one transaction. A transient failure (database
+    locked, disk full) is retried with back-off until it succeeds or the writer is stopped,
+    so a layer is never dropped because the database was briefly unavailable.
+    """
+
+    def __init__(self, engine: Engine, *, on_error: Callable[[str], None] | None = None) -> None:
+        self.engine = engine
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._stopping = threading.Event()
+        self._on_error = on_error
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Callable[[Session], T], done: Callable[[T], None] | None = None) -> None:
+        """Run job(session) in a transaction on the writer thread, then done(result)."""
+        self._q.put((job, done))
+
+    def call(self, job: Callable[[Session], T], timeout: float = 60.0) -> T:
+        """Run a job and wait for its result (for start-up and tests)."""
+        box: queue.Queue[T] = queue.Queue(maxsize=1)
+        self.submit(job, box.put)
+        return box.get(timeout=timeout)
+
+    @property
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def _run(self) -> None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            while True:
+                item = self._q.get()
+                if item is _STOP:
+                    return
+                job, done = item
+                result = self._run_job(session, job)
+                if result is not _STOP and done is not None:
+                    try:
+                        done(result)
+                    except Exception:
+                        log.exception("store callback failed")
+
+    def _run_job(self, session: Session, job: Callable[[Session], Any]) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                with session.begin():
+                    return job(session)
+            except OperationalError as e:
+                session.rollback()
+                msg = f"database write failed, retrying in {delay:.1f}s: {e.orig}"
+                log.error("%s", msg)
+                if self._on_error:
+                    self._on_error(msg)
+                if self._stopping.wait(delay):
+                    log.error("store writer stopping with a write still failing; the layer "
+                              "will be processed again on restart")
+                    return _STOP
+                delay = min(delay * 2, 30.0)
+            except Exception:
+                session.rollback()
+                log.exception("database write failed and was dropped")
+                return _STOP
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish queued writes, then end the thread. Idempotent."""
+        if self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._stopping.set()
+                self._thread.join(5)
+
+
+def apply_alarm(s: Session, build_id: int, ev: AlarmEvent, now: float) -> list[Alarm]:
+    """Record an alarm transition; returns the rows it opened or cleared."""
+    if ev.action == "open":
+        row = Alarm(build_id=build_id, layer=ev.layer, class_name=ev.class_name, rule=ev.rule,
+                    severity=ev.severity, state="open", value=ev.value, threshold=ev.threshold,
+                    opened_at=now)
+        s.add(row)
+        s.flush()
+        return [row]
+    rows = list(s.scalars(select(Alarm).where(
+        Alarm.build_id == build_id, Alarm.class_name == ev.class_name, Alarm.rule == ev.rule,
+        Alarm.state == "open")))
+    for row in rows:
+        row.state, row.cleared_at, row.cleared_layer = "cleared", now, ev.layer
+    s.flush()
+    return rows
+
+
+def open_alarm_keys(s: Session) -> list[tuple[str, str, str, str]]:
+    """(printer, build, class, rule) of every open alarm."""
+    q = select(Build.printer, Build.name, Alarm.class_name, Alarm.rule).join(Build).where(
+        Alarm.state == "open")
+    return [(p, b, c, r) for p, b, c, r in s.execute(q)]

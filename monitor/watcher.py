@@ -1,0 +1,329 @@
+"""Finding complete layer images: watchdog events, a settle check, and rescans.
+
+The watchdog handler only enqueues (an exception in a handler kills the observer thread). The
+Settler thread decides when a file is complete: at once after close-after-write or a rename
+into place, otherwise once its size and mtime have not changed for ``settle_s`` (writers that
+keep files open, polling on network shares). Rescans at start and periodically compare the
+folder with the database, so files missed while the daemon was down or when inotify
+overflowed are still processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from monitor.config import WatchConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUILD = "default"
+_DIGITS = re.compile(r"\d+")
+
+
+@dataclass(frozen=True, order=True)
+class LayerKey:
+    build: str
+    layer: int
+
+
+def parse_layer_path(rel: PurePath, pattern: re.Pattern[str] | None) -> LayerKey | None:
+    """Build and layer number from a path relative to the watch dir; None if not a layer."""
+    if pattern is not None:
+        m = pattern.search(rel.as_posix())
+        if not m:
+            return None
+        try:
+            return LayerKey(m.group("build") or DEFAULT_BUILD, int(m.group("layer")))
+        except (TypeError, ValueError):
+            return None
+    digits = _DIGITS.findall(rel.stem)
+    if not digits:
+        return None
+    build = rel.parts[0] if len(rel.parts) > 1 else DEFAULT_BUILD
+    return LayerKey(build, int(digits[-1]))
+
+
+@dataclass
+class Candidate:
+    """A file on its way to the worker."""
+
+    path: Path
+    key: LayerKey
+    detected_at: float
+    attempts: int = 0
+    sig: tuple[int, int] | None = None  # (size, mtime_ns) when last looked at
+    stable_since: float = 0.0
+    complete: bool = False  # a close or rename says the writer is done
+    not_before: float = 0.0
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+class _Handler(FileSystemEventHandler):
+    """Only enqueues: any work here would run on, and could kill, the observer thread."""
+
+    def __init__(self, sink: Callable[[str, str], None]) -> None:
+        self._sink = sink
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent):
+            self._sink("closed", os.fsdecode(event.src_path))
+        elif isinstance(event, FileMovedEvent):
+            self._sink("gone", os.fsdecode(event.src_path))
+            self._sink("moved", os.fsdecode(event.dest_path))
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self._sink("changed", os.fsdecode(event.src_path))
+        elif isinstance(event, DirCreatedEvent):
+            self._sink("dir", os.fsdecode(event.src_path))
+        elif isinstance(event, DirMovedEvent):
+            self._sink("dir", os.fsdecode(event.dest_path))
+
+
+class Settler:
+    """Turns file events and rescans into complete, ordered layer candidates for the worker."""
+
+    def __init__(
+        self,
+        cfg: WatchConfig,
+        ready: queue.Queue[Candidate],
+        *,
+        known: Callable[[], dict[str, tuple[int | None, int | None]]],
+        on_skip: Callable[[Path, str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.root = cfg.dir
+        self.pattern = re.compile(cfg.pattern) if cfg.pattern else None
+        self._ready = ready
+        self._known = known
+        self._on_skip = on_skip
+        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._pending: dict[Path, Candidate] = {}
+        # Signatures of files already handed over, so late events for them are not repeats.
+        self._handled: OrderedDict[Path, tuple[int, int] | None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+        self._observer: BaseObserver | None = None
+        self._next_rescan = 0.0
+        self._rescan_requested = threading.Event()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        observer: BaseObserver = (
+            PollingObserver(timeout=self.cfg.poll_interval_s) if self.cfg.polling else Observer()
+        )
+        observer.schedule(_Handler(self.notify), str(self.root), recursive=self.cfg.recursive)
+        observer.start()
+        self._observer = observer
+        # Rescan after the observer runs, so a file written in between is seen by one of them.
+        self._rescan_requested.set()
+        self._thread.start()
+        log.info("watching %s (%s%s)", self.root, "polling" if self.cfg.polling else "inotify",
+                 f", pattern {self.cfg.pattern!r}" if self.cfg.pattern else "")
+
+    def stop(self) -> None:
+        """Stop the observer and the settle thread. Idempotent."""
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(10)
+            self._observer = None
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def notify(self, kind: str, path: str) -> None:
+        self._events.put((kind, path))
+
+    def request_rescan(self) -> None:
+        self._rescan_requested.set()
+
+    def retry(self, cand: Candidate, *, delay_s: float, changed: bool) -> None:
+        """Put a candidate back: after a delay if unchanged, or to settle again if changed."""
+        cand.attempts += 0 if changed else 1
+        cand.complete = not changed and cand.complete
+        cand.not_before = time.monotonic() + (0.0 if changed else delay_s)
+        cand.stable_since = time.monotonic()
+        cand.sig = None
+        with self._lock:
+            self._pending[cand.path] = cand
+
+    def done(self, cand: Candidate, sig: tuple[int, int] | None) -> None:
+        """The worker finished a file whose content had this signature."""
+        with self._lock:
+            self._handled[cand.path] = sig
+            self._handled.move_to_end(cand.path)
+            while len(self._handled) > 100_000:
+                self._handled.popitem(last=False)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------ classification
+
+    def key_for(self, path: Path) -> LayerKey | None:
+        """The layer a path holds, or None (logged) if it is not a layer image."""
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return None
+        if any(part.startswith(".") for part in rel.parts):
+            return None  # hidden files, and the temp names many writers use
+        if path.suffix.lower() not in self.cfg.extensions:
+            return None
+        key = parse_layer_path(rel, self.pattern)
+        if key is None and self._on_skip:
+            self._on_skip(path, "no layer number in the file name"
+                          if self.pattern is None else "does not match watch.pattern")
+        return key
+
+    # ------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain_events()
+                if self._rescan_requested.is_set() or (
+                    self.cfg.rescan_interval_s and time.monotonic() >= self._next_rescan
+                ):
+                    self._rescan_requested.clear()
+                    self._rescan()
+                self._promote()
+            except Exception:  # keep watching whatever one file or the database did
+                log.exception("settler loop failed; continuing")
+            self._stop.wait(0.05)
+
+    def _drain_events(self) -> None:
+        now = time.time()
+        while True:
+            try:
+                kind, raw = self._events.get_nowait()
+            except queue.Empty:
+                return
+            path = Path(raw)
+            if kind == "gone":
+                with self._lock:
+                    self._pending.pop(path, None)
+                continue
+            if kind == "dir":
+                # Files can land in a new folder before its watch is armed: scan it.
+                for f in self._walk(path):
+                    self._add(f, now, complete=False)
+                continue
+            self._add(path, now, complete=kind in ("closed", "moved"))
+
+    def _add(self, path: Path, now: float, *, complete: bool) -> None:
+        with self._lock:
+            cand = self._pending.get(path)
+            if cand is not None:
+                cand.complete = cand.complete or complete
+                return
+        if path.is_dir():
+            return
+        key = self.key_for(path)
+        if key is None:
+            return
+        with self._lock:
+            if path in self._handled and self._handled[path] == _signature(path):
+                return  # a late event for content already processed
+            self._pending[path] = Candidate(path, key, now, complete=complete,
+                                            stable_since=time.monotonic())
+
+    def _walk(self, top: Path) -> Iterator[Path]:
+        # followlinks=False: a symlink loop must not hang the scan.
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            if not self.cfg.recursive and Path(dirpath) != self.root:
+                dirnames[:] = []
+                continue
+            for name in filenames:
+                yield Path(dirpath) / name
+
+    def _rescan(self) -> None:
+        known = self._known()
+        now = time.time()
+        found = 0
+        for path in self._walk(self.root):
+            sig = _signature(path)
+            if sig is None:
+                continue
+            stored = known.get(str(path))
+            if stored is not None and stored == sig:
+                continue
+            with self._lock:
+                if path in self._pending or self._handled.get(path) == sig:
+                    continue
+            before = len(self._pending)
+            self._add(path, now, complete=False)
+            found += len(self._pending) - before
+        if found:
+            log.info("rescan found %d unprocessed image(s)", found)
+        self._next_rescan = time.monotonic() + self.cfg.rescan_interval_s
+
+    def _promote(self) -> None:
+        """Hand complete candidates to the worker, in build and layer order."""
+        mono, wall = time.monotonic(), time.time()
+        ready: list[Candidate] = []
+        with self._lock:
+            for path, cand in list(self._pending.items()):
+                if mono < cand.not_before:
+                    continue
+                sig = _signature(path)
+                if sig is None:
+                    # Gone before we read it: the worker records the error for the layer.
+                    ready.append(self._pending.pop(path))
+                    continue
+                if sig != cand.sig:
+                    cand.sig = sig
+                    cand.stable_since = mono
+                    # mtime tells how long an untouched file found by a rescan has been still.
+                    age = wall - sig[1] / 1e9
+                    if not cand.complete and age < self.cfg.settle_s:
+                        continue
+                empty = sig[0] == 0
+                settled = mono - cand.stable_since >= self.cfg.settle_s or (
+                    wall - sig[1] / 1e9 >= self.cfg.settle_s
+                )
+                # An empty file that was closed may be re-opened for writing: let it settle.
+                if (cand.complete and not empty) or settled:
+                    ready.append(self._pending.pop(path))
+                    self._handled[path] = sig  # late events for this content are not news
+                    self._handled.move_to_end(path)
+        for cand in sorted(ready, key=lambda c: c.key):
+            while not self._stop.is_set():
+                try:
+                    self._ready.put(cand, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue

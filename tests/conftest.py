@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny real U-Net, temp folders, config files, and a thread-leak check."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from monitor.model import DEFAULT_CLASS_NAMES, ModelInfo, save_weights
+
+
+@pytest.fixture(autouse=True)
+def no_thread_leaks() -> Iterator[None]:
+    """Fail a test that leaves threads running (observers, writers, publishers)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while True:
+        extra = [t for t in set(threading.enumerate()) - before if t.is_alive()]
+        if not extra or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not extra, f"threads left running: {[t.name for t in extra]}"
+
+
+def make_weights(path: Path, *, width: int = 4, seed: int = 0,
+                 classes: tuple[str, ...] = DEFAULT_CLASS_NAMES,
+                 constant_prob: dict[int, float] | None = None) -> Path:
+    """A real, tiny U-Net saved as safetensors.
+
+    constant_prob: channel -> probability the model outputs everywhere (the final conv's
+    weights zeroed and its bias set), for tests that need known masks.
+    """
+    torch.manual_seed(seed)
+    info = ModelInfo(class_names=classes, base_channels=width, training={"test": True})
+    model = info.build()
+    if constant_prob is not None:
+        with torch.no_grad():
+            model.outc.weight.zero_()
+            model.outc.bias.fill_(-20.0)
+            for ch, p in constant_prob.items():
+                model.outc.bias[ch] = float(np.log(p / (1 - p)))
+    save_weights(path, model, info)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def layer_image(seed: int = 0, size: int = 96, dtype: type = np.uint8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0.45, 0.1, (size, size)).clip(0, 1)
+    img[size // 4 : size // 2, size // 4 : size // 2] = 0.8  # a "part"
+    scale = 255 if dtype == np.uint8 else 65535
+    return (img * scale).astype(dtype)
+
+
+def encode(img: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    assert ok
+    return buf.tobytes()
+
+
+def write_config(path: Path, body: str) -> Path:
+    path.write_text(body, encoding="utf-8")
+    return path
