@@ -166,15 +166,15 @@ def subscribe_cmd(config_path: Path | None, endpoint: str | None, topics: tuple[
 
     endpoint = endpoint or _load(config_path).publish.endpoint
     last_seq: int | None = None
-    n = 0
-    for topic, payload in subscribe(endpoint, topics or ("",), timeout_s=timeout_s):
+    for n, (topic, payload) in enumerate(
+        subscribe(endpoint, topics or ("",), timeout_s=timeout_s), start=1
+    ):
         seq = payload.get("seq")
         if isinstance(seq, int):
             if last_seq is not None and seq > last_seq + 1:
                 click.echo(f"pbf-monitor: missed messages {last_seq + 1}..{seq - 1}", err=True)
             last_seq = max(seq, last_seq or 0)
         click.echo(json.dumps({"topic": topic, **payload}), nl=True)
-        n += 1
         if count and n >= count:
             return
 

@@ -126,7 +126,9 @@ class PublishConfig(_Section):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", value):
-            raise ValueError(f"expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, got {value!r}")
+            raise ValueError(
+                f"expected tcp://HOST:PORT, ipc://PATH or inproc://NAME, got {value!r}"
+            )
         return value
 
 

@@ -118,4 +118,5 @@ def overlay(gray: np.ndarray, masks: np.ndarray, class_names: tuple[str, ...] | 
         colour = np.array(CLASS_COLOURS.get(name, _FALLBACK), dtype=np.float32)
         m = masks[i]
         out[m] = (1 - alpha) * out[m] + alpha * colour
-    return out.astype(np.uint8)
+    result: np.ndarray = out.astype(np.uint8)
+    return result

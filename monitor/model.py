@@ -58,7 +58,9 @@ class Up(nn.Module):
 class UNet(nn.Module):
     """The seed's plain U-Net: 4 levels, logits out (one channel per class, multi-label)."""
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 6, base_channels: int = 64) -> None:
+    def __init__(
+        self, in_channels: int = 1, out_channels: int = 6, base_channels: int = 64
+    ) -> None:
         super().__init__()
         w = [base_channels * 2**i for i in range(DEPTH + 1)]  # 64 128 256 512 1024
         self.inc = DoubleConv(in_channels, w[0])
@@ -129,7 +131,7 @@ def read_info(path: Path) -> ModelInfo:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+        with safe_open(str(path), framework="pt") as f:
             meta: dict[str, str] = f.metadata() or {}
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: weights file not found") from e

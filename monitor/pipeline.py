@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -32,6 +32,14 @@ from monitor.store import LayerRecord, Outgoing, StoreWriter
 from monitor.watcher import Candidate, Settler
 
 log = logging.getLogger(__name__)
+
+
+class _Facts(NamedTuple):
+    """What is known about an image file's content."""
+
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
 
 
 class Daemon:
@@ -194,15 +202,17 @@ class Daemon:
                 log.exception("unexpected failure on %s", cand.path)
                 self._commit(self._error_record(cand, f"internal error: {e!r}"), [])
 
-    def _error_record(self, cand: Candidate, reason: str, **extra: Any) -> LayerRecord:
+    def _error_record(self, cand: Candidate, reason: str,
+                      facts: _Facts | None = None) -> LayerRecord:
         assert self.segmenter is not None
         now = time.time()
+        f = facts or _Facts(None, None, None)
         return LayerRecord(
             printer=self.printer, build=cand.key.build, layer=cand.key.layer, status="error",
-            error=reason, image_path=str(cand.path), model_sha256=self.segmenter.info.sha256,
-            detected_at=cand.detected_at, processed_at=now,
-            total_ms=(now - cand.detected_at) * 1000.0,
-            **{"image_size": None, "image_mtime_ns": None, "image_sha256": None, **extra},
+            error=reason, image_path=str(cand.path), image_size=f.size,
+            image_mtime_ns=f.mtime_ns, image_sha256=f.sha256,
+            model_sha256=self.segmenter.info.sha256, detected_at=cand.detected_at,
+            processed_at=now, total_ms=(now - cand.detected_at) * 1000.0,
         )
 
     def _process(self, cand: Candidate) -> None:
@@ -232,8 +242,7 @@ class Daemon:
                 cand, f"cannot read file: {e.strerror or e}"))
             return
         sig = (len(data), st.st_mtime_ns)
-        facts = {"image_size": len(data), "image_mtime_ns": st.st_mtime_ns,
-                 "image_sha256": hashlib.sha256(data).hexdigest()}
+        facts = _Facts(len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
         try:
             gray = decode(data, max_pixels=w.max_pixels)
         except ImageError as e:
@@ -246,7 +255,7 @@ class Daemon:
                 # Probably still being written: look again rather than record an error.
                 self.settler.retry(cand, delay_s=w.retry_delay_s, changed=changed)
                 return
-            self._finish(cand, sig, self._error_record(cand, str(e), **facts))
+            self._finish(cand, sig, self._error_record(cand, str(e), facts))
             return
         decode_ms = (time.perf_counter() - t0) * 1000.0
         seg = self.segmenter.predict(gray)
@@ -260,7 +269,7 @@ class Daemon:
             error=None, image_path=str(path), model_sha256=self.segmenter.info.sha256,
             detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
-            **facts,
+            image_size=facts.size, image_mtime_ns=facts.mtime_ns, image_sha256=facts.sha256,
         )
         self._finish(cand, sig, rec, events)
 

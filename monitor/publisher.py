@@ -104,6 +104,7 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self.last_seq = 0
         self.sent = 0
+        self._next_beat = 0.0
 
     def start(self, *, last_seq: int = 0) -> None:
         """Bind on the owner thread; raises ConfigError if the endpoint cannot be bound."""
@@ -138,16 +139,16 @@ class Publisher:
         # Subscribers that were connected before a restart reconnect within ~100 ms; give them
         # time, or the first messages (often the catch-up of a backlog) go to nobody.
         time.sleep(self.startup_grace_s)
-        next_beat = time.monotonic() + self.heartbeat_interval_s
+        self._next_beat = time.monotonic() + self.heartbeat_interval_s
         try:
-            for item in self._items(lambda: next_beat):
+            for item in self._items():
                 if item is _STOP:
                     return
                 if item == TOPIC_HEARTBEAT:
                     payload = {"timestamp": time.time(), "last_seq": self.last_seq,
                                **self._health()}
                     sock.send_multipart(encode(TOPIC_HEARTBEAT, payload))
-                    next_beat = time.monotonic() + self.heartbeat_interval_s
+                    self._next_beat = time.monotonic() + self.heartbeat_interval_s
                     continue
                 batch: list[Outgoing] = item
                 for m in batch:
@@ -162,10 +163,10 @@ class Publisher:
             sock.close(linger=500)
             ctx.term()
 
-    def _items(self, next_beat: Callable[[], float]) -> Iterator[Any]:
+    def _items(self) -> Iterator[Any]:
         """Queue items, batching consecutive messages; a heartbeat when one is due."""
         while True:
-            timeout = next_beat() - time.monotonic()
+            timeout = self._next_beat - time.monotonic()
             if timeout <= 0:
                 yield TOPIC_HEARTBEAT
                 continue
@@ -209,7 +210,7 @@ def subscribe(
 
     Ends after timeout_s without a message, or soon after `stop` is set.
     """
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     for t in topics:

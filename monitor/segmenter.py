@@ -91,7 +91,7 @@ class Segmenter:
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             torch.backends.cudnn.benchmark = True
-            model = model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: UNet = model.to(self.device)
         self.amp_dtype = (
             torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
@@ -122,7 +122,7 @@ class Segmenter:
                 logits = self.model(t)
         else:
             logits = self.model(t)
-        return torch.sigmoid(logits.float())[0].cpu().numpy()  # type: ignore[no-any-return]
+        return torch.sigmoid(logits.float())[0].cpu().numpy()
 
     def predict(self, gray: np.ndarray) -> Segmentation:
         """(H, W) float32 gray in [0, 1] -> probabilities and thresholded masks."""

@@ -234,7 +234,8 @@ def open_db(url: str, *, writer: bool = True) -> Engine:
                 conn.exec_driver_sql("SELECT 1")
     except SQLAlchemyError as e:
         engine.dispose()
-        reason = str(e.orig) if getattr(e, "orig", None) else str(e)
+        orig = getattr(e, "orig", None)
+        reason = str(orig) if orig is not None else str(e)
         raise StoreError(f"{url}: cannot open database ({reason})") from e
     return engine
 
