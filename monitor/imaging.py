@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 
 import cv2
 import numpy as np
@@ -12,6 +11,8 @@ from PIL import Image
 from monitor.errors import ImageError
 
 MIN_SIDE = 16
+# PIL only reads headers here; the pixel limit is ours (watch.max_pixels), not PIL's.
+Image.MAX_IMAGE_PIXELS = None
 
 # Formats whose end marker tells a complete file from one still being written.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,13 +22,11 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding pixels; None if unknown."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL warns on large sizes; we check them ourselves
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.size
-        except Exception:  # PIL raises many types on garbage; the decoder reports the reason
-            return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:  # PIL raises many types on garbage; the decoder reports the reason
+        return None
 
 
 def _check_complete(data: bytes) -> None:

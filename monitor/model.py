@@ -122,6 +122,7 @@ def save_weights(path: Path, model: UNet, info: ModelInfo) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    tmp.chmod(0o644)  # a service user must be able to read shipped weights
     tmp.replace(path)
     return file_sha256(path)
 

@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from monitor.config import REPO_ROOT, Config, load_config
+from monitor.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.model.device == "auto"
+    assert cfg.publish.endpoint == "tcp://127.0.0.1:5556"
+    assert cfg.watch.dir == tmp_path / "watch"  # relative to the config file
+
+
+def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[watch]\nsettle_s = 0.5\n[camera]\npixel_size_mm = 0.05\n"))
+    assert cfg.watch.settle_s == 0.5
+    assert cfg.watch.queue_size == 64
+    assert cfg.camera.pixel_size_mm == 0.05
+    assert cfg.store_url == f"sqlite:///{cfg.state_dir / 'pbf-monitor.db'}"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[watch]\nsettle = 1\n", "watch.settle: unknown key"),
+        ("[wach]\ndir = 'x'\n", "wach: unknown key"),
+        ("[watch]\nsettle_s = 'soon'\n", "watch.settle_s"),
+        ("[watch]\nsettle_s = -1\n", "watch.settle_s"),
+        ("[model]\ndevice = 'tpu'\n", "model.device"),
+        ("[model]\ntile_size = 100\n", "model.tile_size"),
+        ("[model]\nthresholds = { spatter = 2.0 }\n", "model.thresholds.spatter"),
+        ("[watch]\npattern = '(?P<build>x)'\n", "watch.pattern"),
+        ("[watch]\npattern = '(unclosed'\n", "watch.pattern"),
+        ("[publish]\nendpoint = 'localhost:5556'\n", "publish.endpoint"),
+        ("[model]\nsha256 = 'abc'\n", "model.sha256"),
+        ("[log]\nlevel = 'LOUD'\n", "log.level"),
+        ("not toml at all [\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert key in str(e.value)
+    assert str(path) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_state_directory_from_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "st"))
+    assert load_config(write(tmp_path, "")).state_dir == tmp_path / "st"
+
+
+def test_repo_config_is_valid_and_documents_every_key() -> None:
+    path = REPO_ROOT / "config.toml"
+    cfg = load_config(path)
+    text = path.read_text(encoding="utf-8")
+    data = tomllib.loads(text)
+    for section, model in Config.model_fields.items():
+        if section == "source":
+            continue
+        sub = model.annotation
+        assert sub is not None
+        for key in sub.model_fields:  # type: ignore[union-attr]
+            # Set, or shown commented out, and preceded by a comment.
+            assert f"\n{key} =" in text or f"\n# {key} =" in text, f"[{section}] {key}"
+        assert section in data
+    assert cfg.model.weights.name == "default.safetensors"
+    for line_no, line in enumerate(text.splitlines()):
+        if line and not line.startswith(("#", "[")):
+            prev = text.splitlines()[line_no - 1]
+            assert prev.startswith("#"), f"key without a comment: {line}"

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.errors import ConfigError, DeviceError
+from monitor.segmenter import Segmenter, tile_spans
+from tests.conftest import make_weights
+
+
+@pytest.mark.parametrize(
+    ("length", "tile", "overlap"),
+    [(100, 128, 16), (128, 128, 16), (129, 128, 16), (1000, 256, 64), (4096, 1024, 64),
+     (5000, 512, 0)],
+)
+def test_tile_spans_partition_the_axis(length: int, tile: int, overlap: int) -> None:
+    spans = tile_spans(length, tile, overlap)
+    keeps = [(k0, k1) for _, _, k0, k1 in spans]
+    assert keeps[0][0] == 0 and keeps[-1][1] == length
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(keeps))
+    for start, stop, k0, k1 in spans:
+        assert stop - start == (tile if length > tile else -(-length // 16) * 16)
+        assert start <= k0 < k1 <= stop
+        if length > tile:
+            assert stop <= length
+            # Kept pixels are at least half an overlap away from an inner tile edge.
+            if k0 > 0:
+                assert k0 - start >= overlap // 2
+            if k1 < length:
+                assert stop - k1 >= overlap // 2
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (37, 53), (100, 300), (300, 100)])
+def test_any_size_in_same_size_out(tiny_weights: Path, shape: tuple[int, int]) -> None:
+    seg = Segmenter(tiny_weights, device="cpu", tile_size=128, tile_overlap=32)
+    out = seg.predict(np.random.default_rng(0).random(shape, dtype=np.float32))
+    assert out.probs.shape == (6, *shape) and out.masks.shape == (6, *shape)
+    assert out.masks.dtype == bool
+    assert out.probs.min() >= 0.0 and out.probs.max() <= 1.0
+
+
+def test_tiled_matches_whole_image_inference(tiny_weights: Path) -> None:
+    img = np.random.default_rng(1).random((200, 232), dtype=np.float32)
+    whole = Segmenter(tiny_weights, device="cpu", tile_size=256, tile_overlap=0).predict(img)
+    tiled = Segmenter(tiny_weights, device="cpu", tile_size=128, tile_overlap=48).predict(img)
+    # Seams sit in the middle of overlaps; the tiny net's receptive field reaches a bit past
+    # them, so allow small differences but not wrong tiles.
+    assert np.abs(whole.probs - tiled.probs).mean() < 0.01
+
+
+def test_thresholds_per_class(tmp_path: Path) -> None:
+    w = make_weights(tmp_path / "c.safetensors", constant_prob={1: 0.6, 2: 0.6})
+    seg = Segmenter(w, device="cpu", threshold=0.5, thresholds={"spatter": 0.7})
+    out = seg.predict(np.zeros((32, 32), np.float32))
+    assert out.masks[1].all() and not out.masks[2].any() and not out.masks[0].any()
+    assert np.allclose(out.probs[1], 0.6, atol=1e-4)
+
+
+def test_unknown_class_in_thresholds(tiny_weights: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.thresholds\.cracks"):
+        Segmenter(tiny_weights, device="cpu", thresholds={"cracks": 0.5})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_gpu(tiny_weights: Path) -> None:
+    with pytest.raises(DeviceError, match=r"model\.device"):
+        Segmenter(tiny_weights, device="cuda")
+
+
+def test_auto_device_logs_what_it_uses(tiny_weights: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    seg = Segmenter(tiny_weights, device="auto")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert seg.device.type == expected
+    assert seg.info.sha256[:12] in caplog.text
+    assert (" on cpu" in caplog.text) if expected == "cpu" else ("autocast" in caplog.text)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.stats import class_stats, layer_stats
+
+
+def test_empty_mask() -> None:
+    s = class_stats("spatter", np.zeros((10, 10), bool), pixel_size_mm=0.1)
+    assert (s.pixel_count, s.components, s.largest_component_px, s.area_fraction) == (0, 0, 0, 0)
+    assert s.component_list == ()
+
+
+def test_components_areas_boxes_and_centroids() -> None:
+    m = np.zeros((20, 30), bool)
+    m[2:5, 3:7] = True  # 12 px, centre (4.5, 3)
+    m[10:20, 20:30] = True  # 100 px, centre (24.5, 14.5)
+    m[0, 29] = True  # 1 px
+    s = class_stats("swelling", m, pixel_size_mm=0.5)
+    assert s.pixel_count == 113
+    assert s.area_fraction == pytest.approx(113 / 600)
+    assert s.area_mm2 == pytest.approx(113 * 0.25)
+    assert s.components == 3
+    assert s.largest_component_px == 100
+    assert s.largest_component_mm2 == pytest.approx(25.0)
+    big, mid, small = s.component_list
+    assert (big.x, big.y, big.w, big.h, big.area_px) == (20, 10, 10, 10, 100)
+    assert (big.cx, big.cy) == pytest.approx((24.5, 14.5))
+    assert (mid.x, mid.y, mid.w, mid.h, mid.area_px) == (3, 2, 4, 3, 12)
+    assert (mid.cx, mid.cy) == pytest.approx((4.5, 3.0))
+    assert small.area_px == 1
+
+
+def test_diagonal_pixels_are_one_component() -> None:
+    m = np.eye(5, dtype=bool)
+    assert class_stats("c", m, pixel_size_mm=1).components == 1
+
+
+def test_component_list_is_capped_but_count_is_not() -> None:
+    m = np.zeros((10, 40), bool)
+    m[::3, ::3] = True
+    s = class_stats("c", m, pixel_size_mm=1, max_components=5)
+    assert s.components == 4 * 14 and len(s.component_list) == 5
+
+
+def test_layer_stats_keys_and_shape_check() -> None:
+    masks = np.zeros((2, 4, 6), bool)
+    masks[1, 0, 0] = True
+    st = layer_stats(masks, ["a", "b"], pixel_size_mm=0.1)
+    assert (st.width, st.height) == (6, 4)
+    assert st.summary()["b"]["pixel_count"] == 1
+    with pytest.raises(ValueError, match="classes"):
+        layer_stats(masks, ["a"], pixel_size_mm=0.1)

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from monitor import store
+from monitor.errors import StoreError
+from monitor.stats import layer_stats
+from monitor.store import ClassStat, ComponentRow, Layer, LayerRecord, StoreWriter
+
+
+def record(layer: int, *, status: str = "ok", spots: int = 1) -> LayerRecord:
+    masks = np.zeros((2, 20, 20), bool)
+    for i in range(spots):
+        masks[1, 2 * i, 2 * i] = True
+    return LayerRecord(
+        printer="", build="B", layer=layer, status=status,
+        error=None if status == "ok" else "bad", image_path=f"/w/B/{layer}.png", image_size=10,
+        image_mtime_ns=5, image_sha256="ab" * 32, model_sha256="cd" * 32, detected_at=1.0,
+        processed_at=2.0, stats=layer_stats(masks, ["no_defect", "spatter"], pixel_size_mm=0.1)
+        if status == "ok" else None,
+    )
+
+
+@pytest.fixture
+def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
+    e = store.open_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    yield e
+    e.dispose()
+
+
+def test_sqlite_settings(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    with engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+def test_same_layer_again_replaces_it(engine) -> None:  # type: ignore[no-untyped-def]
+    with Session(engine) as s, s.begin():
+        assert store.put_layer(s, record(1, spots=3))[1] is False
+    with Session(engine) as s, s.begin():
+        assert store.put_layer(s, record(1, spots=2))[1] is True
+    with Session(engine) as s:
+        layers = s.scalars(select(Layer)).all()
+        assert [(r.layer, r.versions) for r in layers] == [(1, 2)]
+        assert s.scalar(select(func.count()).select_from(ComponentRow)) == 2
+        assert s.scalar(select(func.count()).select_from(ClassStat)) == 2
+
+
+def test_outbox_seq_and_pending(engine) -> None:  # type: ignore[no-untyped-def]
+    with Session(engine) as s, s.begin():
+        out = store.put_outbox(s, [("layer", {"a": 1}), ("alarm", {"b": 2})])
+    assert [o.seq for o in out] == [1, 2]
+    with Session(engine) as s, s.begin():
+        store.mark_published(s, [1])
+    with Session(engine) as s:
+        assert [o.seq for o in store.pending_outbox(s)] == [2]
+        assert store.last_seq(s) == 2
+
+
+def test_reader_reads_while_writer_holds_a_transaction(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    with Session(engine) as s, s.begin():
+        store.put_layer(s, record(1))
+    reader = store.open_db(f"sqlite:///{tmp_path / 'db.sqlite'}", writer=False)
+    with Session(engine) as w, w.begin():
+        store.put_layer(w, record(2))  # uncommitted, write lock held
+        with Session(reader) as r:
+            assert [x.layer for x in store.build_layers(r, "B")] == [1]
+    with Session(reader) as r:
+        assert [x.layer for x in store.build_layers(r, "B")] == [1, 2]
+        with pytest.raises(Exception, match="readonly"):
+            r.execute(Layer.__table__.delete())
+    reader.dispose()
+
+
+def test_writer_retries_while_the_database_is_locked(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "db.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA busy_timeout = 0")
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    writer = StoreWriter(engine)
+    writer.start()
+    done = threading.Event()
+    writer.submit(lambda s: store.put_layer(s, record(7)), lambda _: done.set())
+    try:
+        assert not done.wait(1.0)  # waiting on the lock, not dropping the layer
+        other.execute("COMMIT")
+        assert done.wait(40)
+    finally:
+        other.close()
+        writer.stop()
+    with Session(engine) as s:
+        assert [x.layer for x in store.build_layers(s, "B")] == [7]
+
+
+def test_unwritable_location(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="state directory"):
+        store.open_db(f"sqlite:///{blocker / 'sub' / 'db.sqlite'}")
