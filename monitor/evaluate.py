@@ -52,6 +52,7 @@ class Counts:
     layer_fp: np.ndarray = field(init=False)
     layer_fn: np.ndarray = field(init=False)
     layers: int = 0
+    pixels: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.classes)
@@ -74,6 +75,7 @@ class Counts:
         self.layer_fp += lp & ~lt
         self.layer_fn += ~lp & lt
         self.layers += 1
+        self.pixels += p.shape[1]
 
     def metrics(self) -> dict[str, ClassMetrics]:
         """Per-class IoU, Dice, precision, recall and layer-level precision/recall."""
@@ -102,10 +104,19 @@ def metrics_json(counts: Counts) -> dict[str, Any]:
     """{"classes": {name: {iou, dice, precision, recall, layer_precision, layer_recall}},
     "mean_iou_defects": float | None}"""
     m = counts.metrics()
-    return {
-        "classes": {name: dict(vars(cm)) for name, cm in m.items()},
-        "mean_iou_defects": mean_iou_defects(m),
-    }
+    classes: dict[str, Any] = {}
+    for i, (name, cm) in enumerate(m.items()):
+        classes[name] = {
+            **vars(cm),
+            # Share of all pixels predicted / labelled as the class: on frames known to be
+            # clean, the predicted share of a defect class is its false-alarm area.
+            "predicted_fraction": _ratio(int(counts.tp[i] + counts.fp[i]), counts.pixels),
+            "true_fraction": _ratio(int(counts.tp[i] + counts.fn[i]), counts.pixels),
+            "true_layers": int(counts.layer_tp[i] + counts.layer_fn[i]),
+            "predicted_layers": int(counts.layer_tp[i] + counts.layer_fp[i]),
+        }
+    return {"classes": classes, "mean_iou_defects": mean_iou_defects(m),
+            "layers": counts.layers, "pixels": counts.pixels}
 
 
 @dataclass

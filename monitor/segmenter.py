@@ -73,11 +73,49 @@ class Segmenter:
         thresholds: Mapping[str, float] | None = None,
         expected_sha256: str = "",
     ) -> None:
+        model, info = load_weights(weights, expected_sha256=expected_sha256)
+        self._setup(model, info, device=resolve_device(device), tile_size=tile_size,
+                    tile_overlap=tile_overlap, threshold=threshold, thresholds=thresholds)
+        name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        log.info("model %s (width %d, classes %s) on %s%s", self.info.sha256[:12],
+                 self.info.base_channels, ",".join(self.info.class_names), name,
+                 f" with {self.amp_dtype} autocast" if self.cuda else "")
+
+    @classmethod
+    def from_model(
+        cls,
+        model: UNet,
+        info: ModelInfo,
+        *,
+        device: torch.device,
+        tile_size: int = 1024,
+        tile_overlap: int = 64,
+        threshold: float = 0.5,
+        thresholds: Mapping[str, float] | None = None,
+    ) -> Segmenter:
+        """Serve a model already in memory (training's validation): same tiling and thresholds
+        as the daemon. The caller puts the model in eval mode."""
+        self = cls.__new__(cls)
+        self._setup(model, info, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
+                    threshold=threshold, thresholds=thresholds)
+        return self
+
+    def _setup(
+        self,
+        model: UNet,
+        info: ModelInfo,
+        *,
+        device: torch.device,
+        tile_size: int,
+        tile_overlap: int,
+        threshold: float,
+        thresholds: Mapping[str, float] | None,
+    ) -> None:
         if tile_overlap >= tile_size // 2:
             raise ConfigError(f"model.tile_overlap ({tile_overlap}) must be less than half of "
                               f"model.tile_size ({tile_size})")
-        self.device = resolve_device(device)
-        model, self.info = load_weights(weights, expected_sha256=expected_sha256)
+        self.device = device
+        self.info = info
         unknown = set(thresholds or {}) - set(self.info.class_names)
         if unknown:
             raise ConfigError(f"model.thresholds.{sorted(unknown)[0]}: unknown class; the "
@@ -96,10 +134,6 @@ class Segmenter:
         self.amp_dtype = (
             torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
         )
-        name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
-        log.info("model %s (width %d, classes %s) on %s%s", self.info.sha256[:12],
-                 self.info.base_channels, ",".join(self.info.class_names), name,
-                 f" with {self.amp_dtype} autocast" if self.cuda else "")
 
     @property
     def class_names(self) -> tuple[str, ...]:

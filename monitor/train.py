@@ -1,0 +1,503 @@
+"""Training a U-Net on one or more dataset folders; writes weights, a checkpoint and a model card.
+
+Training sees random tiles at native resolution (never whole images resized: that erases
+spatter), biased towards tiles that hold a defect so the rare classes are seen often, with
+flips, rotations and brightness/contrast jitter. Validation runs every epoch on whole layers
+held out by layer number, through the daemon's own Segmenter (same tiling, same thresholds),
+and the best epoch by mean defect IoU is the weights file that is kept.
+
+The checkpoint beside the weights (``NAME.ckpt.safetensors``) holds the model, the optimizer
+and the schedule, so an interrupted run resumes with ``--resume``; like the weights it is a
+safetensors file, nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from monitor.dataset import Dataset, DatasetError, open_dataset, split_by_layer
+from monitor.errors import MonitorError
+from monitor.evaluate import Counts, ThresholdSweep, metrics_json
+from monitor.imaging import normalize
+from monitor.model import DEPTH, ModelInfo, UNet, file_sha256, save_weights
+from monitor.segmenter import Segmenter, resolve_device
+
+log = logging.getLogger(__name__)
+
+CKPT_FORMAT = "pbf-monitor-checkpoint/1"
+MULTIPLE = 2**DEPTH
+NO_DEFECT = "no_defect"
+
+
+class TrainError(MonitorError):
+    """Training options that cannot work, or a checkpoint that does not fit them."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that decides a training run (recorded in the model card)."""
+
+    width: int = 16
+    epochs: int = 30
+    steps_per_epoch: int = 100
+    tile: int = 256
+    batch: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    pos_weight: str = "auto"  # "auto", "none", or one number for every class
+    pos_weight_max: float = 20.0
+    defect_bias: float = 0.7  # share of tiles centred on a defect pixel
+    val_fraction: float = 0.2
+    val_block: int = 5
+    threshold: float = 0.5
+    device: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    cache_mb: int = 2048
+
+    def check(self) -> None:
+        if self.width < 1 or self.epochs < 1 or self.steps_per_epoch < 1 or self.batch < 1:
+            raise TrainError("--width, --epochs, --steps and --batch must be at least 1")
+        if self.tile < MULTIPLE or self.tile % MULTIPLE:
+            raise TrainError(f"--tile {self.tile}: use a multiple of {MULTIPLE}")
+        if not 0.0 <= self.defect_bias <= 1.0:
+            raise TrainError(f"--defect-bias {self.defect_bias}: use a value in [0, 1]")
+        if self.pos_weight not in ("auto", "none"):
+            try:
+                if float(self.pos_weight) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise TrainError(f"--pos-weight {self.pos_weight!r}: use auto, none or a "
+                                 f"positive number") from None
+        if self.lr <= 0:
+            raise TrainError(f"--lr {self.lr}: use a positive learning rate")
+
+
+# --- data ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    dataset: Dataset
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset.root.name}/{self.name}"
+
+
+class LayerCache:
+    """Decoded layers kept in memory up to a budget, loaded again when evicted."""
+
+    def __init__(self, classes: Sequence[str], budget_mb: int) -> None:
+        self.classes = tuple(classes)
+        self.budget = budget_mb * 2**20
+        self.used = 0
+        self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+
+    def get(self, ref: LayerRef) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Image (H, W) float32, masks (C, H, W) bool in training class order, and per class
+        the flat indices of its pixels (for sampling tiles around defects)."""
+        key = (str(ref.dataset.root), ref.name)
+        hit = self._items.get(key)
+        if hit is not None:
+            return hit
+        gray, masks = ref.dataset.sample(ref.name)
+        order = [ref.dataset.classes.index(c) for c in self.classes]
+        masks = masks[order]
+        where = [np.flatnonzero(m) for m in masks]
+        item = (gray, masks, where)
+        size = gray.nbytes + masks.nbytes + sum(w.nbytes for w in where)
+        while self._items and self.used + size > self.budget:
+            old = self._items.pop(next(iter(self._items)))
+            self.used -= old[0].nbytes + old[1].nbytes + sum(w.nbytes for w in old[2])
+        self._items[key] = item
+        self.used += size
+        return item
+
+
+def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A random rotation/flip of the square tile, and brightness, contrast and gamma jitter."""
+    k = int(rng.integers(4))
+    gray, masks = np.rot90(gray, k), np.rot90(masks, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        gray, masks = gray[:, ::-1], masks[:, :, ::-1]
+    gain = rng.uniform(0.8, 1.2)
+    offset = rng.uniform(-0.06, 0.06)
+    gamma = rng.uniform(0.8, 1.25)
+    out = np.clip(gray, 0.0, 1.0) ** gamma * gain + offset
+    return np.clip(out, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(masks)
+
+
+class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Random tiles, reproducible from (seed, epoch, index) so workers need no shared state."""
+
+    def __init__(self, refs: Sequence[LayerRef], classes: Sequence[str], info: ModelInfo,
+                 opts: TrainOptions) -> None:
+        self.refs = list(refs)
+        self.classes = tuple(classes)
+        self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
+        self.info = info
+        self.opts = opts
+        self.cache = LayerCache(classes, opts.cache_mb)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.opts.steps_per_epoch * self.opts.batch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.opts.seed, self.epoch, index))
+        ref = self.refs[int(rng.integers(len(self.refs)))]
+        gray, masks, where = self.cache.get(ref)
+        t = self.opts.tile
+        h, w = gray.shape
+        present = [c for c in self.defect_ids if where[c].size]
+        if present and rng.random() < self.opts.defect_bias:
+            # Pick the class first, then one of its pixels: rare classes are seen as often as
+            # common ones, and a defect lands anywhere in the tile, not only in its centre.
+            cls = present[int(rng.integers(len(present)))]
+            flat = int(where[cls][int(rng.integers(where[cls].size))])
+            cy, cx = divmod(flat, w)
+            y0 = cy - int(rng.integers(t // 8, t - t // 8))
+            x0 = cx - int(rng.integers(t // 8, t - t // 8))
+        else:
+            y0, x0 = int(rng.integers(max(h - t, 0) + 1)), int(rng.integers(max(w - t, 0) + 1))
+        y0, x0 = min(max(y0, 0), max(h - t, 0)), min(max(x0, 0), max(w - t, 0))
+        g = gray[y0:y0 + t, x0:x0 + t]
+        m = masks[:, y0:y0 + t, x0:x0 + t]
+        if g.shape != (t, t):  # a layer smaller than the tile: reflect-pad like serving
+            ph, pw = t - g.shape[0], t - g.shape[1]
+            g = np.pad(g, ((0, ph), (0, pw)), mode="reflect")
+            m = np.pad(m, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+        g, m = augment(g, m, rng)
+        x = normalize(g, self.info.mean, self.info.std)[None]
+        return torch.from_numpy(x.copy()), torch.from_numpy(m.astype(np.float32))
+
+
+# --- the loop --------------------------------------------------------------------------
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    loss: float
+    seconds: float
+    val: dict[str, Any] | None = None
+
+    @property
+    def score(self) -> float:
+        """What "best" means: mean IoU over the defect classes on validation."""
+        v = (self.val or {}).get("mean_iou_defects")
+        return -1.0 if v is None else float(v)
+
+
+@dataclass
+class TrainResult:
+    weights: Path
+    card: Path
+    best_epoch: int
+    history: list[EpochResult] = field(default_factory=list)
+
+
+def _pos_weight(sampler: TileSampler, opts: TrainOptions, n_batches: int = 16) -> torch.Tensor:
+    """Per-class weight of positive pixels: sqrt(neg/pos) over tiles as training sees them."""
+    c = len(sampler.classes)
+    if opts.pos_weight == "none":
+        return torch.ones(c)
+    if opts.pos_weight != "auto":
+        return torch.full((c,), float(opts.pos_weight))
+    pos = np.zeros(c)
+    total = 0
+    for i in range(min(n_batches * opts.batch, len(sampler))):
+        _, m = sampler[i]
+        pos += m.sum(dim=(1, 2)).numpy()
+        total += m[0].numel()
+    neg = total - pos
+    w = np.sqrt(neg / np.maximum(pos, 1.0))
+    return torch.tensor(np.clip(w, 1.0, opts.pos_weight_max), dtype=torch.float32)
+
+
+def _schedule(opts: TrainOptions) -> Callable[[int], float]:
+    total = opts.epochs * opts.steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < opts.warmup_steps:
+            return (step + 1) / opts.warmup_steps
+        t = (step - opts.warmup_steps) / max(total - opts.warmup_steps, 1)
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+    return factor
+
+
+def validate(model: UNet, info: ModelInfo, refs: Sequence[LayerRef], device: torch.device,
+             opts: TrainOptions, cache: LayerCache) -> tuple[Counts, ThresholdSweep]:
+    """Whole held-out layers through the daemon's Segmenter."""
+    model.eval()
+    seg = Segmenter.from_model(model, info, device=device, threshold=opts.threshold)
+    counts = Counts(info.class_names)
+    sweep = ThresholdSweep(info.class_names)
+    for ref in refs:
+        gray, masks, _ = cache.get(ref)
+        out = seg.predict(gray)
+        counts.add(out.masks, masks)
+        sweep.add(out.probs, masks)
+    return counts, sweep
+
+
+def _ckpt_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
+
+
+def card_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".json")
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer,
+                     meta: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = optim.state_dict()
+    for pid, st in state["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"optim.{pid}.{k}"] = t.detach().cpu().contiguous()
+    meta = {**meta, "param_groups": state["param_groups"]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": CKPT_FORMAT, "state": json.dumps(meta)})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optim: torch.optim.Optimizer
+                     ) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise TrainError(f"{path}: not a readable checkpoint ({e})") from e
+    if raw.get("format") != CKPT_FORMAT:
+        raise TrainError(f"{path}: not a pbf-monitor training checkpoint")
+    meta: dict[str, Any] = json.loads(raw["state"])
+    msd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(msd, strict=True)
+    except RuntimeError as e:
+        raise TrainError(f"{path}: checkpoint does not fit this model (different --width or "
+                         f"classes?)") from e
+    ostate: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, pid, name = k.split(".", 2)
+            ostate.setdefault(int(pid), {})[name] = v
+    optim.load_state_dict({"state": ostate, "param_groups": meta.pop("param_groups")})
+    return meta
+
+
+def train(
+    datasets: Sequence[Path],
+    out: Path,
+    opts: TrainOptions,
+    *,
+    resume: bool = False,
+    command: str | None = None,
+    on_progress: Callable[[str, int, int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train on the datasets; keep the best epoch in `out` and a model card beside it.
+
+    Args:
+        datasets: dataset folders; all must list the same classes (their order may differ).
+        out: the weights file to write (``.safetensors``).
+        opts: the run's options.
+        resume: continue from ``out``'s checkpoint if there is one.
+        command: the command line to record in the model card.
+        on_progress: called with (phase, done, total, figures) as steps and epochs finish.
+    """
+    opts.check()
+    if out.suffix != ".safetensors":
+        raise TrainError(f"--out {out}: use a .safetensors file name")
+    opened = [open_dataset(Path(d)) for d in datasets]
+    if not opened:
+        raise TrainError("give at least one dataset folder")
+    classes = opened[0].classes
+    for ds in opened[1:]:
+        if set(ds.classes) != set(classes):
+            raise DatasetError(f"{ds.root}: classes {list(ds.classes)} differ from "
+                               f"{opened[0].root}'s {list(classes)}")
+    train_refs: list[LayerRef] = []
+    val_refs: list[LayerRef] = []
+    for ds in opened:
+        tr, va = split_by_layer(ds.names, val_fraction=opts.val_fraction, block=opts.val_block)
+        train_refs += [LayerRef(ds, n) for n in tr]
+        val_refs += [LayerRef(ds, n) for n in va]
+    if not train_refs:
+        raise TrainError("no training layers after the validation split")
+
+    torch.manual_seed(opts.seed)
+    device = resolve_device(opts.device)
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(max(torch.get_num_threads(), 1))
+    info = ModelInfo(class_names=classes, base_channels=opts.width)
+    model = info.build().to(device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, _schedule(opts))
+    sampler = TileSampler(train_refs, classes, info, opts)
+    pos_weight = _pos_weight(sampler, opts).to(device)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight[:, None, None])
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+
+    history: list[EpochResult] = []
+    best = EpochResult(epoch=0, loss=math.inf, seconds=0.0)
+    best_sweep: dict[str, Any] = {}
+    start_epoch = 1
+    ckpt = _ckpt_path(out)
+    elapsed_before = 0.0
+    if resume and ckpt.is_file():
+        meta = _load_checkpoint(ckpt, model, optim)
+        if meta.get("options", {}).get("width") != opts.width:
+            raise TrainError(f"{ckpt}: trained with --width {meta['options'].get('width')}")
+        start_epoch = int(meta["epoch"]) + 1
+        if start_epoch > opts.epochs:
+            raise TrainError(f"{ckpt}: no epoch was trained; the checkpoint is already at "
+                             f"epoch {start_epoch - 1} of {opts.epochs} (raise --epochs)")
+        # Continue the schedule at the restored step (the factor depends on --epochs).
+        sched.last_epoch = int(meta["step"])
+        for group, base in zip(optim.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * _schedule(opts)(sched.last_epoch)
+        history = [EpochResult(**h) for h in meta["history"]]
+        best = max(history, key=lambda r: r.score, default=best)
+        best_sweep = meta.get("best_sweep", {})
+        elapsed_before = float(meta.get("seconds", 0.0))
+        log.info("resuming %s after epoch %d", ckpt, start_epoch - 1)
+
+    log.info("training width %d on %s: %d train / %d validation layers, pos_weight %s",
+             opts.width, device, len(train_refs), len(val_refs),
+             [round(float(w), 2) for w in pos_weight])
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, opts.epochs + 1):
+        t0 = time.perf_counter()
+        sampler.epoch = epoch
+        loader = torch.utils.data.DataLoader(
+            sampler, batch_size=opts.batch, shuffle=False, num_workers=opts.workers,
+            pin_memory=cuda, persistent_workers=False)
+        model.train()
+        total, n = 0.0, 0
+        for step, (x, y) in enumerate(loader, start=1):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cuda:
+                x = x.to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optim.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optim)
+            scaler.update()
+            sched.step()
+            total += float(loss.detach())
+            n += 1
+            if on_progress is not None:
+                on_progress("step", step, opts.steps_per_epoch, {"loss": total / n})
+        result = EpochResult(epoch=epoch, loss=total / max(n, 1), seconds=0.0)
+        sweep_best: dict[str, Any] = {}
+        if val_refs:
+            counts, sweep = validate(model, info, val_refs, device, opts, sampler.cache)
+            result.val = metrics_json(counts)
+            sweep_best = sweep.best()
+        result.seconds = time.perf_counter() - t0
+        history.append(result)
+        improved = best.epoch == 0 or not val_refs or result.score > best.score
+        if improved:
+            best, best_sweep = result, sweep_best
+            _write_weights(out, model, info, opts, opened, best)
+        _save_checkpoint(ckpt, model, optim, {
+            "epoch": epoch, "step": epoch * opts.steps_per_epoch, "options": asdict(opts),
+            "history": [asdict(h) for h in history], "best_sweep": best_sweep,
+            "seconds": elapsed_before + time.perf_counter() - t_start,
+        })
+        mean = (result.val or {}).get("mean_iou_defects")
+        log.info("epoch %d/%d: loss %.4f, val mean defect IoU %s%s (%.0f s)", epoch,
+                 opts.epochs, result.loss, "-" if mean is None else f"{mean:.3f}",
+                 " (best)" if improved else "", result.seconds)
+        if on_progress is not None:
+            on_progress("epoch", epoch, opts.epochs,
+                        {"loss": result.loss, "mean_iou_defects": mean, "best": improved})
+
+    if not out.is_file():  # deleted since the checkpoint's best epoch: keep the last one
+        best = history[-1]
+        _write_weights(out, model, info, opts, opened, best)
+    card = write_card(out, opts, opened, train_refs, val_refs, best, history, best_sweep,
+                      device, command, elapsed_before + time.perf_counter() - t_start)
+    return TrainResult(weights=out, card=card, best_epoch=best.epoch, history=history)
+
+
+def _training_facts(opts: TrainOptions, datasets: Sequence[Dataset], best: EpochResult
+                    ) -> dict[str, Any]:
+    return {
+        "datasets": [str(d.root.name) for d in datasets],
+        "epochs": opts.epochs, "best_epoch": best.epoch, "tile": opts.tile,
+        "val_mean_iou_defects": (best.val or {}).get("mean_iou_defects"),
+        "loss": "BCEWithLogits", "optimizer": "AdamW", "lr": opts.lr, "seed": opts.seed,
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _write_weights(out: Path, model: UNet, info: ModelInfo, opts: TrainOptions,
+                   datasets: Sequence[Dataset], best: EpochResult) -> None:
+    facts = _training_facts(opts, datasets, best)
+    save_weights(out, model, ModelInfo(**{**info.__dict__, "training": facts}))
+
+
+def write_card(out: Path, opts: TrainOptions, datasets: Sequence[Dataset],
+               train_refs: Sequence[LayerRef], val_refs: Sequence[LayerRef], best: EpochResult,
+               history: list[EpochResult], sweep: dict[str, Any], device: torch.device,
+               command: str | None, seconds: float) -> Path:
+    """The model card: what the weights are, what they were trained on and how well they do."""
+    card = {
+        "weights": out.name,
+        "sha256": file_sha256(out),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command or shlex.join(sys.argv),
+        "architecture": {"name": "UNet", "base_channels": opts.width,
+                         "classes": list(datasets[0].classes)},
+        "data": [{
+            "path": str(d.root), "classes": list(d.classes), "layers": len(d.names),
+            "source": d.source, "regenerate": d.synth_command(),
+        } for d in datasets],
+        "split": {"train_layers": len(train_refs), "validation_layers": len(val_refs),
+                  "validation": [r.label for r in val_refs]},
+        "options": asdict(opts),
+        "best_epoch": best.epoch,
+        "validation": best.val,
+        "recommended_thresholds": sweep,
+        "history": [asdict(h) for h in history],
+        "environment": {"device": str(device), "torch": torch.__version__,
+                        "python": platform.python_version(), "seconds": round(seconds, 1)},
+    }
+    path = card_path(out)
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return path
