@@ -257,6 +257,6 @@ def test_clean_frames(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.png").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="x.png"):
+    with pytest.raises(DatasetError, match=r"x\.png"):
         import_clean_frames([bad], tmp_path / "neg2")
     assert not (tmp_path / "neg2").exists()

@@ -67,7 +67,7 @@ def test_trainer_learns_spots(spots: Path, tmp_path: Path) -> None:
 def test_weights_card_and_checkpoint(spots: Path, tmp_path: Path) -> None:
     out = tmp_path / "w.safetensors"
     result = train([spots], out, FAST, command="pbf-monitor train ds --out w.safetensors")
-    model, info = load_weights(out)
+    _, info = load_weights(out)
     assert info.class_names == CLASSES  # from the dataset's manifest, not from code
     assert info.base_channels == 4
     assert info.training["best_epoch"] == result.best_epoch
