@@ -386,6 +386,33 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
             console.print(f"{name}: threshold {b['threshold']:.2f} gives IoU {b['iou']:.3f}")
 
 
+@main.command()
+@click.argument("dataset", type=click.Path(path_type=Path))
+@click.option("--weights", type=click.Path(path_type=Path), required=True,
+              help="Weights to calibrate.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Write the calibrated weights here (default: replace WEIGHTS).")
+@CONFIG_OPTION
+def calibrate(dataset: Path, weights: Path, out: Path | None, config_path: Path | None) -> None:
+    """Set the per-class thresholds stored in a weights file to those with the best IoU on a
+    labelled dataset (config's model.thresholds still override them)."""
+    from rich.progress import Progress
+
+    from monitor.dataset import open_dataset
+    from monitor.evaluate import calibrate as run_calibration
+
+    cfg = _load(config_path)
+    ds = open_dataset(dataset)
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"calibrate on {dataset}", total=len(ds.names))
+        best = run_calibration(weights, ds, out or weights, tile_size=cfg.model.tile_size,
+                               tile_overlap=cfg.model.tile_overlap,
+                               progress=lambda n: progress.update(task, completed=n))
+    for name, b in best.items():
+        click.echo(f"{name}: threshold {b['threshold']:.2f} (IoU {b['iou']:.3f})")
+    click.echo(f"wrote {out or weights}")
+
+
 @main.group()
 def dataset() -> None:
     """Make datasets (images, per-class masks, manifest) for training and evaluation."""

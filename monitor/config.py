@@ -81,9 +81,12 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
     tile_size: int = Field(1024, ge=64, description="Tile side for large images (multiple of 16).")
     tile_overlap: int = Field(64, ge=0, description="Overlap between tiles in pixels.")
-    threshold: Probability = Field(0.5, description="Default probability threshold per pixel.")
+    threshold: Probability = Field(
+        0.5, description="Threshold for classes neither thresholds nor the weights set."
+    )
     thresholds: dict[str, Probability] = Field(
-        default_factory=dict, description="Per-class thresholds overriding 'threshold'."
+        default_factory=dict,
+        description="Per-class thresholds overriding the weights' and 'threshold'.",
     )
 
     @field_validator("tile_size")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from monitor.dataset import Dataset, DatasetError
+from monitor.model import ModelInfo, load_weights, save_weights
 from monitor.segmenter import Segmenter
 
 NO_DEFECT = "no_defect"
@@ -224,3 +226,37 @@ def metrics_table(counts: Counts, *, title: str = "") -> Any:
                   _fmt(cm.layer_precision), _fmt(cm.layer_recall), str(true_layers),
                   str(pred_layers))
     return t
+
+
+def calibrate(
+    weights: Path,
+    dataset: Dataset,
+    out: Path,
+    *,
+    tile_size: int = 1024,
+    tile_overlap: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """Store in `out` a copy of `weights` whose per-class thresholds maximise IoU on `dataset`.
+
+    Classes the dataset never shows nor the model predicts keep their current threshold.
+
+    Returns:
+        Per class: the chosen threshold, its IoU and recall.
+    """
+    import torch
+
+    seg = Segmenter(weights, device="auto", tile_size=tile_size, tile_overlap=tile_overlap)
+    sweep = ThresholdSweep(seg.class_names)
+    evaluate(dataset, seg, sweep=sweep, progress=progress)
+    best = sweep.best()
+    model, info = load_weights(weights)
+    thresholds = {**info.thresholds,
+                  **{c: float(v["threshold"]) for c, v in best.items()
+                     if v["threshold"] is not None}}
+    training = {**info.training, "calibration": {
+        "dataset": dataset.root.name, "layers": len(dataset.names), "from": info.sha256,
+        "per_class": best, "torch": torch.__version__}}
+    save_weights(out, model, ModelInfo(**{**info.__dict__, "thresholds": thresholds,
+                                          "training": training, "sha256": ""}))
+    return best

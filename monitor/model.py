@@ -90,6 +90,8 @@ class ModelInfo:
     mean: float = 0.5  # input normalisation on the [0, 1] scale
     std: float = 0.25
     training: dict[str, Any] = field(default_factory=dict)
+    # Per-class probability thresholds calibrated on validation data; config overrides them.
+    thresholds: dict[str, float] = field(default_factory=dict)
     sha256: str = ""  # of the file it was loaded from
 
     @property
@@ -117,6 +119,7 @@ def save_weights(path: Path, model: UNet, info: ModelInfo) -> str:
         "in_channels": str(info.in_channels),
         "normalization": json.dumps({"mean": info.mean, "std": info.std}),
         "training": json.dumps(info.training),
+        "thresholds": json.dumps(info.thresholds),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,8 +153,10 @@ def read_info(path: Path) -> ModelInfo:
             mean=float(norm["mean"]),
             std=float(norm["std"]),
             training=json.loads(meta.get("training", "{}")),
+            thresholds={str(k): float(v)
+                        for k, v in json.loads(meta.get("thresholds", "{}")).items()},
         )
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: incomplete model metadata ({e!r})") from e
 
 

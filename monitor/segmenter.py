@@ -120,9 +120,11 @@ class Segmenter:
         if unknown:
             raise ConfigError(f"model.thresholds.{sorted(unknown)[0]}: unknown class; the "
                               f"weights' classes are {', '.join(self.info.class_names)}")
+        # Per class: the config's value, else the one calibrated into the weights, else the
+        # config's default threshold.
+        chosen = {**info.thresholds, **(thresholds or {})}
         self.thresholds = np.array(
-            [(thresholds or {}).get(c, threshold) for c in self.info.class_names],
-            dtype=np.float32,
+            [chosen.get(c, threshold) for c in self.info.class_names], dtype=np.float32,
         )
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap

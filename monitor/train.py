@@ -72,6 +72,7 @@ class TrainOptions:
     workers: int = 0
     seed: int = 0
     cache_mb: int = 2048
+    calibrate: bool = True  # store per-class thresholds that maximise validation IoU
 
     def check(self) -> None:
         if self.width < 1 or self.epochs < 1 or self.steps_per_epoch < 1 or self.batch < 1:
@@ -433,7 +434,7 @@ def train(
         improved = best.epoch == 0 or not val_refs or result.score > best.score
         if improved:
             best, best_sweep = result, sweep_best
-            _write_weights(out, model, info, opts, opened, best)
+            _write_weights(out, model, info, opts, opened, best, best_sweep)
         _save_checkpoint(ckpt, model, optim, {
             "epoch": epoch, "step": epoch * opts.steps_per_epoch, "options": asdict(opts),
             "history": [asdict(h) for h in history], "best_sweep": best_sweep,
@@ -449,7 +450,7 @@ def train(
 
     if not out.is_file():  # deleted since the checkpoint's best epoch: keep the last one
         best = history[-1]
-        _write_weights(out, model, info, opts, opened, best)
+        _write_weights(out, model, info, opts, opened, best, best_sweep)
     card = write_card(out, opts, opened, train_refs, val_refs, best, history, best_sweep,
                       device, command, elapsed_before + time.perf_counter() - t_start)
     return TrainResult(weights=out, card=card, best_epoch=best.epoch, history=history)
@@ -467,9 +468,13 @@ def _training_facts(opts: TrainOptions, datasets: Sequence[Dataset], best: Epoch
 
 
 def _write_weights(out: Path, model: UNet, info: ModelInfo, opts: TrainOptions,
-                   datasets: Sequence[Dataset], best: EpochResult) -> None:
+                   datasets: Sequence[Dataset], best: EpochResult, sweep: dict[str, Any]
+                   ) -> None:
     facts = _training_facts(opts, datasets, best)
-    save_weights(out, model, ModelInfo(**{**info.__dict__, "training": facts}))
+    thresholds = ({c: float(v["threshold"]) for c, v in sweep.items()} if opts.calibrate
+                  else {})
+    save_weights(out, model, ModelInfo(**{**info.__dict__, "training": facts,
+                                          "thresholds": thresholds}))
 
 
 def write_card(out: Path, opts: TrainOptions, datasets: Sequence[Dataset],

@@ -101,3 +101,21 @@ def test_cli_evaluate_missing_dataset(tmp_path: Path) -> None:
     assert r.exit_code == 2
     assert r.output.strip().endswith("dataset folder not found")
     assert "Traceback" not in r.output
+
+
+def test_calibrated_thresholds_travel_in_the_weights(small_ds: Path, tmp_path: Path) -> None:
+    # Spatter at probability 0.3 everywhere: only a threshold <= 0.3 finds the true spatter,
+    # so calibration must choose one, and serving must then use it unless config overrides.
+    w = make_weights(tmp_path / "w.safetensors", constant_prob={2: 0.3})
+    gray = np.full((32, 32), 0.5, np.float32)
+    assert not Segmenter(w, device="cpu").predict(gray).masks[2].any()
+    r = CliRunner().invoke(main, ["calibrate", str(small_ds), "--weights", str(w), "--out",
+                                  str(tmp_path / "cal.safetensors")])
+    assert r.exit_code == 0, r.output
+    cal = tmp_path / "cal.safetensors"
+    seg = Segmenter(cal, device="cpu")
+    assert seg.info.thresholds["spatter"] <= 0.3
+    assert seg.info.training["calibration"]["dataset"] == "build"
+    assert seg.predict(gray).masks[2].all()
+    overridden = Segmenter(cal, device="cpu", thresholds={"spatter": 0.5})
+    assert not overridden.predict(gray).masks[2].any()

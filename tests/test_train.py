@@ -62,6 +62,8 @@ def test_trainer_learns_spots(spots: Path, tmp_path: Path) -> None:
     assert best.val["classes"]["spot"]["iou"] > 0.6, result.history
     assert result.history[-1].loss < first.loss
     assert result.best_epoch == best.epoch
+    _, info = load_weights(result.weights)
+    assert 0.0 < info.thresholds["spot"] < 1.0  # calibrated on validation, stored in weights
 
 
 def test_weights_card_and_checkpoint(spots: Path, tmp_path: Path) -> None:
