@@ -1,24 +1,52 @@
-"""Alarm rules: per-layer statistics -> alarm transitions (open, cleared).
+"""The alarm engine: per-layer statistics and defect tracks -> alarm transitions.
 
-This first rule opens an alarm when a class covers more than a set fraction of a layer and
-clears it on the first layer below the threshold; while it is open the same condition does
-not raise it again, so a persistent defect gives one alarm, not one per layer.
+Lifecycle of an alarm: open -> acknowledged -> cleared. Per build and rule:
+
+* A threshold rule's condition must hold for ``consecutive`` layers in a row (its streak)
+  before it opens an alarm; layers in the build's first ``grace_layers`` are not checked.
+* While an alarm of the rule is open, the rule opens no other. Acknowledging it resets the
+  streak, so a condition that goes on opens a new alarm only after ``consecutive`` more layers
+  (and the cooldown), not at once.
+* ``cooldown_layers`` after an alarm opened, the rule opens no new one (no flapping).
+* The first layer where the condition no longer holds clears the rule's open and acknowledged
+  alarms.
+* A muted build (or class of a build) opens no alarms; open ones stay until cleared.
+
+Track alarms (a defect stacking through layers) and stall alarms (no new layer) follow the
+same lifecycle. The engine is shared by the worker (layers, stall checks) and the control
+endpoint (ack, mute), so it takes a lock; its state is persisted with each layer.
 """
 
 from __future__ import annotations
 
+import itertools
+import statistics
+import threading
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
+from monitor.config import AlarmRule, AlarmsConfig
 from monitor.errors import ConfigError
 from monitor.stats import LayerStats
+from monitor.tracks import BuildTracks, Track, TrackChange
 
-RULE_AREA_FRACTION = "area_fraction"
+RULE_STALL = "stall"
+RULE_TEST = "test"
+TRACK_PREFIX = "track."
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    printer: str
+    build: str
 
 
 @dataclass(frozen=True)
 class AlarmEvent:
+    """An alarm to open, or the open/acknowledged alarms of a rule to clear."""
+
     action: Literal["open", "clear"]
     printer: str
     build: str
@@ -28,40 +56,274 @@ class AlarmEvent:
     severity: str
     value: float
     threshold: float
+    track: int | None = None  # track alarms: the track number in the build
 
 
-class AreaFractionRules:
-    """One threshold per class on the fraction of the layer it covers."""
+@dataclass
+class RuleState:
+    streak: int = 0
+    open: bool = False  # an unacknowledged alarm of the rule is open
+    active: bool = False  # an open or acknowledged alarm waits to be cleared
+    last_open_layer: int | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {"streak": self.streak, "open": self.open, "active": self.active,
+                "last_open_layer": self.last_open_layer}
+
+
+@dataclass
+class BuildState:
+    first_layer: int | None = None
+    last_layer: int | None = None  # last layer the rules saw
+    rules: dict[str, RuleState] = field(default_factory=dict)
+    tracks: BuildTracks | None = None
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=21))
+    last_arrival_layer: int | None = None
+    stall_open: bool = False
+    finished: bool = False  # a newer build started on the printer
+
+
+@dataclass(frozen=True)
+class LayerAlarms:
+    """What evaluating one layer produced; persisted with the layer in one transaction."""
+
+    events: list[AlarmEvent]
+    rule_states: dict[str, dict[str, Any]]
+    first_layer: int | None
+    tracks: TrackChange | None
+    evaluated: bool  # False: a layer number already seen (a replaced image), not re-counted
+
+
+def metric_value(rule: AlarmRule, stats: LayerStats,
+                 regions: Mapping[str, LayerStats]) -> float | None:
+    st = regions.get(rule.region) if rule.region else stats
+    if st is None:
+        return None
+    c = st.classes.get(rule.class_name)
+    return None if c is None else float(getattr(c, rule.metric))
+
+
+class AlarmEngine:
+    """Rules, tracks and stall checks for every build; thread-safe."""
 
     def __init__(
-        self, thresholds: Mapping[str, float], *, severity: str, class_names: Sequence[str]
+        self,
+        cfg: AlarmsConfig,
+        *,
+        class_names: Sequence[str],
+        part_regions: Sequence[str] = (),
+        pixel_size_mm: float = 0.1,
+        layer_thickness_mm: float = 0.05,
     ) -> None:
-        unknown = set(thresholds) - set(class_names)
-        if unknown:
-            raise ConfigError(f"alarms.area_fraction.{sorted(unknown)[0]}: unknown class; the "
-                              f"weights' classes are {', '.join(class_names)}")
-        self.thresholds = dict(thresholds)
-        self.severity = severity
-        self._open: set[tuple[str, str, str]] = set()
+        for i, r in enumerate(cfg.rules):
+            if r.class_name not in class_names:
+                raise ConfigError(f"alarms.rules[{i}].class: unknown class {r.class_name!r}; "
+                                  f"the weights' classes are {', '.join(class_names)}")
+            if r.region and r.region not in part_regions:
+                raise ConfigError(f"alarms.rules[{i}].region: no part region named "
+                                  f"{r.region!r} in [[regions]]")
+        for c in cfg.tracks.classes:
+            if c not in class_names:
+                raise ConfigError(f"alarms.tracks.classes: unknown class {c!r}; the weights' "
+                                  f"classes are {', '.join(class_names)}")
+        self.cfg = cfg
+        self.pixel_size_mm = pixel_size_mm
+        self.layer_thickness_mm = layer_thickness_mm
+        self._lock = threading.Lock()
+        self._builds: dict[BuildKey, BuildState] = {}
+        self._mutes: set[tuple[BuildKey, str | None]] = set()
 
-    def restore(self, open_alarms: Iterable[tuple[str, str, str, str]]) -> None:
-        """Adopt alarms left open by a previous run: (printer, build, class, rule)."""
-        for printer, build, cls, rule in open_alarms:
-            if rule == RULE_AREA_FRACTION:
-                self._open.add((printer, build, cls))
+    # ------------------------------------------------------------ state
 
-    def evaluate(self, printer: str, build: str, layer: int, stats: LayerStats) -> list[AlarmEvent]:
+    def known(self, key: BuildKey) -> bool:
+        with self._lock:
+            return key in self._builds
+
+    def restore_build(
+        self, key: BuildKey, *, first_layer: int | None, last_layer: int | None,
+        rules: Mapping[str, Mapping[str, Any]], tracks: Iterable[Track], next_track: int,
+        arrivals: Sequence[float] = (), stall_open: bool = False,
+    ) -> None:
+        """Adopt a build's state from the database (after a restart)."""
+        with self._lock:
+            b = BuildState(first_layer=first_layer, last_layer=last_layer,
+                           stall_open=stall_open)
+            b.rules = {k: RuleState(**dict(v)) for k, v in rules.items()}
+            b.tracks = self._new_tracks(next_track)
+            b.tracks.adopt(tracks)
+            b.arrivals.extend(arrivals)
+            b.last_arrival_layer = last_layer
+            self._builds[key] = b
+
+    def mute(self, key: BuildKey, class_name: str | None) -> None:
+        with self._lock:
+            self._mutes.add((key, class_name))
+
+    def unmute(self, key: BuildKey, class_name: str | None) -> None:
+        with self._lock:
+            self._mutes.discard((key, class_name))
+
+    def muted(self, key: BuildKey, class_name: str | None) -> bool:
+        return (key, None) in self._mutes or (class_name is not None
+                                              and (key, class_name) in self._mutes)
+
+    def acknowledge(self, key: BuildKey, rule: str) -> dict[str, Any] | None:
+        """An operator acknowledged the rule's open alarm: reset its streak.
+
+        Returns the rule's new state to persist (None for rules without state).
+        """
+        with self._lock:
+            st = self._builds.get(key)
+            if st is None or rule not in st.rules:
+                return None
+            rs = st.rules[rule]
+            rs.open = False
+            rs.streak = 0
+            return rs.as_row()
+
+    def _new_tracks(self, next_number: int = 1) -> BuildTracks:
+        return BuildTracks(self.cfg.tracks, pixel_size_mm=self.pixel_size_mm,
+                           layer_thickness_mm=self.layer_thickness_mm, next_number=next_number)
+
+    def _build(self, key: BuildKey) -> BuildState:
+        st = self._builds.get(key)
+        if st is None:
+            st = self._builds[key] = BuildState(tracks=self._new_tracks())
+        return st
+
+    # ------------------------------------------------------------ layers
+
+    def arrival(self, key: BuildKey, layer: int, at: float) -> list[AlarmEvent]:
+        """A layer file of the build arrived (ok or not): feeds the stall check and clears a
+        stall alarm. A build newer than the printer's others finishes them."""
         events: list[AlarmEvent] = []
-        for cls, limit in self.thresholds.items():
-            c = stats.classes.get(cls)
-            if c is None:
+        with self._lock:
+            st = self._build(key)
+            if st.last_arrival_layer is None or layer > st.last_arrival_layer:
+                st.arrivals.append(at)
+                st.last_arrival_layer = layer
+            st.finished = False
+            if st.stall_open:
+                st.stall_open = False
+                events.append(self._stall_event("clear", key, st, 0.0, 0.0))
+            for other, ost in self._builds.items():
+                newer = bool(ost.arrivals) and ost.arrivals[-1] < at
+                if other.printer == key.printer and other != key and not ost.finished and newer:
+                    ost.finished = True
+                    if ost.stall_open:
+                        ost.stall_open = False
+                        events.append(self._stall_event("clear", other, ost, 0.0, 0.0))
+        return events
+
+    def evaluate(
+        self, key: BuildKey, layer: int, stats: LayerStats,
+        regions: Mapping[str, LayerStats] | None = None,
+    ) -> LayerAlarms:
+        """Check the rules and tracks on one layer of a build."""
+        regions = regions or {}
+        with self._lock:
+            st = self._build(key)
+            if st.last_layer is not None and layer <= st.last_layer:
+                return LayerAlarms([], {}, st.first_layer, None, evaluated=False)
+            if st.first_layer is None or layer < st.first_layer:
+                st.first_layer = layer
+            st.last_layer = layer
+            events: list[AlarmEvent] = []
+            for rule in self.cfg.rules:
+                events += self._check_rule(key, st, rule, layer, stats, regions)
+            change = None
+            if self.cfg.tracks.classes:
+                assert st.tracks is not None
+                change = st.tracks.update(layer, stats)
+                events += self._track_events(key, st, layer, change)
+            states = {r.rule_id: st.rules[r.rule_id].as_row() for r in self.cfg.rules}
+            return LayerAlarms(events, states, st.first_layer, change, evaluated=True)
+
+    def _in_grace(self, st: BuildState, layer: int, grace: int | None) -> bool:
+        g = self.cfg.grace_layers if grace is None else grace
+        return st.first_layer is not None and layer - st.first_layer < g
+
+    def _check_rule(self, key: BuildKey, st: BuildState, rule: AlarmRule, layer: int,
+                    stats: LayerStats, regions: Mapping[str, LayerStats]) -> list[AlarmEvent]:
+        rs = st.rules.setdefault(rule.rule_id, RuleState())
+        value = metric_value(rule, stats, regions)
+        if value is None or self._in_grace(st, layer, rule.grace_layers):
+            rs.streak = 0
+            return []
+        cond = value > rule.threshold
+        rs.streak = rs.streak + 1 if cond else 0
+
+        def event(action: Literal["open", "clear"]) -> AlarmEvent:
+            return AlarmEvent(action, key.printer, key.build, layer, rule.class_name,
+                              rule.rule_id, rule.severity, value, rule.threshold)
+
+        if not cond:
+            if rs.active:
+                rs.active = rs.open = False
+                return [event("clear")]
+            return []
+        cooled = rs.last_open_layer is None or layer - rs.last_open_layer >= rule.cooldown_layers
+        if (not rs.open and rs.streak >= rule.consecutive and cooled
+                and not self.muted(key, rule.class_name)):
+            rs.open = rs.active = True
+            rs.last_open_layer = layer
+            return [event("open")]
+        return []
+
+    def _track_events(self, key: BuildKey, st: BuildState, layer: int,
+                      change: TrackChange) -> list[AlarmEvent]:
+        cfg = self.cfg.tracks
+        events: list[AlarmEvent] = []
+        for t in change.alarms:
+            if self._in_grace(st, layer, None) or self.muted(key, t.class_name):
+                t.alarmed = False  # may still alarm once the grace is over or unmuted
                 continue
-            key = (printer, build, cls)
-            above = c.area_fraction > limit
-            if above == (key in self._open):
-                continue
-            action: Literal["open", "clear"] = "open" if above else "clear"
-            (self._open.add if above else self._open.discard)(key)
-            events.append(AlarmEvent(action, printer, build, layer, cls, RULE_AREA_FRACTION,
-                                     self.severity, c.area_fraction, limit))
+            by_layers = t.layers >= cfg.alarm_layers
+            events.append(AlarmEvent(
+                "open", key.printer, key.build, layer, t.class_name,
+                TRACK_PREFIX + t.class_name, cfg.severity,
+                float(t.layers) if by_layers else t.volume_mm3,
+                float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number))
+        for t in change.ended:
+            if t.alarmed:
+                events.append(AlarmEvent(
+                    "clear", key.printer, key.build, layer, t.class_name,
+                    TRACK_PREFIX + t.class_name, cfg.severity, float(t.layers),
+                    float(cfg.alarm_layers), track=t.number))
+        return events
+
+    # ------------------------------------------------------------ stall
+
+    def _stall_event(self, action: Literal["open", "clear"], key: BuildKey, st: BuildState,
+                     value: float, limit: float) -> AlarmEvent:
+        return AlarmEvent(action, key.printer, key.build, st.last_arrival_layer or 0, "",
+                          RULE_STALL, self.cfg.stall.severity, value, limit)
+
+    def stall_limit(self, st: BuildState) -> float | None:
+        """Seconds without a layer after which the build is stalled; None if unknown yet."""
+        cfg = self.cfg.stall
+        if len(st.arrivals) < cfg.min_layers:
+            return None
+        times = list(st.arrivals)
+        median = statistics.median(b - a for a, b in itertools.pairwise(times))
+        return max(cfg.min_s, cfg.factor * median)
+
+    def check_stalls(self, now: float) -> list[AlarmEvent]:
+        """Open a stall alarm for each active build whose next layer is overdue."""
+        cfg = self.cfg.stall
+        if not cfg.enabled:
+            return []
+        events: list[AlarmEvent] = []
+        with self._lock:
+            for key, st in self._builds.items():
+                if st.stall_open or st.finished or not st.arrivals:
+                    continue
+                idle = now - st.arrivals[-1]
+                limit = self.stall_limit(st)
+                if limit is None or idle <= limit or idle > cfg.active_s:
+                    continue
+                if self.muted(key, None):
+                    continue
+                st.stall_open = True
+                events.append(self._stall_event("open", key, st, idle, limit))
         return events

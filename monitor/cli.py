@@ -82,7 +82,7 @@ def run(config_path: Path | None) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def validate_config(file: Path) -> None:
     """Check a config file and the weights it names."""
-    from monitor.alarms import AreaFractionRules
+    from monitor.alarms import AlarmEngine
     from monitor.errors import ConfigError
     from monitor.model import read_info
 
@@ -92,8 +92,11 @@ def validate_config(file: Path) -> None:
     if unknown:
         raise ConfigError(f"{file}: model.thresholds.{sorted(unknown)[0]}: unknown class; the "
                           f"weights' classes are {', '.join(info.class_names)}")
-    AreaFractionRules(cfg.alarms.area_fraction, severity=cfg.alarms.severity,
-                      class_names=info.class_names)
+    try:
+        AlarmEngine(cfg.alarms, class_names=info.class_names,
+                    part_regions=[r.name for r in cfg.regions if r.kind == "part"])
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from e
     click.echo(f"{file}: ok (watch {cfg.watch.dir}, weights {cfg.model.weights.name} with "
                f"classes {', '.join(info.class_names)}, database {cfg.store_url})")
 

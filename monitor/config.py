@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from monitor.errors import ConfigError
 
@@ -124,8 +131,17 @@ class PublishConfig(_Section):
     startup_grace_s: float = Field(
         1.0, ge=0, description="Hold messages this long after binding so subscribers reconnect."
     )
+    state_endpoint: str = Field(
+        "tcp://127.0.0.1:5557", description="REP endpoint answering state and commands."
+    )
+    curve_secret_key: Path | None = Field(
+        None, description="Server secret key file; set = CURVE on both endpoints."
+    )
+    curve_authorized_dir: Path | None = Field(
+        None, description="Folder of client public keys allowed to connect."
+    )
 
-    @field_validator("endpoint")
+    @field_validator("endpoint", "state_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
         if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", value):
@@ -134,19 +150,146 @@ class PublishConfig(_Section):
             )
         return value
 
+    @model_validator(mode="after")
+    def _curve_pair(self) -> PublishConfig:
+        if (self.curve_secret_key is None) != (self.curve_authorized_dir is None):
+            raise ValueError("curve_secret_key and curve_authorized_dir go together: set both "
+                             "(CURVE on) or neither")
+        return self
+
+
+Metric = Literal["area_fraction", "area_mm2", "components", "largest_component_mm2"]
+Severity = Literal["warning", "critical"]
+
+
+class AlarmRule(_Section):
+    """One threshold rule: `metric` of `class` (in a region, or the whole layer) above
+    `threshold` for `consecutive` layers opens an alarm."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field("", description="Rule id in alarms (default: class.metric[@region]).")
+    class_name: str = Field(alias="class", description="Class name from the weights file.")
+    metric: Metric = Field("area_fraction", description="Statistic compared with threshold.")
+    threshold: float = Field(ge=0, description="The alarm condition is metric > threshold.")
+    severity: Severity = Field("warning", description="warning or critical.")
+    consecutive: int = Field(2, ge=1, description="Layers in a row the condition must hold.")
+    grace_layers: int | None = Field(
+        None, ge=0, description="Layers at the start of a build not checked (default: alarms)."
+    )
+    cooldown_layers: int = Field(
+        10, ge=0, description="Layers after an alarm opens before this rule may open another."
+    )
+    region: str = Field("", description="A [[regions]] part region; empty = whole layer.")
+
+    @property
+    def rule_id(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.class_name}.{self.metric}" + (f"@{self.region}" if self.region else "")
+
+
+def _default_rules() -> tuple[AlarmRule, ...]:
+    spec: list[dict[str, Any]] = [
+        {"class": "swelling", "metric": "area_mm2", "threshold": 2.0},
+        {"class": "swelling", "metric": "largest_component_mm2", "threshold": 5.0,
+         "severity": "critical", "consecutive": 3},
+        {"class": "spatter", "metric": "components", "threshold": 60, "consecutive": 3},
+        {"class": "misprint", "metric": "area_mm2", "threshold": 2.0},
+        {"class": "over_melting", "metric": "area_fraction", "threshold": 0.005},
+        {"class": "under_melting", "metric": "area_fraction", "threshold": 0.005},
+        {"class": "under_melting", "metric": "largest_component_mm2", "threshold": 5.0,
+         "severity": "critical", "consecutive": 3},
+    ]
+    return tuple(AlarmRule.model_validate(r) for r in spec)
+
+
+class TracksConfig(_Section):
+    """Defects that stack: components linked from layer to layer."""
+
+    classes: tuple[str, ...] = Field(
+        ("swelling", "misprint", "over_melting", "under_melting"),
+        description="Classes tracked through layers (empty = no tracking).",
+    )
+    link_distance_mm: float = Field(
+        0.5, ge=0, description="Components closer than this in consecutive layers link."
+    )
+    max_gap_layers: int = Field(1, ge=0, description="Layers a track may skip and go on.")
+    min_area_mm2: float = Field(0.05, ge=0, description="Smaller components are not tracked.")
+    alarm_layers: int = Field(5, ge=2, description="A track this many layers long alarms.")
+    alarm_volume_mm3: float = Field(
+        0.5, gt=0, description="A track whose volume (area x layer thickness) exceeds this alarms."
+    )
+    severity: Severity = Field("critical", description="Severity of track alarms.")
+
+
+class StallConfig(_Section):
+    """No new layer in an active build for too long: camera offline or machine stopped."""
+
+    enabled: bool = Field(True, description="Raise stall alarms.")
+    factor: PositiveFloat = Field(
+        5.0, description="Alarm after this many times the build's median layer interval."
+    )
+    min_s: float = Field(60.0, ge=0, description="Never alarm sooner than this.")
+    min_layers: int = Field(3, ge=2, description="Layers needed to know the interval.")
+    active_s: PositiveFloat = Field(
+        6 * 3600.0, description="A build with no layer for this long is finished, not stalled."
+    )
+    severity: Severity = Field("warning", description="Severity of stall alarms.")
+
+
+class HookConfig(_Section):
+    """A command run on alarms, e.g. to pause the machine through its own interface."""
+
+    command: tuple[str, ...] = Field(
+        (), description="Program and arguments (no shell); empty = no hook."
+    )
+    severities: tuple[Severity, ...] = Field(("critical",), description="Alarms that run it.")
+    timeout_s: PositiveFloat = Field(10.0, description="The command is killed after this.")
+
 
 class AlarmsConfig(_Section):
-    area_fraction: dict[str, Probability] = Field(
-        default_factory=lambda: {
-            "swelling": 0.002,
-            "spatter": 0.01,
-            "misprint": 0.005,
-            "over_melting": 0.01,
-            "under_melting": 0.01,
-        },
-        description="Alarm when a class covers more than this fraction of a layer.",
+    grace_layers: int = Field(
+        3, ge=0, description="Layers at the start of a build that rules do not check."
     )
-    severity: Literal["warning", "critical"] = Field("warning", description="Alarm severity.")
+    rules: tuple[AlarmRule, ...] = Field(default_factory=_default_rules,
+                                         description="Threshold rules.")
+    tracks: TracksConfig = TracksConfig()
+    stall: StallConfig = StallConfig()
+    hook: HookConfig = HookConfig()
+
+    @field_validator("rules")
+    @classmethod
+    def _unique(cls, value: tuple[AlarmRule, ...]) -> tuple[AlarmRule, ...]:
+        seen: set[str] = set()
+        for r in value:
+            if r.rule_id in seen:
+                raise ValueError(f"two rules are named {r.rule_id!r}; give one a 'name'")
+            seen.add(r.rule_id)
+        return value
+
+
+class RegionConfig(_Section):
+    """An ignore region, or a named part region with its own statistics."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Region name.")
+    kind: Literal["ignore", "part"] = Field("part", description="ignore or part.")
+    polygon: tuple[tuple[float, float], ...] = Field(
+        (), description="Corner points [x, y] (at least 3), in units."
+    )
+    units: Literal["px", "mm"] = Field("px", description="Units of the polygon.")
+    mask: str = Field(
+        "", description="Mask image per build instead of a polygon; {build} in the path is "
+        "replaced by the build id; nonzero pixels are inside."
+    )
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> RegionConfig:
+        if bool(self.polygon) == bool(self.mask):
+            raise ValueError("give either polygon or mask")
+        if self.polygon and len(self.polygon) < 3:
+            raise ValueError("polygon needs at least 3 points")
+        return self
 
 
 class LogConfig(_Section):
@@ -160,6 +303,7 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     publish: PublishConfig = PublishConfig()
     alarms: AlarmsConfig = AlarmsConfig()
+    regions: tuple[RegionConfig, ...] = ()
     log: LogConfig = LogConfig()
     source: Path | None = Field(None, exclude=True, description="File this config came from.")
 
@@ -205,12 +349,22 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         p = p.expanduser()
         return p if p.is_absolute() else (base_dir / p).resolve()
 
+    pub = cfg.publish
     return cfg.model_copy(
         update={
             "watch": cfg.watch.model_copy(update={"dir": resolve(cfg.watch.dir)}),
             "model": cfg.model.model_copy(update={"weights": resolve(cfg.model.weights)}),
             "store": cfg.store.model_copy(
                 update={"state_dir": resolve(cfg.store.state_dir or default_state_dir())}
+            ),
+            "publish": pub.model_copy(update={
+                "curve_secret_key": pub.curve_secret_key and resolve(pub.curve_secret_key),
+                "curve_authorized_dir": (pub.curve_authorized_dir
+                                         and resolve(pub.curve_authorized_dir)),
+            }),
+            "regions": tuple(
+                r.model_copy(update={"mask": str(resolve(Path(r.mask)))}) if r.mask else r
+                for r in cfg.regions
             ),
         }
     )

@@ -31,7 +31,8 @@ def demo_config(workdir: Path, *, weights: Path | None = None) -> Config:
     data: dict[str, Any] = {
         "watch": {"dir": "watch", "settle_s": 0.5, "rescan_interval_s": 30},
         "store": {"state_dir": "state"},
-        "publish": {"endpoint": free_tcp_endpoint(), "heartbeat_interval_s": 1.0},
+        "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
+                    "heartbeat_interval_s": 1.0},
     }
     if weights is not None:
         data["model"] = {"weights": str(weights)}

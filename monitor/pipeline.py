@@ -21,11 +21,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor import store
-from monitor.alarms import AlarmEvent, AreaFractionRules
+from monitor.alarms import RULE_TEST, AlarmEngine, AlarmEvent, BuildKey, LayerAlarms
 from monitor.config import Config
-from monitor.errors import ImageError, StoreError
+from monitor.errors import ImageError, MonitorError, StoreError
+from monitor.hook import HookRunner
 from monitor.imaging import decode
 from monitor.publisher import Publisher, alarm_message, layer_message
+from monitor.regions import Regions, apply_ignore, region_stats
 from monitor.segmenter import Segmenter
 from monitor.stats import layer_stats
 from monitor.store import LayerRecord, Outgoing, StoreWriter
@@ -61,7 +63,12 @@ class Daemon:
         self.writer: StoreWriter | None = None
         self.publisher: Publisher | None = None
         self.settler: Settler | None = None
-        self.alarms: AreaFractionRules | None = None
+        self.alarms: AlarmEngine | None = None
+        self.regions = Regions(cfg.regions, pixel_size_mm=cfg.camera.pixel_size_mm)
+        self.hook: HookRunner | None = None
+        self.control: Any = None
+        self._zmq_context: Any = None
+        self._next_stall_check = 0.0
 
     # ------------------------------------------------------------ start / stop
 
@@ -69,8 +76,9 @@ class Daemon:
         """Bring everything up in order; on failure, undo what was started and re-raise."""
         try:
             for step in (self._init_store, self._init_segmenter, self._init_alarms,
-                         self._start_writer, self._start_publisher, self._start_worker,
-                         self._start_settler):
+                         self._start_writer, self._start_hook, self._init_zmq,
+                         self._start_publisher,
+                         self._start_control, self._start_worker, self._start_settler):
                 step()
         except BaseException:
             self.stop()
@@ -117,12 +125,73 @@ class Daemon:
 
     def _init_alarms(self) -> None:
         assert self.segmenter is not None and self.reader is not None
-        self.alarms = AreaFractionRules(
-            self.cfg.alarms.area_fraction, severity=self.cfg.alarms.severity,
-            class_names=self.segmenter.class_names,
+        cam = self.cfg.camera
+        self.alarms = AlarmEngine(
+            self.cfg.alarms, class_names=self.segmenter.class_names,
+            part_regions=self.regions.part_names, pixel_size_mm=cam.pixel_size_mm,
+            layer_thickness_mm=cam.layer_thickness_mm,
         )
         with Session(self.reader) as s:
-            self.alarms.restore(store.open_alarm_keys(s))
+            for printer, build, cls in store.all_mutes(s):
+                self.alarms.mute(BuildKey(printer, build), cls)
+            # The newest recent build of each printer is watched for stalls from the start,
+            # so a machine that stopped while the daemon was down still raises the alarm.
+            seen: set[str] = set()
+            since = time.time() - self.cfg.alarms.stall.active_s
+            for printer, build in store.active_builds(s, since):
+                if printer not in seen:
+                    seen.add(printer)
+                    self._restore(s, BuildKey(printer, build))
+
+    def _restore(self, s: Session, key: BuildKey) -> None:
+        assert self.alarms is not None
+        st = store.load_engine_state(s, key.printer, key.build)
+        if st is not None:
+            self.alarms.restore_build(
+                key, first_layer=st["first_layer"], last_layer=st["last_evaluated"],
+                rules=st["rules"], tracks=st["tracks"], next_track=st["next_track"],
+                arrivals=st["arrivals"], stall_open=st["stall_open"])
+
+    def _start_hook(self) -> None:
+        h = self.cfg.alarms.hook
+        if h.command:
+            self.hook = HookRunner(h.command, timeout_s=h.timeout_s)
+            self.hook.start()
+            self._stack.append(self.hook.stop)
+
+    def _curve_server(self) -> Any:
+        from monitor.security import CurveServer
+
+        p = self.cfg.publish
+        if p.curve_secret_key is None or p.curve_authorized_dir is None:
+            return None
+        return CurveServer(p.curve_secret_key, p.curve_authorized_dir)
+
+    def _init_zmq(self) -> None:
+        """With CURVE, one context and one ZAP authenticator serve both endpoints."""
+        curve = self._curve_server()
+        if curve is None:
+            return
+        import zmq
+
+        from monitor.security import ServerAuth
+
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._zmq_context = ctx
+        self._stack.append(lambda: ctx.term())
+        auth = ServerAuth(ctx, curve.authorized_dir)
+        auth.start()
+        self._stack.append(auth.stop)
+        log.info("CURVE on: clients must hold a key listed in %s", curve.authorized_dir)
+
+    def _start_control(self) -> None:
+        from monitor.control import ControlServer
+
+        p = self.cfg.publish
+        self.control = ControlServer(p.state_endpoint, self.handle_request,
+                                     curve=self._curve_server(), context=self._zmq_context)
+        self.control.start()
+        self._stack.append(self.control.stop)
 
     def _start_writer(self) -> None:
         assert self.engine is not None
@@ -138,6 +207,7 @@ class Daemon:
             p.endpoint, heartbeat_interval_s=p.heartbeat_interval_s, send_hwm=p.send_hwm,
             startup_grace_s=p.startup_grace_s, health=self.health,
             on_sent=lambda seqs: writer.submit(lambda s: store.mark_published(s, seqs)),
+            curve=self._curve_server(), context=self._zmq_context,
         )
 
         def outbox(s: Session) -> tuple[int, list[Outgoing]]:
@@ -188,10 +258,123 @@ class Daemon:
             "model_sha256": seg.info.sha256 if seg else None,
         }
 
+    # ------------------------------------------------------------ the control endpoint
+
+    def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Requests on the state endpoint (control thread). MonitorError -> ok: false."""
+        cmd = req.get("cmd")
+        try:
+            if cmd == "state":
+                return self._state()
+            if cmd == "ack":
+                return self._ack(int(req["id"]))
+            if cmd in ("mute", "unmute"):
+                cls = req.get("class") or None
+                return self._mute(str(req["build"]), str(req.get("printer", self.printer)),
+                                  cls, mute=cmd == "mute")
+            if cmd == "test-alarm":
+                return self._test_alarm(str(req.get("severity", "warning")),
+                                        bool(req.get("hook", False)))
+        except MonitorError as e:
+            return {"ok": False, "error": str(e)}
+        except (KeyError, ValueError, TypeError) as e:
+            return {"ok": False, "error": f"bad request {req!r}: {e!r}"}
+        return {"ok": False, "error": f"unknown cmd {cmd!r} (state, ack, mute, unmute, "
+                                      f"test-alarm)"}
+
+    def _state(self) -> dict[str, Any]:
+        """Open alarms and the last layer of each active build, with the seq they reflect:
+        a subscriber that connected first and asks this is consistent from seq + 1 on."""
+        from monitor.report import layer_entry
+
+        assert self.reader is not None
+        since = time.time() - self.cfg.alarms.stall.active_s
+        with Session(self.reader) as s, s.begin():
+            seq = store.last_seq(s)
+            alarms = [alarm_message(a, printer=p, build=b)
+                      for a, p, b in store.list_alarms(s, open_only=True)]
+            builds = []
+            for printer, build in store.active_builds(s, since):
+                bid = store.build_id_of(s, printer, build)
+                row = store.last_layer(s, bid) if bid is not None else None
+                if row is not None:
+                    builds.append({"printer": printer, "build": build,
+                                   "last_layer": layer_entry(row)})
+        return {"seq": seq, "open_alarms": alarms, "builds": builds, "health": self.health()}
+
+    def _ack(self, alarm_id: int) -> dict[str, Any]:
+        assert self.writer is not None and self.alarms is not None
+        alarms = self.alarms
+
+        def job(s: Session) -> tuple[dict[str, Any], list[Outgoing]]:
+            row = store.acknowledge_alarm(s, alarm_id, time.time())
+            build = s.get(store.Build, row.build_id)
+            assert build is not None
+            key = BuildKey(build.printer, build.name)
+            self._ensure_restored(key)
+            state = alarms.acknowledge(key, row.rule)
+            if state is not None:
+                store.put_rule_states(s, build.id, {row.rule: state})
+            msg = alarm_message(row, printer=build.printer, build=build.name)
+            return msg, store.put_outbox(s, [("alarm", msg)])
+
+        msg, out = self._writer_call(job)
+        assert self.publisher is not None
+        self.publisher.publish(out)
+        log.info("alarm %d acknowledged", alarm_id)
+        return {"alarm": {**msg, "seq": out[0].seq}}
+
+    def _mute(self, build: str, printer: str, cls: str | None, *, mute: bool) -> dict[str, Any]:
+        assert self.writer is not None and self.alarms is not None
+        if cls is not None and self.segmenter and cls not in self.segmenter.class_names:
+            raise MonitorError(f"unknown class {cls!r}; the model's classes are "
+                               f"{', '.join(self.segmenter.class_names)}")
+
+        def job(s: Session) -> None:
+            if mute:
+                store.add_mute(s, printer, build, cls, time.time())
+            else:
+                store.remove_mutes(s, printer, build, cls)
+
+        self._writer_call(job)
+        key = BuildKey(printer, build)
+        (self.alarms.mute if mute else self.alarms.unmute)(key, cls)
+        log.info("%s build %s%s", "muted" if mute else "unmuted", build,
+                 f" class {cls}" if cls else "")
+        return {"build": build, "printer": printer, "class": cls, "muted": mute}
+
+    def _test_alarm(self, severity: str, run_hook: bool) -> dict[str, Any]:
+        assert self.publisher is not None
+        msg = {"id": 0, "printer": self.printer, "build": "", "layer": 0, "class": "",
+               "rule": RULE_TEST, "severity": severity, "state": "open", "value": 0.0,
+               "threshold": 0.0, "cleared_layer": None, "track": None,
+               "timestamp": time.time(), "test": True}
+        out = self._writer_call(lambda s: store.put_outbox(s, [("alarm", msg)]))
+        self.publisher.publish(out)
+        if run_hook and self.hook is not None:
+            self.hook.submit({**msg, "seq": out[0].seq})
+        return {"alarm": {**msg, "seq": out[0].seq}, "hook": run_hook and self.hook is not None}
+
+    def _writer_call(self, job: Callable[[Session], Any]) -> Any:
+        """Run a job on the writer thread; its StoreError comes back as a MonitorError."""
+        assert self.writer is not None
+
+        def wrapped(s: Session) -> Any:
+            try:
+                return ("ok", job(s))
+            except StoreError as e:  # raised before anything was written
+                return ("error", e)
+
+        kind, value = self.writer.call(wrapped, timeout=30)
+        if kind == "error":
+            raise value
+        return value
+
     # ------------------------------------------------------------ the worker
 
     def _work(self) -> None:
         while not self._stop.is_set():
+            self._check_stalls()
             try:
                 cand = self._queue.get(timeout=0.2)
             except queue.Empty:
@@ -259,10 +442,18 @@ class Daemon:
             return
         decode_ms = (time.perf_counter() - t0) * 1000.0
         seg = self.segmenter.predict(gray)
-        stats = layer_stats(seg.masks, self.segmenter.class_names,
-                            pixel_size_mm=self.cfg.camera.pixel_size_mm,
-                            max_components=self.cfg.store.max_components)
-        events = self.alarms.evaluate(self.printer, cand.key.build, cand.key.layer, stats)
+        masks, regions = seg.masks, None
+        px, max_comp = self.cfg.camera.pixel_size_mm, self.cfg.store.max_components
+        if self.regions:
+            br = self.regions.for_build(cand.key.build, masks.shape[1:])
+            masks = apply_ignore(masks, br)
+            regions = region_stats(masks, self.segmenter.class_names, br, pixel_size_mm=px,
+                                   max_components=max_comp)
+        stats = layer_stats(masks, self.segmenter.class_names, pixel_size_mm=px,
+                            max_components=max_comp)
+        key = BuildKey(self.printer, cand.key.build)
+        self._ensure_restored(key)
+        verdict = self.alarms.evaluate(key, cand.key.layer, stats, regions)
         now = time.time()
         rec = LayerRecord(
             printer=self.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
@@ -270,32 +461,109 @@ class Daemon:
             detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
             image_size=facts.size, image_mtime_ns=facts.mtime_ns, image_sha256=facts.sha256,
+            regions=regions,
         )
-        self._finish(cand, sig, rec, events)
+        self._finish(cand, sig, rec, verdict)
+
+    def _ensure_restored(self, key: BuildKey) -> None:
+        """A build seen for the first time since start: adopt its alarm state from the DB."""
+        assert self.alarms is not None and self.reader is not None
+        if not self.alarms.known(key):
+            with Session(self.reader) as s:
+                self._restore(s, key)
 
     def _finish(self, cand: Candidate, sig: tuple[int, int] | None, rec: LayerRecord,
-                events: list[AlarmEvent] | None = None) -> None:
-        assert self.settler is not None
+                verdict: LayerAlarms | None = None) -> None:
+        assert self.settler is not None and self.alarms is not None
         self.counts[rec.status] += 1
         if rec.status == "error":
             log.warning("layer %s/%d: %s (%s)", rec.build, rec.layer, rec.error, rec.image_path)
         else:
             log.info("layer %s/%d ok in %.0f ms", rec.build, rec.layer, rec.total_ms or 0)
-        self._commit(rec, events or [])
+        key = BuildKey(rec.printer, rec.build)
+        self._ensure_restored(key)
+        events = self.alarms.arrival(key, rec.layer, cand.detected_at)
+        self._commit(rec, events, verdict)
         self.settler.done(cand, sig)
 
-    def _commit(self, rec: LayerRecord, events: list[AlarmEvent]) -> None:
+    def _commit(self, rec: LayerRecord, events: list[AlarmEvent],
+                verdict: LayerAlarms | None = None) -> None:
+        """Store a layer with its alarm state, tracks and messages in one transaction."""
         assert self.writer is not None and self.publisher is not None
         max_comp = self.cfg.store.max_components
+        events = events + (verdict.events if verdict else [])
+        tracks = verdict.tracks if verdict else None
 
         def job(s: Session) -> list[Outgoing]:
-            build_id, replaced = store.put_layer(s, rec, max_components=max_comp)
-            msgs: list[tuple[str, dict[str, Any]]] = [("layer", layer_message(rec,
-                                                                            replaced=replaced))]
-            for ev in events:
-                for row in store.apply_alarm(s, build_id, ev, rec.processed_at):
-                    msgs.append(("alarm", alarm_message(row, printer=rec.printer,
-                                                        build=rec.build)))
+            build_id, replaced = store.put_layer(
+                s, rec, max_components=max_comp,
+                tracks=tracks.assignments if tracks else None)
+            if verdict is not None and verdict.evaluated:
+                build = s.get(store.Build, build_id)
+                assert build is not None
+                build.first_layer = verdict.first_layer
+                build.last_evaluated_layer = max(build.last_evaluated_layer or rec.layer,
+                                                 rec.layer)
+                store.put_rule_states(s, build_id, verdict.rule_states)
+                if tracks is not None:
+                    store.put_tracks(s, build_id, [*tracks.touched, *tracks.ended])
+            msgs: list[tuple[str, dict[str, Any]]] = [
+                ("layer", self._layer_payload(rec, replaced))]
+            msgs += self._alarm_rows(s, build_id, events, rec.processed_at)
             return store.put_outbox(s, msgs)
 
-        self.writer.submit(job, self.publisher.publish)
+        self.writer.submit(job, self._published(events))
+
+    def _layer_payload(self, rec: LayerRecord, replaced: bool) -> dict[str, Any]:
+        msg = layer_message(rec, replaced=replaced)
+        if rec.regions:
+            msg["regions"] = {name: st.summary() for name, st in rec.regions.items()}
+        return msg
+
+    def _alarm_rows(self, s: Session, build_id: int, events: list[AlarmEvent], now: float
+                    ) -> list[tuple[str, dict[str, Any]]]:
+        msgs: list[tuple[str, dict[str, Any]]] = []
+        for ev in events:
+            for row in store.apply_alarm(s, build_id, ev, now):
+                msgs.append(("alarm", alarm_message(row, printer=ev.printer, build=ev.build)))
+        return msgs
+
+    def _published(self, events: list[AlarmEvent]) -> Callable[[list[Outgoing]], None]:
+        """After the commit: publish, and run the hook for alarms that opened."""
+        assert self.publisher is not None
+        publisher, hook = self.publisher, self.hook
+        severities = self.cfg.alarms.hook.severities
+
+        def done(out: list[Outgoing]) -> None:
+            publisher.publish(out)
+            if hook is not None:
+                for m in out:
+                    if (m.topic == "alarm" and m.payload.get("state") == "open"
+                            and m.payload.get("severity") in severities):
+                        hook.submit({**m.payload, "seq": m.seq})
+
+        return done
+
+    def _commit_events(self, events: list[AlarmEvent]) -> None:
+        """Alarm transitions without a layer (stalls)."""
+        assert self.writer is not None
+        if not events:
+            return
+        now = time.time()
+
+        def job(s: Session) -> list[Outgoing]:
+            msgs: list[tuple[str, dict[str, Any]]] = []
+            for ev in events:
+                bid = store.build_id_of(s, ev.printer, ev.build)
+                if bid is not None:
+                    msgs += self._alarm_rows(s, bid, [ev], now)
+            return store.put_outbox(s, msgs)
+
+        self.writer.submit(job, self._published(events))
+
+    def _check_stalls(self) -> None:
+        assert self.alarms is not None
+        now = time.time()
+        if now >= self._next_stall_check:
+            self._next_stall_check = now + 1.0
+            self._commit_events(self.alarms.check_stalls(now))

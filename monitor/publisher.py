@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from monitor.errors import ConfigError
+from monitor.security import CurveClient, CurveServer, apply_server, subscriber_socket
 from monitor.store import Alarm, LayerRecord, Outgoing
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ def alarm_message(row: Alarm, *, printer: str, build: str) -> dict[str, Any]:
         "value": row.value,
         "threshold": row.threshold,
         "cleared_layer": row.cleared_layer,
-        "timestamp": row.cleared_at or row.opened_at,
+        "track": row.track,
+        "timestamp": row.cleared_at or row.acked_at or row.opened_at,
     }
 
 
@@ -91,8 +93,12 @@ class Publisher:
         startup_grace_s: float = 1.0,
         health: Callable[[], dict[str, Any]] | None = None,
         on_sent: Callable[[list[int]], None] | None = None,
+        curve: CurveServer | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.curve = curve
+        self._context = context  # shared with the ZAP authenticator when CURVE is on
         self.heartbeat_interval_s = heartbeat_interval_s
         self.send_hwm = send_hwm
         self.startup_grace_s = startup_grace_s
@@ -123,15 +129,19 @@ class Publisher:
         self._q.put(TOPIC_HEARTBEAT)
 
     def _run(self) -> None:
-        ctx = zmq.Context()
+        own = self._context is None
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context() if own else self._context  # type: ignore[assignment]
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, self.send_hwm)
         try:
+            if self.curve is not None:
+                apply_server(sock, self.curve)
             sock.bind(self.endpoint)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, ConfigError) as e:
             self._error = str(e)
             sock.close(linger=0)
-            ctx.term()
+            if own:
+                ctx.term()
             self._bound.set()
             return
         self._bound.set()
@@ -161,7 +171,8 @@ class Publisher:
             # A short linger lets queued messages reach connected subscribers on a clean stop
             # without letting an unreachable peer hold up shutdown.
             sock.close(linger=500)
-            ctx.term()
+            if own:
+                ctx.term()
 
     def _items(self) -> Iterator[Any]:
         """Queue items, batching consecutive messages; a heartbeat when one is due."""
@@ -205,17 +216,14 @@ def subscribe(
     *,
     timeout_s: float | None = None,
     stop: threading.Event | None = None,
+    curve: CurveClient | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (topic, payload) from a PUB endpoint.
 
     Ends after timeout_s without a message, or soon after `stop` is set.
     """
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    for t in topics:
-        sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-    sock.connect(endpoint)
+    sock = subscriber_socket(ctx, endpoint, topics, curve)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     last = time.monotonic()

@@ -20,37 +20,65 @@ def build_report(s: Session, build: str, *, printer: str | None = None) -> dict[
         names = [b["build"] for b in store.list_builds(s)]
         known = ", ".join(names[-10:]) or "none yet"
         raise MonitorError(f"no build named {build!r} in the database (known: {known})")
+    bid = layers[0].build_id
     return {
         "build": build,
-        "layers": [
-            {
-                "layer": row.layer,
-                "status": row.status,
-                "error": row.error,
-                "classes": {
-                    c.class_name: {
-                        "pixel_count": c.pixel_count,
-                        "area_fraction": c.area_fraction,
-                        "area_mm2": c.area_mm2,
-                        "components": c.components,
-                        "largest_component_px": c.largest_component_px,
-                        "largest_component_mm2": c.largest_component_mm2,
-                    }
-                    for c in row.classes
-                },
-                "image": row.image_path,
-                "image_sha256": row.image_sha256,
-                "width": row.width,
-                "height": row.height,
-                "model_sha256": row.model_sha256,
-                "processed_at": row.processed_at,
-                "latency_ms": row.total_ms,
-                "infer_ms": row.infer_ms,
-                "versions": row.versions,
-            }
-            for row in layers
+        "layers": [layer_entry(row) for row in layers],
+        "alarms": [
+            {"id": a.id, "layer": a.layer, "class": a.class_name, "rule": a.rule,
+             "severity": a.severity, "state": a.state, "value": a.value,
+             "threshold": a.threshold, "opened_at": a.opened_at, "acked_at": a.acked_at,
+             "cleared_at": a.cleared_at, "cleared_layer": a.cleared_layer, "track": a.track}
+            for a, _, _ in reversed(store.list_alarms(s, build_id=bid))
+        ],
+        "tracks": [
+            {"number": t.number, "class": t.class_name, "first_layer": t.first_layer,
+             "last_layer": t.last_layer, "layers": t.layers, "volume_mm3": t.volume_mm3,
+             "max_area_mm2": t.max_area_mm2, "bbox": [t.x0, t.y0, t.x1, t.y1],
+             "alarmed": t.alarmed, "ended": t.ended}
+            for t in store.build_tracks(s, bid)
         ],
     }
+
+
+def layer_entry(row: store.Layer) -> dict[str, Any]:
+    """One layer as reports and the state endpoint show it."""
+    entry: dict[str, Any] = {
+        "layer": row.layer,
+        "status": row.status,
+        "error": row.error,
+        "classes": {
+            c.class_name: {
+                "pixel_count": c.pixel_count,
+                "area_fraction": c.area_fraction,
+                "area_mm2": c.area_mm2,
+                "components": c.components,
+                "largest_component_px": c.largest_component_px,
+                "largest_component_mm2": c.largest_component_mm2,
+            }
+            for c in row.classes
+        },
+        "image": row.image_path,
+        "image_sha256": row.image_sha256,
+        "width": row.width,
+        "height": row.height,
+        "model_sha256": row.model_sha256,
+        "processed_at": row.processed_at,
+        "latency_ms": row.total_ms,
+        "infer_ms": row.infer_ms,
+        "versions": row.versions,
+    }
+    if row.regions:
+        regions: dict[str, dict[str, Any]] = {}
+        for r in row.regions:
+            regions.setdefault(r.region, {})[r.class_name] = {
+                "pixel_count": r.pixel_count, "area_fraction": r.area_fraction,
+                "area_mm2": r.area_mm2, "components": r.components,
+                "largest_component_px": r.largest_component_px,
+                "largest_component_mm2": r.largest_component_mm2,
+            }
+        entry["regions"] = regions
+    return entry
 
 
 def class_names(report: dict[str, Any]) -> list[str]:

@@ -40,6 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from monitor.alarms import AlarmEvent
 from monitor.errors import StoreError
 from monitor.stats import LayerStats
+from monitor.tracks import Track
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,8 @@ class Build(Base):
     name: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[float] = mapped_column(Float)
     last_layer_at: Mapped[float | None] = mapped_column(Float)
+    first_layer: Mapped[int | None] = mapped_column(Integer)  # as the alarm engine saw it
+    last_evaluated_layer: Mapped[int | None] = mapped_column(Integer)
 
 
 class Layer(Base):
@@ -89,6 +92,9 @@ class Layer(Base):
     components: Mapped[list[ComponentRow]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True
     )
+    regions: Mapped[list[RegionStat]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="RegionStat.id"
+    )
 
 
 class ClassStat(Base):
@@ -118,6 +124,74 @@ class ComponentRow(Base):
     area_px: Mapped[int] = mapped_column(Integer)
     cx: Mapped[float] = mapped_column(Float)
     cy: Mapped[float] = mapped_column(Float)
+    track: Mapped[int | None] = mapped_column(Integer)  # track number in the build
+
+
+class RegionStat(Base):
+    """Per-class statistics inside one named part region; area_fraction is of the region."""
+
+    __tablename__ = "region_stats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+    region: Mapped[str] = mapped_column(String(100))
+    class_name: Mapped[str] = mapped_column(String(100))
+    pixel_count: Mapped[int] = mapped_column(Integer)
+    area_fraction: Mapped[float] = mapped_column(Float)
+    area_mm2: Mapped[float] = mapped_column(Float)
+    components: Mapped[int] = mapped_column(Integer)
+    largest_component_px: Mapped[int] = mapped_column(Integer)
+    largest_component_mm2: Mapped[float] = mapped_column(Float)
+
+
+class TrackRow(Base):
+    """A defect followed through consecutive layers."""
+
+    __tablename__ = "tracks"
+    __table_args__ = (UniqueConstraint("build_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(100))
+    first_layer: Mapped[int] = mapped_column(Integer)
+    last_layer: Mapped[int] = mapped_column(Integer)
+    layers: Mapped[int] = mapped_column(Integer)
+    volume_mm3: Mapped[float] = mapped_column(Float)
+    max_area_mm2: Mapped[float] = mapped_column(Float)
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[int] = mapped_column(Integer)
+    y1: Mapped[int] = mapped_column(Integer)
+    alarmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    ended: Mapped[bool] = mapped_column(Boolean, default=False)
+    boxes: Mapped[str] = mapped_column(Text, default="[]")  # last layer's boxes, JSON
+
+
+class RuleStateRow(Base):
+    """The alarm engine's memory of one rule in one build (streak, open, cooldown)."""
+
+    __tablename__ = "rule_states"
+    __table_args__ = (UniqueConstraint("build_id", "rule"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    rule: Mapped[str] = mapped_column(String(200))
+    streak: Mapped[int] = mapped_column(Integer, default=0)
+    open: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_open_layer: Mapped[int | None] = mapped_column(Integer)
+
+
+class Mute(Base):
+    """A muted build, or one class of it (class_name NULL = every class and stalls)."""
+
+    __tablename__ = "mutes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    class_name: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class Alarm(Base):
@@ -129,12 +203,14 @@ class Alarm(Base):
     class_name: Mapped[str] = mapped_column(String(100))
     rule: Mapped[str] = mapped_column(String(200))
     severity: Mapped[str] = mapped_column(String(20))
-    state: Mapped[str] = mapped_column(String(20))  # open | cleared
+    state: Mapped[str] = mapped_column(String(20), index=True)  # open|acknowledged|cleared
     value: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     opened_at: Mapped[float] = mapped_column(Float)
+    acked_at: Mapped[float | None] = mapped_column(Float)
     cleared_at: Mapped[float | None] = mapped_column(Float)
     cleared_layer: Mapped[int | None] = mapped_column(Integer)
+    track: Mapped[int | None] = mapped_column(Integer)  # track alarms: the track number
 
 
 class OutboxRow(Base):
@@ -167,6 +243,7 @@ class LayerRecord:
     infer_ms: float | None = None
     total_ms: float | None = None
     stats: LayerStats | None = None
+    regions: dict[str, LayerStats] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,8 +329,12 @@ def _get_build(s: Session, printer: str, name: str, now: float) -> Build:
     return build
 
 
-def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200) -> tuple[int, bool]:
-    """Insert or replace one layer with its statistics; returns (build id, replaced)."""
+def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
+              tracks: dict[tuple[str, int], int] | None = None) -> tuple[int, bool]:
+    """Insert or replace one layer with its statistics; returns (build id, replaced).
+
+    tracks: (class, component index) -> track number, from the alarm engine.
+    """
     build = _get_build(s, rec.printer, rec.build, rec.processed_at)
     build.last_layer_at = max(build.last_layer_at or 0.0, rec.processed_at)
     old = s.scalar(select(Layer).where(Layer.build_id == build.id, Layer.layer == rec.layer))
@@ -279,11 +360,20 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200) -> tup
                 largest_component_px=c.largest_component_px,
                 largest_component_mm2=c.largest_component_mm2,
             ))
-            for comp in c.component_list[:max_components]:
+            for i, comp in enumerate(c.component_list[:max_components]):
                 row.components.append(ComponentRow(
                     class_name=c.name, x=comp.x, y=comp.y, w=comp.w, h=comp.h,
                     area_px=comp.area_px, cx=comp.cx, cy=comp.cy,
+                    track=(tracks or {}).get((c.name, i)),
                 ))
+    for region, rs in (rec.regions or {}).items():
+        for c in rs.classes.values():
+            row.regions.append(RegionStat(
+                region=region, class_name=c.name, pixel_count=c.pixel_count,
+                area_fraction=c.area_fraction, area_mm2=c.area_mm2, components=c.components,
+                largest_component_px=c.largest_component_px,
+                largest_component_mm2=c.largest_component_mm2,
+            ))
     s.add(row)
     s.flush()
     return build.id, old is not None
@@ -353,11 +443,8 @@ def build_layers(s: Session, build: str, *, printer: str | None = None) -> list[
     q = select(Layer).join(Build).where(Build.name == build)
     if printer is not None:
         q = q.where(Build.printer == printer)
-    return list(s.scalars(q.options(selectinload(Layer.classes)).order_by(Layer.layer)))
-
-
-def open_alarms(s: Session) -> list[Alarm]:
-    return list(s.scalars(select(Alarm).where(Alarm.state == "open")))
+    return list(s.scalars(q.options(selectinload(Layer.classes), selectinload(Layer.regions))
+                          .order_by(Layer.layer)))
 
 
 # ---------------------------------------------------------------- the writer thread
@@ -448,21 +535,147 @@ def apply_alarm(s: Session, build_id: int, ev: AlarmEvent, now: float) -> list[A
     if ev.action == "open":
         row = Alarm(build_id=build_id, layer=ev.layer, class_name=ev.class_name, rule=ev.rule,
                     severity=ev.severity, state="open", value=ev.value, threshold=ev.threshold,
-                    opened_at=now)
+                    opened_at=now, track=ev.track)
         s.add(row)
         s.flush()
         return [row]
-    rows = list(s.scalars(select(Alarm).where(
-        Alarm.build_id == build_id, Alarm.class_name == ev.class_name, Alarm.rule == ev.rule,
-        Alarm.state == "open")))
+    q = select(Alarm).where(Alarm.build_id == build_id, Alarm.rule == ev.rule,
+                            Alarm.state.in_(("open", "acknowledged")))
+    if ev.track is not None:
+        q = q.where(Alarm.track == ev.track)
+    rows = list(s.scalars(q))
     for row in rows:
         row.state, row.cleared_at, row.cleared_layer = "cleared", now, ev.layer
     s.flush()
     return rows
 
 
-def open_alarm_keys(s: Session) -> list[tuple[str, str, str, str]]:
-    """(printer, build, class, rule) of every open alarm."""
-    q = select(Build.printer, Build.name, Alarm.class_name, Alarm.rule).join(Build).where(
-        Alarm.state == "open")
-    return [(p, b, c, r) for p, b, c, r in s.execute(q)]
+def acknowledge_alarm(s: Session, alarm_id: int, now: float) -> Alarm:
+    """open -> acknowledged; StoreError if there is no such open alarm."""
+    row = s.get(Alarm, alarm_id)
+    if row is None:
+        raise StoreError(f"no alarm with id {alarm_id}")
+    if row.state != "open":
+        raise StoreError(f"alarm {alarm_id} is {row.state}, not open")
+    row.state, row.acked_at = "acknowledged", now
+    s.flush()
+    return row
+
+
+def put_rule_states(s: Session, build_id: int, states: dict[str, dict[str, Any]]) -> None:
+    existing = {r.rule: r for r in s.scalars(
+        select(RuleStateRow).where(RuleStateRow.build_id == build_id))}
+    for rule, st in states.items():
+        row = existing.get(rule)
+        if row is None:
+            s.add(RuleStateRow(build_id=build_id, rule=rule, **st))
+        else:
+            for k, v in st.items():
+                setattr(row, k, v)
+
+
+def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
+    """Insert or update tracks (touched or ended by a layer)."""
+    for t in tracks:
+        row = s.scalar(select(TrackRow).where(TrackRow.build_id == build_id,
+                                              TrackRow.number == t.number))
+        if row is None:
+            row = TrackRow(build_id=build_id, number=t.number, class_name=t.class_name)
+            s.add(row)
+        row.first_layer, row.last_layer, row.layers = t.first_layer, t.last_layer, t.layers
+        row.volume_mm3, row.max_area_mm2 = t.volume_mm3, t.max_area_mm2
+        row.x0, row.y0, row.x1, row.y1 = t.x0, t.y0, t.x1, t.y1
+        row.alarmed, row.ended, row.boxes = t.alarmed, t.ended, json.dumps(t.boxes)
+    s.flush()
+
+
+def build_id_of(s: Session, printer: str, name: str) -> int | None:
+    return s.scalar(select(Build.id).where(Build.printer == printer, Build.name == name))
+
+
+def load_engine_state(s: Session, printer: str, name: str) -> dict[str, Any] | None:
+    """What the alarm engine needs to go on with a build after a restart."""
+    build = s.scalar(select(Build).where(Build.printer == printer, Build.name == name))
+    if build is None:
+        return None
+    rules = {r.rule: {"streak": r.streak, "open": r.open, "active": r.active,
+                      "last_open_layer": r.last_open_layer}
+             for r in s.scalars(select(RuleStateRow).where(RuleStateRow.build_id == build.id))}
+    live = [
+        Track(number=t.number, class_name=t.class_name, first_layer=t.first_layer,
+              last_layer=t.last_layer, layers=t.layers, volume_mm3=t.volume_mm3,
+              max_area_mm2=t.max_area_mm2, x0=t.x0, y0=t.y0, x1=t.x1, y1=t.y1,
+              alarmed=t.alarmed, boxes=[tuple(b) for b in json.loads(t.boxes)])
+        for t in s.scalars(select(TrackRow).where(TrackRow.build_id == build.id,
+                                                  TrackRow.ended.is_(False)))
+    ]
+    from sqlalchemy import func
+
+    top = s.scalar(select(func.max(TrackRow.number)).where(TrackRow.build_id == build.id)) or 0
+    arrivals = [t for (t,) in s.execute(
+        select(Layer.detected_at).where(Layer.build_id == build.id)
+        .order_by(Layer.layer.desc()).limit(21))][::-1]
+    stall_open = s.scalar(select(Alarm.id).where(
+        Alarm.build_id == build.id, Alarm.rule == "stall",
+        Alarm.state.in_(("open", "acknowledged"))).limit(1)) is not None
+    last_layer = s.scalar(select(func.max(Layer.layer)).where(Layer.build_id == build.id))
+    return {"first_layer": build.first_layer, "last_evaluated": build.last_evaluated_layer,
+            "last_layer": last_layer, "rules": rules, "tracks": live, "next_track": top + 1,
+            "arrivals": arrivals, "stall_open": stall_open,
+            "last_layer_at": build.last_layer_at}
+
+
+def active_builds(s: Session, since: float) -> list[tuple[str, str]]:
+    """(printer, build) of builds with a layer after `since`, newest first."""
+    q = select(Build.printer, Build.name).where(Build.last_layer_at >= since).order_by(
+        Build.last_layer_at.desc())
+    return [(p, n) for p, n in s.execute(q)]
+
+
+def add_mute(s: Session, printer: str, name: str, class_name: str | None, now: float) -> None:
+    bid = build_id_of(s, printer, name)
+    if bid is None:
+        raise StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+    s.add(Mute(build_id=bid, class_name=class_name, created_at=now))
+
+
+def remove_mutes(s: Session, printer: str, name: str, class_name: str | None) -> None:
+    bid = build_id_of(s, printer, name)
+    if bid is None:
+        raise StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+    q = delete(Mute).where(Mute.build_id == bid)
+    q = q.where(Mute.class_name.is_(None) if class_name is None else
+                Mute.class_name == class_name)
+    s.execute(q)
+
+
+def all_mutes(s: Session) -> list[tuple[str, str, str | None]]:
+    q = select(Build.printer, Build.name, Mute.class_name).join(Build)
+    return [(p, n, c) for p, n, c in s.execute(q)]
+
+
+def list_alarms(s: Session, *, build: str | None = None, build_id: int | None = None,
+                open_only: bool = False) -> list[tuple[Alarm, str, str]]:
+    """(alarm, printer, build) newest first."""
+    q = select(Alarm, Build.printer, Build.name).join(Build)
+    if build is not None:
+        q = q.where(Build.name == build)
+    if build_id is not None:
+        q = q.where(Build.id == build_id)
+    if open_only:
+        q = q.where(Alarm.state.in_(("open", "acknowledged")))
+    return [(a, p, n) for a, p, n in s.execute(q.order_by(Alarm.id.desc()))]
+
+
+def build_tracks(s: Session, build_id: int) -> list[TrackRow]:
+    q = select(TrackRow).where(TrackRow.build_id == build_id).order_by(TrackRow.number)
+    return list(s.scalars(q))
+
+
+def last_layer(s: Session, build_id: int) -> Layer | None:
+    from sqlalchemy.orm import selectinload
+
+    q = (select(Layer).where(Layer.build_id == build_id)
+         .options(selectinload(Layer.classes), selectinload(Layer.regions))
+         .order_by(Layer.layer.desc()).limit(1))
+    return s.scalar(q)

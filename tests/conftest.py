@@ -79,3 +79,38 @@ def encode(img: np.ndarray, ext: str) -> bytes:
 def write_config(path: Path, body: str) -> Path:
     path.write_text(body, encoding="utf-8")
     return path
+
+
+def make_threshold_weights(path: Path, *, channel: int = 1, level: float = 0.75,
+                           classes: tuple[str, ...] = DEFAULT_CLASS_NAMES) -> Path:
+    """A real U-Net, set by hand, that marks class `channel` where the gray level is above
+    `level` (and nothing else): defects are drawn as bright shapes at known places.
+
+    One feature channel carries the normalised input through the first level and the top
+    skip connection to the output; every other weight is zero.
+    """
+    info = ModelInfo(class_names=classes, base_channels=4, training={"test": "threshold"})
+    model = info.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):  # identity in eval mode
+                m.weight.fill_(1.0)
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+        # (x - mean) / std with mean 0.5, std 0.25: gray g -> 4 g - 2; shift so the ReLUs keep
+        # only the part above `level`: feature = relu(4 (g - level)).
+        first, second = model.inc[0], model.inc[3]
+        first.weight[0, 0, 1, 1] = 1.0
+        model.inc[1].bias[0] = -(4 * level - 2)  # BatchNorm bias after the first conv
+        second.weight[0, 0, 1, 1] = 1.0
+        last = model.ups[-1].conv  # input: cat([skip (4 ch), upsampled (4 ch)])
+        last[0].weight[0, 0, 1, 1] = 1.0
+        last[3].weight[0, 0, 1, 1] = 1.0
+        model.outc.bias.fill_(-20.0)
+        model.outc.weight[channel, 0, 0, 0] = 400.0
+        model.outc.bias[channel] = -10.0
+    model.eval()
+    save_weights(path, model, info)
+    return path

@@ -32,7 +32,10 @@ def test_validate_config_ok(tmp_path: Path, tiny_weights: Path) -> None:
         ("[watch]\nsettle = 2\n", "watch.settle: unknown key"),
         ("[model]\nweights = 'missing.safetensors'\n",
          "missing.safetensors: weights file not found"),
-        ("[alarms]\narea_fraction = { cracks = 0.1 }\n", "alarms.area_fraction.cracks"),
+        ("[[alarms.rules]]\nclass = 'cracks'\nthreshold = 0.1\n",
+         "alarms.rules[0].class: unknown class 'cracks'"),
+        ("[[alarms.rules]]\nclass = 'spatter'\nthreshold = 0.1\nmetric = 'volume'\n",
+         "alarms.rules.0.metric: Input should be"),
     ],
 )
 def test_bad_config_is_one_line_without_traceback(tmp_path: Path, body: str,

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
 from monitor.config import REPO_ROOT, Config, load_config
 from monitor.errors import ConfigError
@@ -67,6 +70,27 @@ def test_state_directory_from_systemd(tmp_path: Path, monkeypatch: pytest.Monkey
     assert load_config(write(tmp_path, "")).state_dir == tmp_path / "st"
 
 
+def _documented(model: type[BaseModel], text: str, where: str) -> None:
+    """Every key of a config model (and of nested ones) is in config.toml with a comment."""
+    for key, field in model.model_fields.items():
+        name = field.alias or key
+        ann = field.annotation
+        args = get_args(ann)
+        inner = args[0] if args and isinstance(args[0], type) else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            assert f"[{where}.{name}]" in text, f"[{where}.{name}] section"
+            _documented(ann, text, f"{where}.{name}")
+        elif inner is not None and issubclass(inner, BaseModel):
+            # A list of tables: each key is explained in the comment above the list.
+            assert f"\n{name} =" in text or f"[[{name}]]" in text, f"{where}.{name}"
+            for sub in inner.model_fields.values():
+                sub_name = sub.alias or next(k for k, v in inner.model_fields.items()
+                                             if v is sub)
+                assert re.search(rf"#\s+{sub_name}\s", text), f"{where}.{name}.{sub_name}"
+        else:
+            assert f"\n{name} =" in text or f"\n# {name} =" in text, f"[{where}] {name}"
+
+
 def test_repo_config_is_valid_and_documents_every_key() -> None:
     path = REPO_ROOT / "config.toml"
     cfg = load_config(path)
@@ -75,14 +99,17 @@ def test_repo_config_is_valid_and_documents_every_key() -> None:
     for section, model in Config.model_fields.items():
         if section == "source":
             continue
-        sub = model.annotation
-        assert sub is not None
-        for key in sub.model_fields:  # type: ignore[union-attr]
-            # Set, or shown commented out, and preceded by a comment.
-            assert f"\n{key} =" in text or f"\n# {key} =" in text, f"[{section}] {key}"
-        assert section in data
+        ann = model.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            assert section in data
+            _documented(ann, text, section)
+        else:  # [[regions]]: documented, none by default
+            (inner,) = [a for a in get_args(ann) if a is not Ellipsis]
+            for key in inner.model_fields:
+                assert re.search(rf"#\s+{key}\s", text), f"regions.{key}"
+            assert f"# [[{section}]]" in text
     assert cfg.model.weights.name == "default.safetensors"
-    for line_no, line in enumerate(text.splitlines()):
-        if line and not line.startswith(("#", "[")):
-            prev = text.splitlines()[line_no - 1]
-            assert prev.startswith("#"), f"key without a comment: {line}"
+    lines = text.splitlines()
+    for line_no, line in enumerate(lines):
+        if line and not line.startswith(("#", "[", " ", "]")):
+            assert lines[line_no - 1].startswith("#"), f"key without a comment: {line}"

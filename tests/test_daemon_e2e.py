@@ -78,6 +78,7 @@ weights = "{tiny_weights}"
 state_dir = "state"
 [publish]
 endpoint = "{endpoint}"
+state_endpoint = "{free_endpoint()}"
 heartbeat_interval_s = 0.2
 """)
     yield cfg, tmp_path / "watch" / "B1", endpoint

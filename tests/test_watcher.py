@@ -60,10 +60,12 @@ def drain(q: queue.Queue[Candidate], wait: float) -> list[Candidate]:
 def test_closed_file_is_ready_before_settle_time(tmp_path: Path) -> None:
     # settle_s is far beyond the wait below, so only the close-after-write event can hand
     # the file over (no wall-clock assertion needed).
+    # The folder exists before the watch starts: a file in a folder created later may land
+    # before that folder's watch is armed, and is then found by a scan and settles instead.
+    (tmp_path / "b").mkdir()
     s, q, _ = make(tmp_path, settle_s=120)
     s.start()
     try:
-        (tmp_path / "b").mkdir()
         (tmp_path / "b" / "layer_1.png").write_bytes(b"x" * 100)
         cand = q.get(timeout=10)
         assert cand.key == LayerKey("b", 1)

@@ -1,0 +1,188 @@
+"""The request/reply state endpoint, so a late subscriber can ask for what it missed.
+
+Requests and replies are single-frame JSON objects; every reply carries ``ok`` and, when it
+is false, ``error``. The REP socket lives on one owner thread, like the PUB socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from monitor.errors import ConfigError, MonitorError
+from monitor.security import CurveClient, CurveServer, ServerAuth, apply_client, apply_server
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+_MAX_REQUEST = 1 << 20  # bytes; requests are small, and this caps what a stranger can send
+
+
+class ControlError(MonitorError):
+    """The state endpoint did not answer, or answered with an error."""
+
+
+def _encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class ControlServer:
+    """Owns the REP socket; answers each request with handler(request) on its own thread.
+
+    With curve and no context, it runs its own context and ServerAuth. With a shared context
+    (the daemon's, also used by the PUB socket), the caller must have started a ServerAuth on
+    it before start(), or CURVE would encrypt but let any client in.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        handler: Handler,
+        *,
+        curve: CurveServer | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        poll_ms: int = 100,
+    ) -> None:
+        self.endpoint = endpoint
+        self.handler = handler
+        self.curve = curve
+        self.poll_ms = poll_ms
+        self.answered = 0
+        self._shared_ctx = context
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._auth: ServerAuth | None = None
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._error: MonitorError | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Bind on the owner thread; raises ConfigError if the endpoint or keys are unusable."""
+        ctx = self._ctx = zmq.Context() if self._shared_ctx is None else self._shared_ctx
+        if self._shared_ctx is None and self.curve is not None:
+            self._auth = ServerAuth(ctx, self.curve.authorized_dir)
+        self._thread = threading.Thread(target=self._run, args=(ctx,), name="control",
+                                        daemon=True)
+        try:
+            if self._auth is not None:
+                self._auth.start()
+            self._thread.start()
+            self._bound.wait(10)
+            if self._error:
+                raise self._error
+        except BaseException:
+            self.stop()
+            raise
+
+    def _run(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        sock = ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST)
+        try:
+            try:
+                if self.curve is not None:
+                    apply_server(sock, self.curve)
+                sock.bind(self.endpoint)
+            except ConfigError as e:
+                self._error = e
+                return
+            except zmq.ZMQError as e:
+                self._error = ConfigError(
+                    f"publish.state_endpoint {self.endpoint}: cannot bind ({e})")
+                return
+            finally:
+                self._bound.set()
+            log.info("state endpoint on %s%s", self.endpoint, " (CURVE)" if self.curve else "")
+            while not self._stop.is_set():
+                if not sock.poll(self.poll_ms):
+                    continue
+                reply = self._answer(sock.recv_multipart())
+                self.answered += 1  # before send, so a client that has its reply sees the count
+                try:  # REP drops a reply to a vanished or mute requester; send never blocks
+                    sock.send(reply)
+                except zmq.ZMQError as e:
+                    log.warning("state endpoint: reply not sent (%s)", e)
+        finally:
+            sock.close(linger=0)
+
+    def _answer(self, frames: list[bytes]) -> bytes:
+        """The reply to one request; never raises."""
+        try:
+            if len(frames) != 1:
+                raise ValueError(f"expected one frame, got {len(frames)}")
+            req = json.loads(frames[0])
+            if not isinstance(req, dict):
+                raise ValueError(f"expected a JSON object, got {type(req).__name__}")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
+            return _encode({"ok": False, "error": f"bad request: {e}"})
+        try:
+            return _encode({"ok": True, **self.handler(req)})
+        except Exception as e:
+            log.exception("state endpoint: request %r failed", req)
+            return _encode({"ok": False, "error": f"internal error: {e}"})
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop answering and close the socket. Idempotent."""
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._ctx is not None and self._ctx is not self._shared_ctx:
+            self._ctx.term()
+        self._ctx = None
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def request(
+    endpoint: str,
+    msg: dict[str, Any],
+    *,
+    timeout_s: float = 5.0,
+    curve: CurveClient | None = None,
+) -> dict[str, Any]:
+    """Send one request to a ControlServer and return its reply.
+
+    Raises:
+        ControlError: no reply within timeout_s, or a reply with ok false.
+        ConfigError: the CURVE key files are unusable.
+    """
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        if curve is not None:
+            apply_client(sock, curve)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            raise ControlError(f"{endpoint}: cannot connect ({e})") from e
+        sock.send(_encode(msg))
+        if not sock.poll(int(timeout_s * 1000)):
+            raise ControlError(
+                f"no answer from {endpoint} within {timeout_s:g} s "
+                "(is the daemon running? is publish.state_endpoint right?)")
+        raw = sock.recv()
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(raw)
+    except ValueError as e:
+        raise ControlError(f"{endpoint}: reply is not JSON ({e})") from e
+    if not isinstance(reply, dict):
+        raise ControlError(f"{endpoint}: reply is not a JSON object")
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "request failed")))
+    return reply

@@ -1,0 +1,142 @@
+"""Defects that stack: components of one class linked through consecutive layers.
+
+A component in layer L extends a track when its bounding box, grown by the link distance,
+overlaps the box of one of the track's components in the track's last layer (at most
+``max_gap_layers`` layers back). A track's volume is the sum of its components' areas times
+the layer thickness. A track that spans ``alarm_layers`` layers, or whose volume exceeds
+``alarm_volume_mm3``, is a defect growing through the part: it raises one alarm, which clears
+when the track stops (no continuation within the gap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from monitor.config import TracksConfig
+from monitor.stats import Component, LayerStats
+
+
+@dataclass
+class Track:
+    """One defect followed through layers."""
+
+    number: int  # unique per build
+    class_name: str
+    first_layer: int
+    last_layer: int
+    layers: int
+    volume_mm3: float
+    max_area_mm2: float
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    alarmed: bool = False
+    ended: bool = False
+    # The boxes of its components in its last layer, for linking the next one.
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrackChange:
+    """What one layer did to the tracks of a build."""
+
+    # (class, index in the class's component_list) -> track number
+    assignments: dict[tuple[str, int], int]
+    touched: list[Track]  # created or extended in this layer
+    ended: list[Track]  # ended because this layer did not continue them
+    alarms: list[Track]  # crossed an alarm limit in this layer
+
+
+def _box(c: Component) -> tuple[int, int, int, int]:
+    return (c.x, c.y, c.x + c.w, c.y + c.h)
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], grow: float) -> float:
+    """Overlap area of a (grown by `grow` px on every side) and b; > 0 means they link."""
+    w = min(a[2] + grow, b[2]) - max(a[0] - grow, b[0])
+    h = min(a[3] + grow, b[3]) - max(a[1] - grow, b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+class BuildTracks:
+    """The live tracks of one build."""
+
+    def __init__(self, cfg: TracksConfig, *, pixel_size_mm: float, layer_thickness_mm: float,
+                 next_number: int = 1) -> None:
+        self.cfg = cfg
+        self.px_mm2 = pixel_size_mm * pixel_size_mm
+        self.grow = cfg.link_distance_mm / pixel_size_mm
+        self.thickness = layer_thickness_mm
+        self.next_number = next_number
+        self.live: list[Track] = []
+        self.last_layer: int | None = None
+
+    def adopt(self, tracks: Iterable[Track]) -> None:
+        """Tracks restored from the database (still live at the last stored layer)."""
+        for t in tracks:
+            self.live.append(t)
+            self.next_number = max(self.next_number, t.number + 1)
+            self.last_layer = max(self.last_layer or t.last_layer, t.last_layer)
+
+    def update(self, layer: int, stats: LayerStats) -> TrackChange:
+        cfg = self.cfg
+        min_px = cfg.min_area_mm2 / self.px_mm2
+        assignments: dict[tuple[str, int], int] = {}
+        touched: dict[int, Track] = {}
+        layer_area: dict[int, float] = {}
+        alarms: list[Track] = []
+        reachable = [t for t in self.live if 0 < layer - t.last_layer <= cfg.max_gap_layers + 1]
+        for cls in cfg.classes:
+            st = stats.classes.get(cls)
+            if st is None:
+                continue
+            candidates = [t for t in reachable if t.class_name == cls]
+            new_boxes: dict[int, list[tuple[int, int, int, int]]] = {}
+            for i, comp in enumerate(st.component_list):
+                if comp.area_px < min_px:
+                    continue
+                box = _box(comp)
+                best, best_overlap = None, 0.0
+                for t in candidates:
+                    ov = max((_overlap(box, b, self.grow) for b in t.boxes), default=0.0)
+                    if ov > best_overlap:
+                        best, best_overlap = t, ov
+                if best is None:
+                    best = Track(number=self.next_number, class_name=cls, first_layer=layer,
+                                 last_layer=layer, layers=0, volume_mm3=0.0, max_area_mm2=0.0,
+                                 x0=box[0], y0=box[1], x1=box[2], y1=box[3])
+                    self.next_number += 1
+                    self.live.append(best)
+                area_mm2 = comp.area_px * self.px_mm2
+                if best.number not in touched:  # first component of this track in this layer
+                    best.layers += 1
+                    best.last_layer = layer
+                    touched[best.number] = best
+                layer_area[best.number] = layer_area.get(best.number, 0.0) + area_mm2
+                best.volume_mm3 += area_mm2 * self.thickness
+                best.x0, best.y0 = min(best.x0, box[0]), min(best.y0, box[1])
+                best.x1, best.y1 = max(best.x1, box[2]), max(best.y1, box[3])
+                new_boxes.setdefault(best.number, []).append(box)
+                assignments[(cls, i)] = best.number
+            for number, boxes in new_boxes.items():
+                touched[number].boxes = boxes
+        for t in touched.values():
+            t.max_area_mm2 = max(t.max_area_mm2, layer_area[t.number])
+            if not t.alarmed and (t.layers >= cfg.alarm_layers
+                                  or t.volume_mm3 > cfg.alarm_volume_mm3):
+                t.alarmed = True
+                alarms.append(t)
+        ended = [t for t in self.live
+                 if t.number not in touched and layer - t.last_layer > cfg.max_gap_layers]
+        for t in ended:
+            t.ended = True
+        self.live = [t for t in self.live if not t.ended]
+        self.last_layer = layer
+        return TrackChange(assignments, list(touched.values()), ended, alarms)
+
+
+def track_classes_known(cfg: TracksConfig, class_names: Sequence[str]) -> list[str]:
+    """Configured track classes the model does not have."""
+    return [c for c in cfg.classes if c not in class_names]

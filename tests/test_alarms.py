@@ -1,0 +1,229 @@
+"""The alarm engine, defect tracks and regions, on statistics of hand-made masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from monitor.alarms import AlarmEngine, AlarmEvent, BuildKey
+from monitor.config import AlarmsConfig, RegionConfig, TracksConfig
+from monitor.errors import ConfigError
+from monitor.model import DEFAULT_CLASS_NAMES
+from monitor.regions import Regions, apply_ignore, region_stats
+from monitor.stats import LayerStats, layer_stats
+from monitor.tracks import BuildTracks
+
+SWELLING = 1
+KEY = BuildKey("", "B1")
+
+
+def stats(*boxes: tuple[int, int, int, int], channel: int = SWELLING, size: int = 100
+          ) -> LayerStats:
+    """Statistics of a layer whose class `channel` covers the given (x, y, w, h) boxes."""
+    masks = np.zeros((6, size, size), bool)
+    for x, y, w, h in boxes:
+        masks[channel, y:y + h, x:x + w] = True
+    return layer_stats(masks, DEFAULT_CLASS_NAMES, pixel_size_mm=0.1)
+
+
+def engine(**over: Any) -> AlarmEngine:
+    data: dict[str, Any] = {"grace_layers": 0, "rules": [], "tracks": {"classes": []}}
+    data.update(over)
+    return AlarmEngine(AlarmsConfig.model_validate(data), class_names=DEFAULT_CLASS_NAMES)
+
+
+def run(eng: AlarmEngine, layers: dict[int, LayerStats], key: BuildKey = KEY
+        ) -> list[AlarmEvent]:
+    out: list[AlarmEvent] = []
+    for n in sorted(layers):
+        out += eng.evaluate(key, n, layers[n]).events
+    return out
+
+
+RULE = {"class": "swelling", "metric": "area_mm2", "threshold": 0.5, "consecutive": 3,
+        "cooldown_layers": 0}
+BIG = (10, 10, 10, 10)  # 100 px = 1 mm² at 0.1 mm per pixel
+
+
+def test_rule_needs_consecutive_layers_and_clears() -> None:
+    eng = engine(rules=[RULE])
+    layers = {1: stats(BIG), 2: stats(BIG), 3: stats(), 4: stats(BIG), 5: stats(BIG),
+              6: stats(BIG), 7: stats(BIG), 8: stats()}
+    events = run(eng, layers)
+    assert [(e.action, e.layer) for e in events] == [("open", 6), ("clear", 8)]
+    assert events[0].rule == "swelling.area_mm2" and events[0].value == pytest.approx(1.0)
+
+
+def test_grace_layers_at_build_start() -> None:
+    eng = engine(rules=[{**RULE, "consecutive": 1}], grace_layers=3)
+    events = run(eng, {n: stats(BIG) for n in range(10, 15)})
+    assert [(e.action, e.layer) for e in events] == [("open", 13)]
+
+
+def test_cooldown_stops_flapping() -> None:
+    eng = engine(rules=[{**RULE, "consecutive": 1, "cooldown_layers": 4}])
+    pattern = [1, 0, 1, 0, 1, 0, 1]  # condition flickers every layer
+    events = run(eng, {i + 1: stats(BIG) if on else stats() for i, on in enumerate(pattern)})
+    assert [(e.action, e.layer) for e in events] == [
+        ("open", 1), ("clear", 2), ("open", 5), ("clear", 6)]
+
+
+def test_ack_resets_the_streak_so_it_does_not_refire_at_once() -> None:
+    eng = engine(rules=[{**RULE, "consecutive": 2}])
+    events = run(eng, {1: stats(BIG), 2: stats(BIG), 3: stats(BIG)})
+    assert [(e.action, e.layer) for e in events] == [("open", 2)]  # open: no second one
+    state = eng.acknowledge(KEY, "swelling.area_mm2")
+    assert state is not None and state["streak"] == 0 and not state["open"] and state["active"]
+    events = run(eng, {4: stats(BIG), 5: stats(BIG), 6: stats()})
+    # Not at layer 4 (streak 1 after the ack); again at 5; the clear covers both alarms.
+    assert [(e.action, e.layer) for e in events] == [("open", 5), ("clear", 6)]
+
+
+def test_mute_build_and_class() -> None:
+    eng = engine(rules=[{**RULE, "consecutive": 1}])
+    eng.mute(KEY, "swelling")
+    assert run(eng, {1: stats(BIG)}) == []
+    eng.unmute(KEY, "swelling")
+    eng.mute(KEY, None)
+    assert run(eng, {2: stats(BIG)}) == []
+    other = BuildKey("", "B2")
+    assert [e.build for e in run(eng, {1: stats(BIG)}, other)] == ["B2"]
+
+
+def test_replaced_layer_is_not_counted_twice() -> None:
+    eng = engine(rules=[{**RULE, "consecutive": 2}])
+    assert run(eng, {1: stats(BIG)}) == []
+    verdict = eng.evaluate(KEY, 1, stats(BIG))  # the same layer written again
+    assert not verdict.evaluated and verdict.events == []
+    assert [e.layer for e in run(eng, {2: stats(BIG)})] == [2]
+
+
+def test_region_rule_uses_region_statistics() -> None:
+    regions = (RegionConfig(name="left", polygon=((0, 0), (50, 0), (50, 100), (0, 100))),)
+    eng = AlarmEngine(AlarmsConfig.model_validate(
+        {"grace_layers": 0, "tracks": {"classes": []}, "rules": [
+            {"class": "swelling", "metric": "area_fraction", "threshold": 0.015,
+             "consecutive": 1, "region": "left"}]}),
+        class_names=DEFAULT_CLASS_NAMES, part_regions=["left"])
+    reg = Regions(regions, pixel_size_mm=0.1)
+    br = reg.for_build("B1", (100, 100))
+    s_right = stats((70, 10, 10, 10))  # 1% of the layer, outside the region
+    s_left = stats((10, 10, 10, 10))  # 1% of the layer = 2% of the left half
+    masks = np.zeros((6, 100, 100), bool)
+    masks[1, 10:20, 10:20] = True
+    rs_left = region_stats(masks, DEFAULT_CLASS_NAMES, br, pixel_size_mm=0.1)
+    assert rs_left["left"].classes["swelling"].area_fraction == pytest.approx(0.02, rel=0.05)
+    masks[:] = False
+    masks[1, 10:20, 70:80] = True
+    rs_right = region_stats(masks, DEFAULT_CLASS_NAMES, br, pixel_size_mm=0.1)
+    assert eng.evaluate(KEY, 1, s_right, rs_right).events == []
+    assert [e.layer for e in eng.evaluate(KEY, 2, s_left, rs_left).events] == [2]
+
+
+def test_unknown_class_or_region_in_rules() -> None:
+    with pytest.raises(ConfigError, match=r"alarms\.rules\[0\]\.class: unknown class 'crack'"):
+        engine(rules=[{**RULE, "class": "crack"}])
+    with pytest.raises(ConfigError, match=r"alarms\.rules\[0\]\.region"):
+        engine(rules=[{**RULE, "region": "nowhere"}])
+    with pytest.raises(ConfigError, match=r"alarms\.tracks\.classes"):
+        engine(tracks={"classes": ["crack"]})
+
+
+# --- tracks ---------------------------------------------------------------------------
+
+TRACKS = {"classes": ["swelling"], "alarm_layers": 5, "alarm_volume_mm3": 100.0,
+          "link_distance_mm": 0.5, "min_area_mm2": 0.05}
+
+
+def test_defect_stacking_over_five_layers_raises_one_alarm_at_the_fifth() -> None:
+    eng = engine(tracks=TRACKS)
+    layers = {n: stats((40 + n, 40, 8, 8)) for n in range(1, 9)}  # drifts 1 px per layer
+    layers[3] = stats((40 + 3, 40, 8, 8), (5, 80, 3, 3))  # plus a one-layer speck
+    layers[9] = stats()
+    layers[10] = stats()
+    events = run(eng, layers)
+    assert [(e.action, e.layer, e.rule, e.severity) for e in events] == [
+        ("open", 5, "track.swelling", "critical"), ("clear", 10, "track.swelling", "critical")]
+    assert events[0].track == events[1].track and events[0].value == 5
+
+
+def test_one_layer_speck_and_distant_defects_do_not_link() -> None:
+    t = BuildTracks(TracksConfig.model_validate(TRACKS), pixel_size_mm=0.1,
+                    layer_thickness_mm=0.05)
+    a = t.update(1, stats((10, 10, 5, 5)))
+    b = t.update(2, stats((30, 30, 5, 5)))  # 15 px = 1.5 mm away: a new defect
+    assert a.assignments[("swelling", 0)] != b.assignments[("swelling", 0)]
+    c = t.update(3, stats((33, 31, 5, 5)))  # overlaps the layer-2 defect: same track
+    assert c.assignments[("swelling", 0)] == b.assignments[("swelling", 0)]
+    assert [x.number for x in c.ended] == [a.assignments[("swelling", 0)]]  # gap > 1
+    tiny = t.update(4, stats((80, 80, 2, 2)))  # 4 px < min_area 5 px: not tracked
+    assert tiny.assignments == {}
+    tr = c.touched[0]
+    assert tr.layers == 2 and tr.volume_mm3 == pytest.approx(2 * 0.25 * 0.05)
+
+
+def test_track_volume_limit_and_gap() -> None:
+    eng = engine(tracks={**TRACKS, "alarm_layers": 50, "alarm_volume_mm3": 0.3,
+                         "max_gap_layers": 1})
+    big = (20, 20, 40, 40)  # 16 mm² x 0.05 mm = 0.8 mm³ per layer
+    layers = {1: stats((20, 20, 20, 20)), 3: stats(big)}  # layer 2 missing: within the gap
+    events = run(eng, layers)
+    assert [(e.action, e.layer) for e in events] == [("open", 3)]
+    assert events[0].value > 0.3 and events[0].threshold == 0.3
+
+
+# --- stall ----------------------------------------------------------------------------
+
+def test_stall_alarm_once_then_cleared_by_the_next_layer() -> None:
+    eng = engine(stall={"factor": 3.0, "min_s": 5.0, "min_layers": 3})
+    for n, t in enumerate((0.0, 10.0, 20.0, 30.0), start=1):
+        assert eng.arrival(KEY, n, t) == []
+    assert eng.check_stalls(55.0) == []  # 25 s idle < 3 x 10 s
+    (ev,) = eng.check_stalls(61.0)
+    assert (ev.action, ev.rule, ev.layer, ev.threshold) == ("open", "stall", 4, 30.0)
+    assert eng.check_stalls(100.0) == []  # one alarm, not one per check
+    (clear,) = eng.arrival(KEY, 5, 101.0)
+    assert clear.action == "clear" and clear.rule == "stall"
+
+
+def test_a_new_build_finishes_the_previous_one() -> None:
+    eng = engine(stall={"factor": 2.0, "min_s": 1.0, "min_layers": 2})
+    for n, t in enumerate((0.0, 1.0, 2.0), start=1):
+        eng.arrival(KEY, n, t)
+    eng.arrival(BuildKey("", "B2"), 1, 3.0)
+    assert [e.build for e in eng.check_stalls(20.0)] == []  # B2 has one layer; B1 finished
+    other_printer = BuildKey("P2", "B1")
+    for n, t in enumerate((0.0, 1.0), start=1):
+        eng.arrival(other_printer, n, t)
+    assert [(e.printer, e.build) for e in eng.check_stalls(20.0)] == [("P2", "B1")]
+
+
+# --- regions --------------------------------------------------------------------------
+
+def test_polygon_in_mm_and_ignore_region(tmp_path: Path) -> None:
+    reg = Regions((
+        RegionConfig(name="edge", kind="ignore", polygon=((0, 0), (10, 0), (10, 2), (0, 2)),
+                     units="mm"),
+        RegionConfig(name="part", mask=str(tmp_path / "{build}.png")),
+    ), pixel_size_mm=0.1)
+    drawn = np.zeros((50, 50), np.uint8)
+    drawn[25:, :] = 255
+    cv2.imwrite(str(tmp_path / "B1.png"), drawn)  # half the size: scaled to the image
+    br = reg.for_build("B1", (100, 100))
+    assert br.ignore is not None and br.ignore[:20].all() and not br.ignore[21:].any()
+    assert br.parts["part"][50:].all() and not br.parts["part"][:50].any()
+    masks = np.ones((6, 100, 100), bool)
+    kept = apply_ignore(masks, br)
+    assert not kept[:, :20].any() and kept[:, 30:].all()
+    assert "part" not in reg.for_build("B2", (100, 100)).parts  # no mask for B2: skipped
+
+
+def test_region_config_needs_one_shape() -> None:
+    with pytest.raises(ValueError, match="either polygon or mask"):
+        RegionConfig(name="x")
+    with pytest.raises(ValueError, match="at least 3 points"):
+        RegionConfig(name="x", polygon=((0, 0), (1, 1)))
