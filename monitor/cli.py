@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,31 +156,217 @@ def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path
     Console().print(t)
 
 
+def _client_curve(cfg: Config, server_key: Path | None, client_secret: Path | None) -> Any:
+    """CURVE for a client: both files given, or none (plain)."""
+    from monitor.security import CurveClient
+
+    if (server_key is None) != (client_secret is None):
+        raise MonitorError("--server-key and --client-secret go together (CURVE on), or "
+                           "neither")
+    if server_key is None or client_secret is None:
+        return None
+    return CurveClient(server_key, client_secret)
+
+
+CURVE_OPTIONS = [
+    click.option("--server-key", type=click.Path(path_type=Path),
+                 help="CURVE: the daemon's public key file (server.key)."),
+    click.option("--client-secret", type=click.Path(path_type=Path),
+                 help="CURVE: this client's secret key file (NAME.key_secret)."),
+]
+
+
+def curve_options(f: Any) -> Any:
+    for opt in reversed(CURVE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _control(cfg: Config, msg: dict[str, Any], *, endpoint: str | None = None,
+             server_key: Path | None = None, client_secret: Path | None = None,
+             timeout_s: float = 5.0) -> dict[str, Any]:
+    from monitor.control import request
+
+    return request(endpoint or cfg.publish.state_endpoint, msg, timeout_s=timeout_s,
+                   curve=_client_curve(cfg, server_key, client_secret))
+
+
 @main.command("subscribe")
 @CONFIG_OPTION
 @click.option("--endpoint", help="PUB endpoint (default: publish.endpoint from the config).")
+@click.option("--state-endpoint", help="State endpoint (default: publish.state_endpoint).")
 @click.option("--topic", "topics", multiple=True, help="Topic prefix; repeatable (default: all).")
 @click.option("--count", type=int, default=0, help="Exit after this many messages.")
 @click.option("--timeout", "timeout_s", type=float, default=None,
               help="Exit after this many seconds without a message.")
-def subscribe_cmd(config_path: Path | None, endpoint: str | None, topics: tuple[str, ...],
-                  count: int, timeout_s: float | None) -> None:
-    """Print published messages as JSON lines; warns on stderr about gaps in seq."""
+@click.option("--no-state", is_flag=True, help="Do not ask the state endpoint first.")
+@curve_options
+def subscribe_cmd(config_path: Path | None, endpoint: str | None, state_endpoint: str | None,
+                  topics: tuple[str, ...], count: int, timeout_s: float | None,
+                  no_state: bool, server_key: Path | None, client_secret: Path | None) -> None:
+    """Print published messages as JSON lines; warns on stderr about gaps in seq.
+
+    First prints the daemon's state (open alarms, the last layer of each active build) as a
+    line with topic "state", then every message after it, so a subscriber that joins
+    mid-build starts consistent.
+    """
+    import queue as queue_mod
+
+    from monitor.control import ControlError
     from monitor.publisher import subscribe
 
-    endpoint = endpoint or _load(config_path).publish.endpoint
+    cfg = _load(config_path)
+    endpoint = endpoint or cfg.publish.endpoint
+    curve = _client_curve(cfg, server_key, client_secret)
+    # Connect first, then ask for the state: every message committed after the state's seq
+    # then reaches this subscriber.
+    stop = threading.Event()
+    inbox: queue_mod.Queue[tuple[str, dict[str, Any]] | None] = queue_mod.Queue()
+
+    def pump() -> None:
+        try:
+            for item in subscribe(endpoint, topics or ("",), timeout_s=timeout_s, stop=stop,
+                                  curve=curve):
+                inbox.put(item)
+        finally:
+            inbox.put(None)
+
+    thread = threading.Thread(target=pump, name="subscriber", daemon=True)
+    thread.start()
     last_seq: int | None = None
-    for n, (topic, payload) in enumerate(
-        subscribe(endpoint, topics or ("",), timeout_s=timeout_s), start=1
-    ):
-        seq = payload.get("seq")
-        if isinstance(seq, int):
-            if last_seq is not None and seq > last_seq + 1:
-                click.echo(f"pbf-monitor: missed messages {last_seq + 1}..{seq - 1}", err=True)
-            last_seq = max(seq, last_seq or 0)
-        click.echo(json.dumps({"topic": topic, **payload}), nl=True)
-        if count and n >= count:
-            return
+    try:
+        if not no_state:
+            time.sleep(0.3)  # let the SUB connection and its subscriptions reach the daemon
+            try:
+                state = _control(cfg, {"cmd": "state"}, endpoint=state_endpoint,
+                                 server_key=server_key, client_secret=client_secret)
+            except ControlError as e:
+                click.echo(f"pbf-monitor: no state ({e}); printing live messages only",
+                           err=True)
+            else:
+                state.pop("ok", None)
+                last_seq = int(state.get("seq", 0))
+                click.echo(json.dumps({"topic": "state", **state}))
+        n = 0
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            topic, payload = item
+            seq = payload.get("seq")
+            if isinstance(seq, int):
+                if last_seq is not None and seq <= last_seq:
+                    continue  # already reflected in the state (or a re-send after a crash)
+                if last_seq is not None and seq > last_seq + 1:
+                    click.echo(f"pbf-monitor: missed messages {last_seq + 1}..{seq - 1}",
+                               err=True)
+                last_seq = seq
+            click.echo(json.dumps({"topic": topic, **payload}), nl=True)
+            n += 1
+            if count and n >= count:
+                return
+    finally:
+        stop.set()
+        thread.join(2)
+
+
+@main.command("alarms")
+@CONFIG_OPTION
+@click.option("--build", help="Only this build.")
+@click.option("--open", "open_only", is_flag=True, help="Only open or acknowledged alarms.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
+               as_json: bool) -> None:
+    """List alarms from the database, newest first."""
+    from rich.table import Table
+    from sqlalchemy.orm import Session
+
+    from monitor.publisher import alarm_message
+    from monitor.store import list_alarms
+
+    cfg = _load(config_path)
+    engine = _reader(cfg)
+    try:
+        with Session(engine) as s:
+            rows = [alarm_message(a, printer=p, build=b)
+                    for a, p, b in list_alarms(s, build=build, open_only=open_only)]
+    finally:
+        engine.dispose()
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    t = Table(title=f"{len(rows)} alarm(s)")
+    for col in ("id", "build", "layer", "class", "rule", "severity", "state", "value"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["id"]), r["build"], str(r["layer"]), r["class"], r["rule"],
+                  r["severity"], r["state"], f"{r['value']:.4g}")
+    Console().print(t)
+
+
+@main.command()
+@click.argument("alarm_id", type=int)
+@CONFIG_OPTION
+@curve_options
+def ack(alarm_id: int, config_path: Path | None, server_key: Path | None,
+        client_secret: Path | None) -> None:
+    """Acknowledge an open alarm (through the running daemon, which publishes it)."""
+    reply = _control(_load(config_path), {"cmd": "ack", "id": alarm_id},
+                     server_key=server_key, client_secret=client_secret)
+    a = reply["alarm"]
+    click.echo(f"alarm {a['id']} acknowledged ({a['build']} layer {a['layer']} {a['rule']})")
+
+
+@main.command()
+@click.argument("build")
+@click.option("--class", "cls", help="Only this class (default: every class and stalls).")
+@click.option("--printer", default="", help="Printer of the build (fleets).")
+@click.option("--unmute", is_flag=True, help="Lift the mute instead.")
+@CONFIG_OPTION
+@curve_options
+def mute(build: str, cls: str | None, printer: str, unmute: bool, config_path: Path | None,
+         server_key: Path | None, client_secret: Path | None) -> None:
+    """Stop a build (or one class of it) from opening alarms."""
+    _control(_load(config_path), {"cmd": "unmute" if unmute else "mute", "build": build,
+                                  "class": cls, "printer": printer},
+             server_key=server_key, client_secret=client_secret)
+    what = f"class {cls} of build {build}" if cls else f"build {build}"
+    click.echo(f"{'unmuted' if unmute else 'muted'} {what}")
+
+
+@main.command("test-alarm")
+@click.option("--severity", type=click.Choice(["warning", "critical"]), default="warning",
+              show_default=True)
+@click.option("--hook", "run_hook", is_flag=True,
+              help="Also run alarms.hook.command (it may really pause the machine).")
+@CONFIG_OPTION
+@curve_options
+def test_alarm(severity: str, run_hook: bool, config_path: Path | None,
+               server_key: Path | None, client_secret: Path | None) -> None:
+    """Make the running daemon publish a test alarm (rule "test") end to end."""
+    reply = _control(_load(config_path), {"cmd": "test-alarm", "severity": severity,
+                                          "hook": run_hook},
+                     server_key=server_key, client_secret=client_secret)
+    click.echo(f"test alarm published with seq {reply['alarm']['seq']}"
+               + (" and the hook started" if reply.get("hook") else ""))
+
+
+@main.group()
+def keys() -> None:
+    """CURVE keys for the daemon's endpoints."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--name", default="server", show_default=True,
+              help="Key name: NAME.key (public) and NAME.key_secret (secret, mode 0600).")
+def keys_generate(directory: Path, name: str) -> None:
+    """Generate a CURVE key pair (the daemon's, or a client's)."""
+    from monitor.security import generate_keys
+
+    public, secret = generate_keys(directory, name)
+    click.echo(f"public key {public}\nsecret key {secret}")
 
 
 def _reader(cfg: Config) -> Any:

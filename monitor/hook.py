@@ -33,6 +33,7 @@ class HookRunner:
         self._thread = threading.Thread(target=self._run, name="alarm-hook", daemon=True)
         self.runs = 0
         self.failures = 0
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -60,27 +61,35 @@ class HookRunner:
             env[f"PBF_ALARM_{k.upper()}"] = "" if alarm.get(k) is None else str(alarm[k])
         self.runs += 1
         try:
-            done = subprocess.run(self.command, input=json.dumps(alarm).encode(), env=env,
-                                  capture_output=True, timeout=self.timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            self.failures += 1
-            log.error("alarm hook %s: killed after %g s (alarm %s)", self.command[0],
-                      self.timeout_s, alarm.get("id"))
-            return
+            proc = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         except OSError as e:
             self.failures += 1
             log.error("alarm hook %s: cannot run: %s", self.command[0], e.strerror or e)
             return
-        if done.returncode != 0:
+        self._proc = proc
+        try:
+            _, stderr = proc.communicate(json.dumps(alarm).encode(), timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             self.failures += 1
-            err = done.stderr.decode(errors="replace").strip().splitlines()
+            log.error("alarm hook %s: killed after %g s (alarm %s)", self.command[0],
+                      self.timeout_s, alarm.get("id"))
+            return
+        finally:
+            self._proc = None
+        if proc.returncode != 0:
+            self.failures += 1
+            err = stderr.decode(errors="replace").strip().splitlines()
             log.error("alarm hook %s: exit status %d for alarm %s%s", self.command[0],
-                      done.returncode, alarm.get("id"), f": {err[-1]}" if err else "")
+                      proc.returncode, alarm.get("id"), f": {err[-1]}" if err else "")
         else:
             log.info("alarm hook %s ran for alarm %s", self.command[0], alarm.get("id"))
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Let the running command finish (up to its timeout), drop what is queued."""
+    def stop(self, grace_s: float = 2.0) -> None:
+        """Drop what is queued; give a running command `grace_s`, then kill it (a stopping
+        daemon must not wait out a hook that hangs)."""
         if not self._thread.is_alive():
             return
         while True:
@@ -89,4 +98,9 @@ class HookRunner:
             except queue.Empty:
                 break
         self._q.put(_STOP)
-        self._thread.join(timeout if timeout is not None else self.timeout_s + 5)
+        self._thread.join(grace_s)
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            log.warning("alarm hook %s still running at stop: killed", self.command[0])
+            proc.kill()
+        self._thread.join(5)
