@@ -98,10 +98,10 @@ def run_demo(
                 console.print(f"  layer {payload['layer']:>4}  {_describe(payload)}  "
                               f"[dim]seq {payload['seq']}[/dim]")
             elif topic == "alarm":
-                console.print(f"  [bold red]ALARM[/bold red] {payload['state']} "
-                              f"{payload['severity']}: {payload['class']} "
-                              f"{100 * payload['value']:.2f}% > "
-                              f"{100 * payload['threshold']:.2f}% at layer {payload['layer']}")
+                console.print(f"  [bold red]ALARM[/bold red] #{payload['id']} "
+                              f"{payload['state']} {payload['severity']}: {payload['rule']} "
+                              f"{payload['value']:.4g} > {payload['threshold']:.4g} "
+                              f"at layer {payload['layer']}")
 
     listener = threading.Thread(target=listen, name="demo-subscriber", daemon=True)
     listener.start()

@@ -47,17 +47,7 @@ def layer_entry(row: store.Layer) -> dict[str, Any]:
         "layer": row.layer,
         "status": row.status,
         "error": row.error,
-        "classes": {
-            c.class_name: {
-                "pixel_count": c.pixel_count,
-                "area_fraction": c.area_fraction,
-                "area_mm2": c.area_mm2,
-                "components": c.components,
-                "largest_component_px": c.largest_component_px,
-                "largest_component_mm2": c.largest_component_mm2,
-            }
-            for c in row.classes
-        },
+        "classes": {c.class_name: c.summary() for c in row.classes},
         "image": row.image_path,
         "image_sha256": row.image_sha256,
         "width": row.width,
@@ -71,12 +61,7 @@ def layer_entry(row: store.Layer) -> dict[str, Any]:
     if row.regions:
         regions: dict[str, dict[str, Any]] = {}
         for r in row.regions:
-            regions.setdefault(r.region, {})[r.class_name] = {
-                "pixel_count": r.pixel_count, "area_fraction": r.area_fraction,
-                "area_mm2": r.area_mm2, "components": r.components,
-                "largest_component_px": r.largest_component_px,
-                "largest_component_mm2": r.largest_component_mm2,
-            }
+            regions.setdefault(r.region, {})[r.class_name] = r.summary()
         entry["regions"] = regions
     return entry
 

@@ -39,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from monitor.alarms import AlarmEvent
 from monitor.errors import StoreError
-from monitor.stats import LayerStats
+from monitor.stats import ClassStats, LayerStats
 from monitor.tracks import Track
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,9 @@ class Layer(Base):
     )
 
 
-class ClassStat(Base):
-    __tablename__ = "class_stats"
+class _StatColumns:
+    """The per-class statistics columns, shared by whole-layer and per-region rows."""
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
     class_name: Mapped[str] = mapped_column(String(100))
     pixel_count: Mapped[int] = mapped_column(Integer)
     area_fraction: Mapped[float] = mapped_column(Float)
@@ -109,6 +107,24 @@ class ClassStat(Base):
     components: Mapped[int] = mapped_column(Integer)
     largest_component_px: Mapped[int] = mapped_column(Integer)
     largest_component_mm2: Mapped[float] = mapped_column(Float)
+
+    @staticmethod
+    def values(c: ClassStats) -> dict[str, Any]:
+        return {"class_name": c.name, **c.summary()}
+
+    def summary(self) -> dict[str, Any]:
+        """The per-class object of messages and reports."""
+        return {"pixel_count": self.pixel_count, "area_fraction": self.area_fraction,
+                "area_mm2": self.area_mm2, "components": self.components,
+                "largest_component_px": self.largest_component_px,
+                "largest_component_mm2": self.largest_component_mm2}
+
+
+class ClassStat(_StatColumns, Base):
+    __tablename__ = "class_stats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
 
 
 class ComponentRow(Base):
@@ -127,7 +143,7 @@ class ComponentRow(Base):
     track: Mapped[int | None] = mapped_column(Integer)  # track number in the build
 
 
-class RegionStat(Base):
+class RegionStat(_StatColumns, Base):
     """Per-class statistics inside one named part region; area_fraction is of the region."""
 
     __tablename__ = "region_stats"
@@ -135,13 +151,6 @@ class RegionStat(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
     region: Mapped[str] = mapped_column(String(100))
-    class_name: Mapped[str] = mapped_column(String(100))
-    pixel_count: Mapped[int] = mapped_column(Integer)
-    area_fraction: Mapped[float] = mapped_column(Float)
-    area_mm2: Mapped[float] = mapped_column(Float)
-    components: Mapped[int] = mapped_column(Integer)
-    largest_component_px: Mapped[int] = mapped_column(Integer)
-    largest_component_mm2: Mapped[float] = mapped_column(Float)
 
 
 class TrackRow(Base):
@@ -354,12 +363,7 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
     )
     if rec.stats is not None:
         for c in rec.stats.classes.values():
-            row.classes.append(ClassStat(
-                class_name=c.name, pixel_count=c.pixel_count, area_fraction=c.area_fraction,
-                area_mm2=c.area_mm2, components=c.components,
-                largest_component_px=c.largest_component_px,
-                largest_component_mm2=c.largest_component_mm2,
-            ))
+            row.classes.append(ClassStat(**ClassStat.values(c)))
             for i, comp in enumerate(c.component_list[:max_components]):
                 row.components.append(ComponentRow(
                     class_name=c.name, x=comp.x, y=comp.y, w=comp.w, h=comp.h,
@@ -368,12 +372,7 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
                 ))
     for region, rs in (rec.regions or {}).items():
         for c in rs.classes.values():
-            row.regions.append(RegionStat(
-                region=region, class_name=c.name, pixel_count=c.pixel_count,
-                area_fraction=c.area_fraction, area_mm2=c.area_mm2, components=c.components,
-                largest_component_px=c.largest_component_px,
-                largest_component_mm2=c.largest_component_mm2,
-            ))
+            row.regions.append(RegionStat(region=region, **RegionStat.values(c)))
     s.add(row)
     s.flush()
     return build.id, old is not None
