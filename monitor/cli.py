@@ -120,10 +120,7 @@ def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path
     from monitor.stats import layer_stats
 
     cfg = _load(config_path)
-    m = cfg.model
-    seg = Segmenter(weights or m.weights, device=m.device, tile_size=m.tile_size,
-                    tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
-                    expected_sha256="" if weights else m.sha256)
+    seg = Segmenter.from_config(cfg, weights)
     try:
         data = image.read_bytes()
     except OSError as e:
@@ -468,10 +465,7 @@ def _segmenter(cfg: Config, weights: Path | None) -> Any:
     """The daemon's Segmenter as the config describes it; `weights` overrides model.weights."""
     from monitor.segmenter import Segmenter
 
-    m = cfg.model
-    return Segmenter(weights or m.weights, device=m.device, tile_size=m.tile_size,
-                     tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
-                     expected_sha256="" if weights else m.sha256)
+    return Segmenter.from_config(cfg, weights)
 
 
 @main.command()

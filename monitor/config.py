@@ -29,6 +29,10 @@ DEFAULT_WEIGHTS = REPO_ROOT / "weights" / "default.safetensors"
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Over-melted regions are larger than spatter specks, which the default model also sees as
+# bright; dropping small over-melting components removes most of its false positives.
+DEFAULT_MIN_COMPONENT_MM2 = {"swelling": 0.05, "misprint": 0.05, "over_melting": 0.5,
+                             "under_melting": 0.05}
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -94,6 +98,10 @@ class ModelConfig(_Section):
     thresholds: dict[str, Probability] = Field(
         default_factory=dict,
         description="Per-class thresholds overriding the weights' and 'threshold'.",
+    )
+    min_component_mm2: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: dict(DEFAULT_MIN_COMPONENT_MM2),
+        description="Per class: smaller connected components are dropped from the mask.",
     )
 
     @field_validator("tile_size")
@@ -218,7 +226,9 @@ class TracksConfig(_Section):
     min_area_mm2: float = Field(0.05, ge=0, description="Smaller components are not tracked.")
     alarm_layers: int = Field(5, ge=2, description="A track this many layers long alarms.")
     alarm_volume_mm3: float = Field(
-        0.5, gt=0, description="A track whose volume (area x layer thickness) exceeds this alarms."
+        1.0, gt=0,
+        description="A track of 2+ layers whose volume (area x layer thickness) exceeds this "
+        "alarms.",
     )
     severity: Severity = Field("critical", description="Severity of track alarms.")
 

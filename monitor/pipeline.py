@@ -116,11 +116,7 @@ class Daemon:
         log.info("database %s", url)
 
     def _init_segmenter(self) -> None:
-        m = self.cfg.model
-        self.segmenter = Segmenter(
-            m.weights, device=m.device, tile_size=m.tile_size, tile_overlap=m.tile_overlap,
-            threshold=m.threshold, thresholds=m.thresholds, expected_sha256=m.sha256,
-        )
+        self.segmenter = Segmenter.from_config(self.cfg)
         self.segmenter.warm_up()
 
     def _init_alarms(self) -> None:

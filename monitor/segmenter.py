@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
+from monitor.config import Config
 from monitor.errors import ConfigError, DeviceError
 from monitor.imaging import normalize
-from monitor.model import DEPTH, ModelInfo, UNet, load_weights
+from monitor.model import DEPTH, ModelInfo, UNet, load_weights, read_info
 
 log = logging.getLogger(__name__)
 MULTIPLE = 2**DEPTH
@@ -72,14 +74,26 @@ class Segmenter:
         threshold: float = 0.5,
         thresholds: Mapping[str, float] | None = None,
         expected_sha256: str = "",
+        min_component_px: Mapping[str, int] | None = None,
     ) -> None:
         model, info = load_weights(weights, expected_sha256=expected_sha256)
         self._setup(model, info, device=resolve_device(device), tile_size=tile_size,
-                    tile_overlap=tile_overlap, threshold=threshold, thresholds=thresholds)
+                    tile_overlap=tile_overlap, threshold=threshold, thresholds=thresholds,
+                    min_component_px=min_component_px)
         name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
         log.info("model %s (width %d, classes %s) on %s%s", self.info.sha256[:12],
                  self.info.base_channels, ",".join(self.info.class_names), name,
                  f" with {self.amp_dtype} autocast" if self.cuda else "")
+
+    @classmethod
+    def from_config(cls, cfg: Config, weights: Path | None = None) -> Segmenter:
+        """The Segmenter the daemon, `infer` and `evaluate` use; `weights` overrides the
+        config's (then model.sha256 is not checked)."""
+        m = cfg.model
+        return cls(weights or m.weights, device=m.device, tile_size=m.tile_size,
+                   tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
+                   expected_sha256="" if weights else m.sha256,
+                   min_component_px=_min_component_px(cfg, weights or m.weights))
 
     @classmethod
     def from_model(
@@ -110,6 +124,7 @@ class Segmenter:
         tile_overlap: int,
         threshold: float,
         thresholds: Mapping[str, float] | None,
+        min_component_px: Mapping[str, int] | None = None,
     ) -> None:
         if tile_overlap >= tile_size // 2:
             raise ConfigError(f"model.tile_overlap ({tile_overlap}) must be less than half of "
@@ -126,6 +141,13 @@ class Segmenter:
         self.thresholds = np.array(
             [chosen.get(c, threshold) for c in self.info.class_names], dtype=np.float32,
         )
+        unknown = set(min_component_px or {}) - set(self.info.class_names)
+        if unknown:
+            raise ConfigError(f"model.min_component_mm2.{sorted(unknown)[0]}: unknown class; "
+                              f"the weights' classes are {', '.join(self.info.class_names)}")
+        self.min_component_px = [(i, int((min_component_px or {})[c]))
+                                 for i, c in enumerate(self.info.class_names)
+                                 if (min_component_px or {}).get(c, 0) > 1]
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.cuda = self.device.type == "cuda"
@@ -178,4 +200,29 @@ class Segmenter:
                     p = self._forward(x[y0:y1, x0:x1])
                     probs[:, ky0:ky1, kx0:kx1] = p[:, ky0 - y0 : ky1 - y0, kx0 - x0 : kx1 - x0]
         masks = probs >= self.thresholds[:, None, None]
+        for i, min_px in self.min_component_px:
+            masks[i] = drop_small_components(masks[i], min_px)
         return Segmentation(probs, masks, (time.perf_counter() - t0) * 1000.0)
+
+
+def _min_component_px(cfg: Config, weights: Path) -> dict[str, int]:
+    """model.min_component_mm2 in pixels. Built-in defaults name the default classes: for
+    weights with other classes they are skipped rather than refused."""
+    m = cfg.model
+    px_mm2 = cfg.camera.pixel_size_mm ** 2
+    wanted = m.min_component_mm2
+    if "min_component_mm2" not in m.model_fields_set:
+        names = set(read_info(weights).class_names)
+        wanted = {c: a for c, a in wanted.items() if c in names}
+    return {c: math.ceil(a / px_mm2) for c, a in wanted.items()}
+
+
+def drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
+    """The mask without its 8-connected components smaller than min_px pixels."""
+    if not mask.any():
+        return mask
+    _, labels, st, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = st[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False  # the background
+    out: np.ndarray = keep[labels]
+    return out

@@ -124,8 +124,10 @@ class BuildTracks:
                 touched[number].boxes = boxes
         for t in touched.values():
             t.max_area_mm2 = max(t.max_area_mm2, layer_area[t.number])
+            # Volume counts only once the defect is seen stacking (two layers or more): a
+            # large defect in a single layer is the threshold rules' business.
             if not t.alarmed and (t.layers >= cfg.alarm_layers
-                                  or t.volume_mm3 > cfg.alarm_volume_mm3):
+                                  or (t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3)):
                 t.alarmed = True
                 alarms.append(t)
         ended = [t for t in self.live

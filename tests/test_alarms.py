@@ -174,6 +174,9 @@ def test_track_volume_limit_and_gap() -> None:
     events = run(eng, layers)
     assert [(e.action, e.layer) for e in events] == [("open", 3)]
     assert events[0].value > 0.3 and events[0].threshold == 0.3
+    # A large defect in one layer only is not stacking: no track alarm.
+    fresh = engine(tracks={**TRACKS, "alarm_layers": 50, "alarm_volume_mm3": 0.3})
+    assert run(fresh, {1: stats((0, 0, 90, 90)), 2: stats()}) == []
 
 
 # --- stall ----------------------------------------------------------------------------

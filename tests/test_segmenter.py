@@ -79,3 +79,27 @@ def test_auto_device_logs_what_it_uses(tiny_weights: Path,
     assert seg.device.type == expected
     assert seg.info.sha256[:12] in caplog.text
     assert (" on cpu" in caplog.text) if expected == "cpu" else ("autocast" in caplog.text)
+
+
+def test_small_components_dropped_per_class(tmp_path: Path) -> None:
+    from monitor.config import parse_config
+    from monitor.segmenter import drop_small_components
+    from tests.conftest import make_threshold_weights
+
+    mask = np.zeros((20, 20), bool)
+    mask[1:3, 1:3] = True  # 4 px
+    mask[10:15, 10:15] = True  # 25 px
+    kept = drop_small_components(mask, 5)
+    assert kept[10:15, 10:15].all() and kept.sum() == 25
+    w = make_threshold_weights(tmp_path / "w.safetensors")  # swelling where bright
+    gray = np.full((64, 64), 0.4, np.float32)
+    gray[5:7, 5:7] = 0.9  # a 4 px speck: 0.04 mm² at 0.1 mm per pixel
+    gray[30:40, 30:40] = 0.9  # 1 mm²
+    cfg = parse_config({"model": {"weights": str(w), "device": "cpu",
+                                  "min_component_mm2": {"swelling": 0.1}}}, base_dir=tmp_path)
+    masks = Segmenter.from_config(cfg).predict(gray).masks
+    assert masks[1].sum() == 100 and not masks[1, 5:7, 5:7].any()
+    bad = parse_config({"model": {"weights": str(w), "min_component_mm2": {"crack": 1.0}}},
+                       base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"model\.min_component_mm2\.crack"):
+        Segmenter.from_config(bad)
