@@ -93,7 +93,7 @@ class Segmenter:
         return cls(weights or m.weights, device=m.device, tile_size=m.tile_size,
                    tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
                    expected_sha256="" if weights else m.sha256,
-                   min_component_px=_min_component_px(cfg, weights or m.weights))
+                   min_component_px=_min_component_px(cfg, weights))
 
     @classmethod
     def from_model(
@@ -205,14 +205,15 @@ class Segmenter:
         return Segmentation(probs, masks, (time.perf_counter() - t0) * 1000.0)
 
 
-def _min_component_px(cfg: Config, weights: Path) -> dict[str, int]:
-    """model.min_component_mm2 in pixels. Built-in defaults name the default classes: for
-    weights with other classes they are skipped rather than refused."""
+def _min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:
+    """model.min_component_mm2 in pixels. The built-in defaults, and a config's values when
+    other weights are given on the command line, name classes those weights may not have:
+    such entries are skipped rather than refused."""
     m = cfg.model
     px_mm2 = cfg.camera.pixel_size_mm ** 2
     wanted = m.min_component_mm2
-    if "min_component_mm2" not in m.model_fields_set:
-        names = set(read_info(weights).class_names)
+    if override is not None or "min_component_mm2" not in m.model_fields_set:
+        names = set(read_info(override or m.weights).class_names)
         wanted = {c: a for c, a in wanted.items() if c in names}
     return {c: math.ceil(a / px_mm2) for c, a in wanted.items()}
 
