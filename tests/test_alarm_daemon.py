@@ -293,3 +293,27 @@ def test_slow_subscriber_never_slows_the_pipeline(rig: Callable[..., Rig]) -> No
     finally:
         stuck.close(linger=0)
         ctx.term()
+
+
+def test_regions_ignore_and_part_statistics(rig: Callable[..., Rig]) -> None:
+    regions = """
+[[regions]]
+name = "edge"
+kind = "ignore"
+polygon = [[0, 0], [96, 0], [96, 10], [0, 10]]
+[[regions]]
+name = "left"
+units = "mm"
+polygon = [[0, 0], [4.8, 0], [4.8, 9.6], [0, 9.6]]
+"""
+    r = rig(NO_RULES + regions)
+    r.write(1, (10, 0, 10, 6), (5, 40, 10, 10), (70, 40, 10, 10))  # edge, left, right
+    msg = r.listener.layers()[1][0]  # type: ignore[union-attr]
+    assert msg["classes"]["swelling"]["pixel_count"] == 200  # the edge one is ignored
+    left = msg["regions"]["left"]["swelling"]
+    assert left["pixel_count"] == 100
+    assert left["area_fraction"] == pytest.approx(100 / (48 * 96), rel=0.05)
+    out = CliRunner().invoke(main, ["report", "B1", "--config", str(r.config), "--format",
+                                    "json"])
+    assert json.loads(out.output)["layers"][0]["regions"]["left"]["swelling"][
+        "pixel_count"] == 100

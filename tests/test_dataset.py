@@ -260,3 +260,20 @@ def test_clean_frames(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"x\.png"):
         import_clean_frames([bad], tmp_path / "neg2")
     assert not (tmp_path / "neg2").exists()
+
+
+def test_cli_import_peregrine(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+
+    src = tmp_path / "build.hdf5"
+    write_peregrine(src, layers=4)
+    r = CliRunner().invoke(main, ["dataset", "import-peregrine", str(src), str(tmp_path / "o"),
+                                  "--class-ids", "0,8", "--layers", "1:3"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 2 layers, classes no_defect, spatter" in r.output
+    assert open_dataset(tmp_path / "o").names == ("layer_00001", "layer_00002")
+    r = CliRunner().invoke(main, ["dataset", "import-peregrine", str(src), str(tmp_path / "p"),
+                                  "--class-ids", "zero"])
+    assert r.exit_code == 2 and "--class-ids 'zero'" in r.output
