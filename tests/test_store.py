@@ -106,3 +106,13 @@ def test_unwritable_location(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError, match="state directory"):
         store.open_db(f"sqlite:///{blocker / 'sub' / 'db.sqlite'}")
+
+
+def test_older_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:  # a layers table from before tracks existed
+        conn.execute("CREATE TABLE components (id INTEGER PRIMARY KEY, layer_id INTEGER, "
+                     "class_name TEXT, x INTEGER, y INTEGER, w INTEGER, h INTEGER, "
+                     "area_px INTEGER, cx REAL, cy REAL)")
+    with pytest.raises(StoreError, match="table components lacks column"):
+        store.open_db(f"sqlite:///{db}")
