@@ -130,6 +130,11 @@ class StoreConfig(_Section):
     max_components: int = Field(
         200, ge=0, description="Largest components stored per layer and class."
     )
+    maps: bool = Field(True, description="Store each layer's defect map and thumbnail.")
+    map_max_side: int = Field(512, ge=32, description="Longest side of stored maps, pixels.")
+    maps_keep_days: float = Field(
+        180.0, ge=0, description="Delete maps older than this (0 = keep); statistics stay."
+    )
 
 
 class PublishConfig(_Section):

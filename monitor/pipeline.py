@@ -26,6 +26,7 @@ from monitor.config import Config
 from monitor.errors import ImageError, MonitorError, StoreError
 from monitor.hook import HookRunner
 from monitor.imaging import decode
+from monitor.maps import encode_map
 from monitor.publisher import Publisher, alarm_message, layer_message
 from monitor.regions import Regions, apply_ignore, region_stats
 from monitor.segmenter import Segmenter
@@ -69,6 +70,7 @@ class Daemon:
         self.control: Any = None
         self._zmq_context: Any = None
         self._next_stall_check = 0.0
+        self._next_prune = 0.0
 
     # ------------------------------------------------------------ start / stop
 
@@ -447,6 +449,8 @@ class Daemon:
                                    max_components=max_comp)
         stats = layer_stats(masks, self.segmenter.class_names, pixel_size_mm=px,
                             max_components=max_comp)
+        lmap = (encode_map(gray, masks, max_side=self.cfg.store.map_max_side)
+                if self.cfg.store.maps else None)
         key = BuildKey(self.printer, cand.key.build)
         self._ensure_restored(key)
         verdict = self.alarms.evaluate(key, cand.key.layer, stats, regions)
@@ -457,7 +461,7 @@ class Daemon:
             detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
             image_size=facts.size, image_mtime_ns=facts.mtime_ns, image_sha256=facts.sha256,
-            regions=regions,
+            regions=regions, map=lmap, classes=self.segmenter.class_names,
         )
         self._finish(cand, sig, rec, verdict)
 
@@ -557,8 +561,25 @@ class Daemon:
 
         self.writer.submit(job, self._published(events))
 
+    def _prune_maps(self) -> None:
+        """Retention of defect maps: at start and hourly."""
+        days = self.cfg.store.maps_keep_days
+        now = time.time()
+        if days <= 0 or now < self._next_prune:
+            return
+        self._next_prune = now + 3600.0
+        assert self.writer is not None
+
+        def job(s: Session) -> None:
+            n = store.prune_maps(s, older_than=now - days * 86400.0)
+            if n:
+                log.info("deleted %d defect map(s) older than %g days", n, days)
+
+        self.writer.submit(job)
+
     def _check_stalls(self) -> None:
         assert self.alarms is not None
+        self._prune_maps()
         now = time.time()
         if now >= self._next_stall_check:
             self._next_stall_check = now + 1.0

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -39,6 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from monitor.alarms import AlarmEvent
 from monitor.errors import StoreError
+from monitor.maps import EncodedMap
 from monitor.stats import ClassStats, LayerStats
 from monitor.tracks import Track
 
@@ -192,6 +194,21 @@ class RuleStateRow(Base):
     last_open_layer: Mapped[int | None] = mapped_column(Integer)
 
 
+class LayerMap(Base):
+    """A layer's defect map and camera thumbnail (see monitor.maps); pruned by age."""
+
+    __tablename__ = "layer_maps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"),
+                                          unique=True)
+    classes: Mapped[str] = mapped_column(Text)  # JSON list, bit order of mask_png
+    scale: Mapped[int] = mapped_column(Integer)
+    mask_png: Mapped[bytes] = mapped_column(LargeBinary)
+    thumb_jpeg: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
 class Mute(Base):
     """A muted build, or one class of it (class_name NULL = every class and stalls)."""
 
@@ -253,6 +270,8 @@ class LayerRecord:
     total_ms: float | None = None
     stats: LayerStats | None = None
     regions: dict[str, LayerStats] | None = None
+    map: EncodedMap | None = None
+    classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -392,6 +411,10 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
             row.regions.append(RegionStat(region=region, **RegionStat.values(c)))
     s.add(row)
     s.flush()
+    if rec.map is not None:
+        s.add(LayerMap(layer_id=row.id, classes=json.dumps(list(rec.classes)),
+                       scale=rec.map.scale, mask_png=rec.map.mask_png,
+                       thumb_jpeg=rec.map.thumb_jpeg, created_at=rec.processed_at))
     return build.id, old is not None
 
 
@@ -681,6 +704,22 @@ def list_alarms(s: Session, *, build: str | None = None, build_id: int | None = 
     if open_only:
         q = q.where(Alarm.state.in_(("open", "acknowledged")))
     return [(a, p, n) for a, p, n in s.execute(q.order_by(Alarm.id.desc()))]
+
+
+def prune_maps(s: Session, *, older_than: float) -> int:
+    """Delete defect maps made before `older_than` (statistics and alarms are kept)."""
+    result = s.execute(delete(LayerMap).where(LayerMap.created_at < older_than))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def layer_maps(s: Session, build_id: int, layers: range | None = None
+               ) -> dict[int, LayerMap]:
+    """layer number -> its map, for the layers of a build that still have one."""
+    q = select(Layer.layer, LayerMap).join(LayerMap, LayerMap.layer_id == Layer.id).where(
+        Layer.build_id == build_id)
+    if layers is not None:
+        q = q.where(Layer.layer >= layers.start, Layer.layer < layers.stop)
+    return {n: m for n, m in s.execute(q)}
 
 
 def build_tracks(s: Session, build_id: int) -> list[TrackRow]:

@@ -1,0 +1,76 @@
+"""Compact per-layer defect maps and camera thumbnails, so reports and the dashboard can draw
+a build without its original images.
+
+A map is one PNG whose pixel bits are the classes (bit i = class i of the model), at the
+thumbnail's resolution. Masks are reduced with "any pixel in the block" rather than averaged,
+so a spatter speck smaller than a block still shows. The thumbnail is a JPEG of the camera
+image at the same resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+MAX_SIDE = 512
+
+
+@dataclass(frozen=True)
+class EncodedMap:
+    scale: int  # original pixels per map pixel, along each axis
+    mask_png: bytes
+    thumb_jpeg: bytes
+
+
+def _reduce_any(mask: np.ndarray, scale: int) -> np.ndarray:
+    """(H, W) bool -> (ceil(H/s), ceil(W/s)) bool, True where any pixel of the block is."""
+    if scale == 1:
+        return mask
+    h, w = mask.shape
+    ph, pw = math.ceil(h / scale) * scale, math.ceil(w / scale) * scale
+    padded = np.zeros((ph, pw), bool)
+    padded[:h, :w] = mask
+    out = np.asarray(padded.reshape(ph // scale, scale, pw // scale, scale).any(axis=(1, 3)))
+    return out
+
+
+def encode_map(gray: np.ndarray, masks: np.ndarray, *, max_side: int = MAX_SIDE,
+               jpeg_quality: int = 85) -> EncodedMap:
+    """gray (H, W) float in [0, 1] and masks (C, H, W) bool (C <= 16) -> compact map."""
+    c, h, w = masks.shape
+    if c > 16:
+        raise ValueError(f"{c} classes: a map holds at most 16")
+    scale = max(1, math.ceil(max(h, w) / max_side))
+    small = [_reduce_any(masks[i], scale) for i in range(c)]
+    weights = (1 << np.arange(c, dtype=np.int64))[:, None, None]
+    packed = (np.stack(small).astype(np.int64) * weights).sum(axis=0)
+    bits = packed.astype(np.uint8 if c <= 8 else np.uint16)
+    ok, png = cv2.imencode(".png", bits)
+    mh, mw = small[0].shape
+    thumb = cv2.resize((np.clip(gray, 0, 1) * 255).astype(np.uint8), (mw, mh),
+                       interpolation=cv2.INTER_AREA)
+    ok2, jpg = cv2.imencode(".jpg", thumb, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    if not (ok and ok2):
+        raise ValueError("could not encode the layer map")
+    return EncodedMap(scale, png.tobytes(), jpg.tobytes())
+
+
+def decode_masks(mask_png: bytes, n_classes: int) -> np.ndarray:
+    """The map's (C, h, w) bool masks."""
+    bits = cv2.imdecode(np.frombuffer(mask_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if bits is None:
+        raise ValueError("not a layer map")
+    b = np.asarray(bits, dtype=np.int64)
+    return np.stack([np.bitwise_and(np.right_shift(b, i), 1) for i in range(n_classes)]
+                    ).astype(bool)
+
+
+def decode_thumb(thumb_jpeg: bytes) -> np.ndarray:
+    """The thumbnail as (h, w) float32 gray in [0, 1]."""
+    img = cv2.imdecode(np.frombuffer(thumb_jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError("not a thumbnail")
+    return img.astype(np.float32) / 255.0
