@@ -168,9 +168,12 @@ class Publisher:
                 if self._on_sent:
                     self._on_sent([m.seq for m in batch])
         finally:
-            # A short linger lets queued messages reach connected subscribers on a clean stop
-            # without letting an unreachable peer hold up shutdown.
-            sock.close(linger=500)
+            # Give queued messages a moment to reach connected subscribers, then close with
+            # linger 0: with a linger, libzmq's context termination was seen to hang for good
+            # when a subscriber had vanished with messages pending (the outbox and the state
+            # endpoint keep what a subscriber misses recoverable).
+            time.sleep(0.2)
+            sock.close(linger=0)
             if own:
                 ctx.term()
 
