@@ -400,17 +400,31 @@ def builds(config_path: Path | None, as_json: bool) -> None:
 @main.command()
 @click.argument("build")
 @CONFIG_OPTION
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]),
+              default="table")
 @click.option("--out", type=click.Path(path_type=Path), help="Write to a file, not stdout.")
-def report(build: str, config_path: Path | None, fmt: str, out: Path | None) -> None:
-    """Per-layer report of one build."""
+@click.option("--layers", "layer_range", help="Only layers A:B (inclusive), A: or :B.")
+@click.option("--printer", default=None, help="Printer of the build (fleets).")
+def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
+           layer_range: str | None, printer: str | None) -> None:
+    """Report of one build: a table, JSON, CSV, or a self-contained HTML file with plots."""
     from sqlalchemy.orm import Session
 
     from monitor import report as rep
 
+    span = rep.parse_layers(layer_range) if layer_range else None
     engine = _reader(_load(config_path))
     with Session(engine) as s:
-        data = rep.build_report(s, build)
+        if fmt == "html":
+            from monitor.html_report import render_html
+
+            html = render_html(s, build, layers=span, printer=printer)
+            if out is None:
+                raise MonitorError("--format html needs --out FILE.html")
+            out.write_text(html, encoding="utf-8")
+            click.echo(f"wrote {out} ({len(html) / 1e6:.1f} MB)")
+            return
+        data = rep.build_report(s, build, layers=span, printer=printer)
     if fmt == "table":
         console = Console(file=out.open("w", encoding="utf-8") if out else None)
         console.print(rep.to_table(data))

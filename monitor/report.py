@@ -13,23 +13,45 @@ from monitor import store
 from monitor.errors import MonitorError
 
 
-def build_report(s: Session, build: str, *, printer: str | None = None) -> dict[str, Any]:
-    """``{"build", "layers": [{"layer", "status", "error", "classes", ...}]}``, one per layer."""
-    layers = store.build_layers(s, build, printer=printer)
-    if not layers:
+def parse_layers(text: str) -> range:
+    """--layers A:B (inclusive of both; either may be omitted) -> a range of layer numbers."""
+    a, sep, b = text.partition(":")
+    try:
+        lo = int(a) if a.strip() else 0
+        hi = int(b) if b.strip() else 2**31 - 1
+        if not sep:
+            hi = lo
+    except ValueError:
+        raise MonitorError(f"--layers {text!r}: expected A:B, A: or :B (layer numbers)") from None
+    if hi < lo:
+        raise MonitorError(f"--layers {text!r}: the range is empty")
+    return range(lo, hi + 1)
+
+
+def build_report(s: Session, build: str, *, printer: str | None = None,
+                 layers: range | None = None) -> dict[str, Any]:
+    """``{"build", "layers": [{"layer", "status", "error", "classes", ...}], "alarms",
+    "tracks"}``, one entry per layer (in `layers` when given)."""
+    rows = store.build_layers(s, build, printer=printer)
+    if not rows:
         names = [b["build"] for b in store.list_builds(s)]
         known = ", ".join(names[-10:]) or "none yet"
         raise MonitorError(f"no build named {build!r} in the database (known: {known})")
-    bid = layers[0].build_id
+    bid = rows[0].build_id
+    if layers is not None:
+        rows = [r for r in rows if r.layer in layers]
+    span = layers or range(-(2**31), 2**31)
     return {
         "build": build,
-        "layers": [layer_entry(row) for row in layers],
+        "printer": printer if printer is not None else "",
+        "build_id": bid,
+        "layers": [layer_entry(row) for row in rows],
         "alarms": [
             {"id": a.id, "layer": a.layer, "class": a.class_name, "rule": a.rule,
              "severity": a.severity, "state": a.state, "value": a.value,
              "threshold": a.threshold, "opened_at": a.opened_at, "acked_at": a.acked_at,
              "cleared_at": a.cleared_at, "cleared_layer": a.cleared_layer, "track": a.track}
-            for a, _, _ in reversed(store.list_alarms(s, build_id=bid))
+            for a, _, _ in reversed(store.list_alarms(s, build_id=bid)) if a.layer in span
         ],
         "tracks": [
             {"number": t.number, "class": t.class_name, "first_layer": t.first_layer,
@@ -37,6 +59,7 @@ def build_report(s: Session, build: str, *, printer: str | None = None) -> dict[
              "max_area_mm2": t.max_area_mm2, "bbox": [t.x0, t.y0, t.x1, t.y1],
              "alarmed": t.alarmed, "ended": t.ended}
             for t in store.build_tracks(s, bid)
+            if t.last_layer >= span.start and t.first_layer < span.stop
         ],
     }
 

@@ -317,3 +317,28 @@ polygon = [[0, 0], [4.8, 0], [4.8, 9.6], [0, 9.6]]
                                     "json"])
     assert json.loads(out.output)["layers"][0]["regions"]["left"]["swelling"][
         "pixel_count"] == 100
+
+
+def test_html_report_of_a_build(rig: Callable[..., Rig], tmp_path: Path) -> None:
+    r = rig(NO_RULES + "[alarms.tracks]\nclasses = ['swelling']\nalarm_layers = 3\n")
+    for n in range(1, 7):
+        r.write(n, *([(40, 40, 10, 10)] if 2 <= n <= 5 else []))
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(main, ["report", "B1", "--config", str(r.config), "--format",
+                                    "html", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    html = out.read_text()
+    assert "<h1>Build B1</h1>" in html and "http" not in html.split("<body>")[1]  # no links
+    assert html.count('class="overlay"') == 4  # the four layers with a defect, on the camera
+    assert "heatmap swelling" in html and "defect tracks" in html
+    assert 'alt="alarm timeline"' in html and "track.swelling" in html
+    assert html.count("<tr><td>") >= 6  # one row per layer, plus tracks and alarms
+    part = tmp_path / "part.html"
+    res = CliRunner().invoke(main, ["report", "B1", "--config", str(r.config), "--format",
+                                    "html", "--out", str(part), "--layers", "5:6"])
+    assert res.exit_code == 0, res.output
+    text = part.read_text()
+    assert "layers 5-6" in text and text.count('class="overlay"') == 1
+    res = CliRunner().invoke(main, ["report", "B1", "--config", str(r.config), "--format",
+                                    "json", "--layers", "2:3"])
+    assert [x["layer"] for x in json.loads(res.output)["layers"]] == [2, 3]

@@ -1,0 +1,218 @@
+"""A self-contained HTML report of one build: summary, plots, heatmaps, tracks, worst layers,
+alarms and regions, with every image embedded (one file to mail or archive with the part).
+
+Plots are drawn with matplotlib (Agg) from the database alone: statistics, tracks, alarms
+and the stored per-layer defect maps and thumbnails (monitor.maps); the original camera
+images are not needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+import cv2
+import jinja2
+import numpy as np
+from sqlalchemy.orm import Session
+
+from monitor import store
+from monitor.imaging import CLASS_COLOURS, overlay
+from monitor.maps import decode_masks, decode_thumb
+from monitor.report import build_report, class_names
+
+NO_DEFECT = "no_defect"
+WORST_LAYERS = 6
+
+
+def _rgb(name: str) -> tuple[float, float, float]:
+    b, g, r = CLASS_COLOURS.get(name, (128, 128, 128))
+    return (r / 255, g / 255, b / 255)
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _png_array(bgr: np.ndarray) -> str:
+    ok, buf = cv2.imencode(".png", bgr)
+    assert ok
+    return base64.b64encode(buf.tobytes()).decode()
+
+
+def _area_plot(report: dict[str, Any], defects: list[str]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["layers"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    xs = [r["layer"] for r in ok]
+    for c in defects:
+        ax.plot(xs, [r["classes"].get(c, {}).get("area_mm2", 0.0) for r in ok], label=c,
+                color=_rgb(c), linewidth=1.5)
+    for r in report["layers"]:
+        if r["status"] != "ok":
+            ax.axvline(r["layer"], color="red", alpha=0.3, linewidth=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("defect area (mm²)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, ncol=len(defects))
+    return _png(fig)
+
+
+def _alarm_plot(report: dict[str, Any], last_layer: int) -> str | None:
+    import matplotlib.pyplot as plt
+
+    alarms = report["alarms"]
+    if not alarms:
+        return None
+    rules = sorted({a["rule"] for a in alarms})
+    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.35 * len(rules)))
+    for a in alarms:
+        y = rules.index(a["rule"])
+        end = a["cleared_layer"] if a["cleared_layer"] is not None else last_layer
+        colour = "#c0392b" if a["severity"] == "critical" else "#e6a100"
+        ax.plot([a["layer"], max(end, a["layer"])], [y, y], color=colour, linewidth=6,
+                solid_capstyle="butt")
+        ax.plot([a["layer"]], [y], marker="o", color=colour)
+    ax.set_yticks(range(len(rules)), rules, fontsize=8)
+    ax.set_xlabel("layer (bar: open until cleared; red critical, amber warning)")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def _track_plot(report: dict[str, Any]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    tracks = [t for t in report["tracks"] if t["layers"] >= 2]
+    if not tracks:
+        return None
+    tracks.sort(key=lambda t: (t["first_layer"], t["number"]))
+    tracks = tracks[:60]
+    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.22 * len(tracks)))
+    for i, t in enumerate(tracks):
+        ax.barh(i, t["last_layer"] - t["first_layer"] + 1, left=t["first_layer"],
+                color=_rgb(t["class"]), edgecolor="black" if t["alarmed"] else "none",
+                linewidth=1.5)
+    ax.set_yticks(range(len(tracks)),
+                  [f"#{t['number']} {t['class']}" for t in tracks], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("layer (black outline: raised an alarm)")
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def _heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[str, Any]]:
+    """Per defect class, in how many layers each spot of the bed was defective."""
+    import matplotlib.pyplot as plt
+
+    if not maps:
+        return []
+    classes = json.loads(next(iter(maps.values())).classes)
+    decoded = [decode_masks(m.mask_png, len(classes)) for m in maps.values()]
+    shape = Counter(d.shape for d in decoded).most_common(1)[0][0]
+    counts = np.sum([d for d in decoded if d.shape == shape], axis=0)
+    out = []
+    for c in defects:
+        if c not in classes:
+            continue
+        heat = counts[classes.index(c)]
+        fig, ax = plt.subplots(figsize=(3.6, 3.6 * shape[1] / max(shape[2], 1)))
+        im = ax.imshow(heat, cmap="magma", interpolation="nearest")
+        ax.set_title(f"{c}: max {int(heat.max())} layers", fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        out.append({"name": c, "png": _png(fig)})
+    return out
+
+
+def _worst_layers(report: dict[str, Any], maps: dict[int, store.LayerMap],
+                  defects: list[str]) -> list[dict[str, Any]]:
+    ranked = sorted(
+        (r for r in report["layers"] if r["status"] == "ok"),
+        key=lambda r: -sum(r["classes"].get(c, {}).get("area_mm2", 0.0) for c in defects))
+    out = []
+    for r in ranked[:WORST_LAYERS]:
+        area = sum(r["classes"].get(c, {}).get("area_mm2", 0.0) for c in defects)
+        if area <= 0:
+            break
+        m = maps.get(r["layer"])
+        img = None
+        if m is not None:
+            classes = json.loads(m.classes)
+            img = _png_array(overlay(decode_thumb(m.thumb_jpeg),
+                                     decode_masks(m.mask_png, len(classes)), classes))
+        found = ", ".join(f"{c} {r['classes'][c]['area_mm2']:.2f} mm²" for c in defects
+                          if r["classes"].get(c, {}).get("area_mm2"))
+        out.append({"layer": r["layer"], "area": area, "found": found, "png": img})
+    return out
+
+
+def _regions(report: dict[str, Any], defects: list[str]) -> list[dict[str, Any]]:
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for r in report["layers"]:
+        for region, classes in (r.get("regions") or {}).items():
+            for c in defects:
+                st = classes.get(c)
+                if not st:
+                    continue
+                row = table.setdefault((region, c), {"area": 0.0, "layers": 0, "max": 0.0})
+                row["area"] += st["area_mm2"]
+                row["layers"] += 1 if st["pixel_count"] else 0
+                row["max"] = max(row["max"], st["area_fraction"])
+    return [{"region": k[0], "class": k[1], **v} for k, v in sorted(table.items())]
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def render_html(s: Session, build: str, *, layers: range | None = None,
+                printer: str | None = None) -> str:
+    """The report of one build as one self-contained HTML document."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    report = build_report(s, build, printer=printer, layers=layers)
+    names = class_names(report)
+    defects = [c for c in names if c != NO_DEFECT]
+    maps = store.layer_maps(s, report["build_id"], layers)
+    rows = report["layers"]
+    last = rows[-1]["layer"] if rows else 0
+    times = [r["processed_at"] for r in rows]
+    alarms = report["alarms"]
+    summary = {
+        "layers": len(rows),
+        "first": rows[0]["layer"] if rows else None,
+        "last": last,
+        "ok": sum(r["status"] == "ok" for r in rows),
+        "errors": [r for r in rows if r["status"] != "ok"],
+        "start": _when(min(times) if times else None),
+        "end": _when(max(times) if times else None),
+        "models": sorted({r["model_sha256"] for r in rows}),
+        "alarms": Counter(f"{a['severity']}" for a in alarms),
+        "open": sum(a["state"] != "cleared" for a in alarms),
+        "tracks_alarmed": sum(t["alarmed"] for t in report["tracks"]),
+        "maps": len(maps),
+    }
+    env = jinja2.Environment(loader=jinja2.PackageLoader("monitor", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2").render(
+        build=build, summary=summary, defects=defects, rows=rows, alarms=alarms,
+        tracks=[t for t in report["tracks"] if t["layers"] >= 2],
+        area_plot=_area_plot(report, defects), alarm_plot=_alarm_plot(report, last),
+        track_plot=_track_plot(report), heatmaps=_heatmaps(maps, defects),
+        worst=_worst_layers(report, maps, defects), regions=_regions(report, defects),
+        generated=_when(datetime.now(UTC).timestamp()),
+        range_text=(f"layers {layers.start}-{layers.stop - 1}" if layers else "all layers"),
+    )
