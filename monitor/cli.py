@@ -349,6 +349,29 @@ def test_alarm(severity: str, run_hook: bool, config_path: Path | None,
                + (" and the hook started" if reply.get("hook") else ""))
 
 
+@main.command()
+@CONFIG_OPTION
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to serve on (loopback by default).")
+def dashboard(config_path: Path | None, port: int, address: str) -> None:
+    """The live dashboard (Streamlit, the 'dashboard' extra); reads the database read-only."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise MonitorError("the dashboard needs Streamlit: pip install 'pbf-monitor[dashboard]'")
+    cfg = _load(config_path)  # fail here, in one line, rather than inside Streamlit
+    app = Path(__file__).with_name("dashboard_app.py")
+    args = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+            "--server.address", address, "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--"]
+    if cfg.source is not None:
+        args += ["--config", str(cfg.source.resolve())]
+    click.echo(f"dashboard on http://{address}:{port} (database {cfg.store_url})")
+    raise SystemExit(subprocess.call(args))
+
+
 @main.group()
 def keys() -> None:
     """CURVE keys for the daemon's endpoints."""

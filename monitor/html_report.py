@@ -34,12 +34,18 @@ def _rgb(name: str) -> tuple[float, float, float]:
     return (r / 255, g / 255, b / 255)
 
 
+def _figure(w: float, h: float) -> tuple[Any, Any]:
+    """A figure and its axes without pyplot: no global backend state, safe in any thread
+    (the dashboard draws from Streamlit's)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h))
+    return fig, fig.subplots()
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -49,13 +55,11 @@ def _png_array(bgr: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode()
 
 
-def _area_plot(report: dict[str, Any], defects: list[str]) -> str | None:
-    import matplotlib.pyplot as plt
-
+def area_plot(report: dict[str, Any], defects: list[str]) -> str | None:
     ok = [r for r in report["layers"] if r["status"] == "ok"]
     if not ok:
         return None
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = _figure(10, 3.6)
     xs = [r["layer"] for r in ok]
     for c in defects:
         ax.plot(xs, [r["classes"].get(c, {}).get("area_mm2", 0.0) for r in ok], label=c,
@@ -70,14 +74,12 @@ def _area_plot(report: dict[str, Any], defects: list[str]) -> str | None:
     return _png(fig)
 
 
-def _alarm_plot(report: dict[str, Any], last_layer: int) -> str | None:
-    import matplotlib.pyplot as plt
-
+def alarm_plot(report: dict[str, Any], last_layer: int) -> str | None:
     alarms = report["alarms"]
     if not alarms:
         return None
     rules = sorted({a["rule"] for a in alarms})
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.35 * len(rules)))
+    fig, ax = _figure(10, 0.5 + 0.35 * len(rules))
     for a in alarms:
         y = rules.index(a["rule"])
         end = a["cleared_layer"] if a["cleared_layer"] is not None else last_layer
@@ -91,15 +93,13 @@ def _alarm_plot(report: dict[str, Any], last_layer: int) -> str | None:
     return _png(fig)
 
 
-def _track_plot(report: dict[str, Any]) -> str | None:
-    import matplotlib.pyplot as plt
-
+def track_plot(report: dict[str, Any]) -> str | None:
     tracks = [t for t in report["tracks"] if t["layers"] >= 2]
     if not tracks:
         return None
     tracks.sort(key=lambda t: (t["first_layer"], t["number"]))
     tracks = tracks[:60]
-    fig, ax = plt.subplots(figsize=(10, 0.6 + 0.22 * len(tracks)))
+    fig, ax = _figure(10, 0.6 + 0.22 * len(tracks))
     for i, t in enumerate(tracks):
         ax.barh(i, t["last_layer"] - t["first_layer"] + 1, left=t["first_layer"],
                 color=_rgb(t["class"]), edgecolor="black" if t["alarmed"] else "none",
@@ -112,10 +112,8 @@ def _track_plot(report: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[str, Any]]:
+def heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[str, Any]]:
     """Per defect class, in how many layers each spot of the bed was defective."""
-    import matplotlib.pyplot as plt
-
     if not maps:
         return []
     classes = json.loads(next(iter(maps.values())).classes)
@@ -127,7 +125,7 @@ def _heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[
         if c not in classes:
             continue
         heat = counts[classes.index(c)]
-        fig, ax = plt.subplots(figsize=(3.6, 3.6 * shape[1] / max(shape[2], 1)))
+        fig, ax = _figure(3.6, 3.6 * shape[1] / max(shape[2], 1))
         im = ax.imshow(heat, cmap="magma", interpolation="nearest")
         ax.set_title(f"{c}: max {int(heat.max())} layers", fontsize=9)
         ax.axis("off")
@@ -180,9 +178,6 @@ def _when(ts: float | None) -> str:
 def render_html(s: Session, build: str, *, layers: range | None = None,
                 printer: str | None = None) -> str:
     """The report of one build as one self-contained HTML document."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     report = build_report(s, build, printer=printer, layers=layers)
     names = class_names(report)
     defects = [c for c in names if c != NO_DEFECT]
@@ -210,8 +205,8 @@ def render_html(s: Session, build: str, *, layers: range | None = None,
     return env.get_template("report.html.j2").render(
         build=build, summary=summary, defects=defects, rows=rows, alarms=alarms,
         tracks=[t for t in report["tracks"] if t["layers"] >= 2],
-        area_plot=_area_plot(report, defects), alarm_plot=_alarm_plot(report, last),
-        track_plot=_track_plot(report), heatmaps=_heatmaps(maps, defects),
+        area_plot=area_plot(report, defects), alarm_plot=alarm_plot(report, last),
+        track_plot=track_plot(report), heatmaps=heatmaps(maps, defects),
         worst=_worst_layers(report, maps, defects), regions=_regions(report, defects),
         generated=_when(datetime.now(UTC).timestamp()),
         range_text=(f"layers {layers.start}-{layers.stop - 1}" if layers else "all layers"),
