@@ -127,9 +127,16 @@ def run_demo(
     finally:
         engine.dispose()
     console.print(to_table(report))
-    console.print(f"{len(received)}/{layers} layer messages received; state kept in "
-                  f"{cfg.state_dir}" if own_tmp is None else
-                  f"{len(received)}/{layers} layer messages received")
+    console.print(f"{len(received)}/{layers} layer messages received")
     if own_tmp is not None:
         own_tmp.cleanup()
+    else:
+        # A config naming the demo's folders, for the report, alarms and dashboard commands.
+        kept = workdir / "demo.toml"
+        kept.write_text('# Written by `pbf-monitor demo`: the demo\'s folders.\n[watch]\n'
+                        '# Where the demo wrote its layers.\ndir = "watch"\n[store]\n'
+                        '# The demo\'s database.\nstate_dir = "state"\n', encoding="utf-8")
+        console.print(f"state kept in {cfg.state_dir}; look at the build with\n"
+                      f"  pbf-monitor report {build} -c {kept} --format html --out {build}.html"
+                      f"\n  pbf-monitor dashboard -c {kept}")
     return report

@@ -116,3 +116,25 @@ def test_older_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
                      "area_px INTEGER, cx REAL, cy REAL)")
     with pytest.raises(StoreError, match="table components lacks column"):
         store.open_db(f"sqlite:///{db}")
+
+
+def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from monitor.maps import encode_map
+
+    masks = np.zeros((6, 64, 64), bool)
+    masks[2, 10:20, 10:20] = True
+    m = encode_map(np.zeros((64, 64), np.float32), masks)
+    with Session(engine) as s, s.begin():
+        for n, age_days in ((1, 200.0), (2, 1.0)):
+            rec = replace(record(n), map=m, classes=("a",) * 6,
+                          processed_at=1_000_000_000.0 - age_days * 86400)
+            store.put_layer(s, rec)
+    with Session(engine) as s, s.begin():
+        bid = s.scalar(select(store.Build.id))
+        assert sorted(store.layer_maps(s, bid)) == [1, 2]
+        assert store.prune_maps(s, older_than=1_000_000_000.0 - 180 * 86400) == 1
+    with Session(engine) as s:
+        assert sorted(store.layer_maps(s, bid)) == [2]
+        assert s.scalar(select(func.count(Layer.id))) == 2  # the layers themselves stay
