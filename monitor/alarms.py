@@ -115,6 +115,18 @@ class AlarmEngine:
         pixel_size_mm: float = 0.1,
         layer_thickness_mm: float = 0.05,
     ) -> None:
+        self.class_names = tuple(class_names)
+        self.part_regions = tuple(part_regions)
+        self._check(cfg)
+        self.cfg = cfg
+        self.pixel_size_mm = pixel_size_mm
+        self.layer_thickness_mm = layer_thickness_mm
+        self._lock = threading.Lock()
+        self._builds: dict[BuildKey, BuildState] = {}
+        self._mutes: set[tuple[BuildKey, str | None]] = set()
+
+    def _check(self, cfg: AlarmsConfig) -> None:
+        class_names, part_regions = self.class_names, self.part_regions
         for i, r in enumerate(cfg.rules):
             if r.class_name not in class_names:
                 raise ConfigError(f"alarms.rules[{i}].class: unknown class {r.class_name!r}; "
@@ -126,12 +138,16 @@ class AlarmEngine:
             if c not in class_names:
                 raise ConfigError(f"alarms.tracks.classes: unknown class {c!r}; the weights' "
                                   f"classes are {', '.join(class_names)}")
-        self.cfg = cfg
-        self.pixel_size_mm = pixel_size_mm
-        self.layer_thickness_mm = layer_thickness_mm
-        self._lock = threading.Lock()
-        self._builds: dict[BuildKey, BuildState] = {}
-        self._mutes: set[tuple[BuildKey, str | None]] = set()
+
+    def reload(self, cfg: AlarmsConfig) -> None:
+        """New rules and limits (SIGHUP); streaks of rules that keep their id carry on, and
+        live tracks keep going under the new track limits."""
+        self._check(cfg)
+        with self._lock:
+            self.cfg = cfg
+            for st in self._builds.values():
+                if st.tracks is not None:
+                    st.tracks.cfg = cfg.tracks
 
     # ------------------------------------------------------------ state
 
@@ -291,6 +307,13 @@ class AlarmEngine:
                     TRACK_PREFIX + t.class_name, cfg.severity, float(t.layers),
                     float(cfg.alarm_layers), track=t.number))
         return events
+
+    def last_arrivals(self) -> dict[str, float]:
+        """When the last layer of each active build arrived ("printer/build" when a printer
+        is named)."""
+        with self._lock:
+            return {(f"{k.printer}/{k.build}" if k.printer else k.build): st.arrivals[-1]
+                    for k, st in self._builds.items() if st.arrivals and not st.finished}
 
     # ------------------------------------------------------------ stall
 

@@ -42,10 +42,13 @@ def _load(config_path: Path | None) -> Config:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    import os
+
+    # journald stamps every line itself: no second timestamp when stderr goes there.
+    journald = bool(os.environ.get("JOURNAL_STREAM"))
+    fmt = "%(levelname)s %(name)s: %(message)s" if journald else (
+        "%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.basicConfig(level=level, stream=sys.stderr, format=fmt)
 
 
 @click.group(cls=_Group)
@@ -57,26 +60,59 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 def run(config_path: Path | None) -> None:
-    """Run the daemon until SIGTERM or Ctrl-C."""
+    """Run the daemon until SIGTERM or Ctrl-C; SIGHUP reloads alarm rules and thresholds.
+
+    Under systemd (Type=notify) it reports READY=1 once everything is up, and WATCHDOG=1
+    only while the worker keeps making progress.
+    """
+    from monitor import sdnotify
     from monitor.pipeline import Daemon
 
     cfg = _load(config_path)
     _setup_logging(cfg.log.level)
-    stop = threading.Event()
+    log = logging.getLogger("monitor")
+    stop, hup = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        logging.getLogger("monitor").info("received %s, stopping", signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            hup.set()
+            return
+        log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     daemon = Daemon(cfg)
     daemon.start()
+    sdnotify.notify("READY=1", f"STATUS=watching {cfg.watch.dir}")
+    watchdog = sdnotify.watchdog_interval()
+    beat = watchdog / 2 if watchdog else 1.0
     try:
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(min(beat, 1.0)):
+            if hup.is_set():
+                hup.clear()
+                _reload(daemon, config_path, log)
+            if watchdog and daemon.healthy(within_s=watchdog / 2):
+                sdnotify.notify("WATCHDOG=1")
     finally:
+        sdnotify.notify("STOPPING=1", "STATUS=stopping")
         daemon.stop()
+
+
+def _reload(daemon: Any, config_path: Path | None, log: logging.Logger) -> None:
+    """SIGHUP: re-read the config; a bad one is logged and the running one kept."""
+    from monitor import sdnotify
+
+    sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        ignored = daemon.reload(_load(config_path))
+    except MonitorError as e:
+        log.error("reload refused, keeping the running configuration: %s", e)
+    else:
+        log.info("reloaded alarm rules and thresholds")
+        if ignored:
+            log.warning("changed settings that need a restart: %s", ", ".join(ignored))
+    sdnotify.notify("READY=1")
 
 
 @main.command("validate-config")

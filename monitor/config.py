@@ -307,6 +307,19 @@ class RegionConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    listen: str = Field(
+        "127.0.0.1:9464", description="HOST:PORT of the Prometheus endpoint; empty = off."
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[^\s:]*:\d{1,5}", value):
+            raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9464) or empty, got {value!r}")
+        return value
+
+
 class LogConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
@@ -319,6 +332,7 @@ class Config(_Section):
     publish: PublishConfig = PublishConfig()
     alarms: AlarmsConfig = AlarmsConfig()
     regions: tuple[RegionConfig, ...] = ()
+    metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     source: Path | None = Field(None, exclude=True, description="File this config came from.")
 

@@ -33,6 +33,7 @@ def demo_config(workdir: Path, *, weights: Path | None = None) -> Config:
         "store": {"state_dir": "state"},
         "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
                     "heartbeat_interval_s": 1.0},
+        "metrics": {"listen": ""},
     }
     if weights is not None:
         data["model"] = {"weights": str(weights)}

@@ -27,6 +27,7 @@ from monitor.errors import ImageError, MonitorError, StoreError
 from monitor.hook import HookRunner
 from monitor.imaging import decode
 from monitor.maps import encode_map
+from monitor.metrics import Metrics
 from monitor.publisher import Publisher, alarm_message, layer_message
 from monitor.regions import Regions, apply_ignore, region_stats
 from monitor.segmenter import Segmenter
@@ -71,6 +72,8 @@ class Daemon:
         self._zmq_context: Any = None
         self._next_stall_check = 0.0
         self._next_prune = 0.0
+        self.last_progress = time.monotonic()
+        self.metrics: Metrics | None = None
 
     # ------------------------------------------------------------ start / stop
 
@@ -80,7 +83,8 @@ class Daemon:
             for step in (self._init_store, self._init_segmenter, self._init_alarms,
                          self._start_writer, self._start_hook, self._init_zmq,
                          self._start_publisher,
-                         self._start_control, self._start_worker, self._start_settler):
+                         self._start_control, self._start_metrics, self._start_worker,
+                         self._start_settler):
                 step()
         except BaseException:
             self.stop()
@@ -182,6 +186,19 @@ class Daemon:
         self._stack.append(auth.stop)
         log.info("CURVE on: clients must hold a key listed in %s", curve.authorized_dir)
 
+    def _start_metrics(self) -> None:
+        assert self.segmenter is not None and self.alarms is not None
+        alarms = self.alarms
+        self.metrics = Metrics(queue=lambda: self._queue.qsize(),
+                               last_layers=alarms.last_arrivals)
+        info = self.segmenter.info
+        self.metrics.model.info({"sha256": info.sha256, "classes": ",".join(info.class_names),
+                                 "base_channels": str(info.base_channels),
+                                 "device": str(self.segmenter.device)})
+        if self.cfg.metrics.listen:
+            self.metrics.serve(self.cfg.metrics.listen)
+            self._stack.append(self.metrics.stop)
+
     def _start_control(self) -> None:
         from monitor.control import ControlServer
 
@@ -241,6 +258,35 @@ class Daemon:
         assert self.reader is not None
         with Session(self.reader) as s:
             return store.known_images(s)
+
+    # ------------------------------------------------------------ reload
+
+    RELOADABLE = ("alarms", "model.threshold", "model.thresholds", "model.min_component_mm2")
+
+    def reload(self, cfg: Config) -> list[str]:
+        """Take new alarm rules and thresholds (SIGHUP) without stopping; a layer in hand
+        finishes with the old ones. Returns the changed settings that need a restart."""
+        from monitor.segmenter import min_component_px
+
+        assert self.alarms is not None and self.segmenter is not None
+        m = cfg.model
+        self.alarms.reload(cfg.alarms)  # raises ConfigError before anything changes
+        self.segmenter.set_thresholds(m.threshold, m.thresholds, min_component_px(cfg, None))
+        old = self.cfg
+        self.cfg = self.cfg.model_copy(update={
+            "alarms": cfg.alarms,
+            "model": old.model.model_copy(update={
+                "threshold": m.threshold, "thresholds": m.thresholds,
+                "min_component_mm2": m.min_component_mm2}),
+        })
+        ignored = [k for k in ("watch", "store", "publish", "camera", "regions", "log")
+                   if getattr(old, k) != getattr(cfg, k)]
+        ignored += [f"model.{k}" for k in ("weights", "sha256", "device", "tile_size",
+                                           "tile_overlap")
+                    if getattr(old.model, k) != getattr(m, k)]
+        if old.alarms.hook.command != cfg.alarms.hook.command:
+            ignored.append("alarms.hook.command")  # its runner started with the old one
+        return ignored
 
     # ------------------------------------------------------------ health
 
@@ -370,8 +416,15 @@ class Daemon:
 
     # ------------------------------------------------------------ the worker
 
+    def healthy(self, within_s: float) -> bool:
+        """The worker went round its loop (a layer, or an idle wait) within `within_s`, and
+        the threads it relies on are alive: what the systemd watchdog is told."""
+        writer_ok = self.writer is not None and self.writer.alive
+        return writer_ok and time.monotonic() - self.last_progress <= within_s
+
     def _work(self) -> None:
         while not self._stop.is_set():
+            self.last_progress = time.monotonic()
             self._check_stalls()
             try:
                 cand = self._queue.get(timeout=0.2)
@@ -480,6 +533,12 @@ class Daemon:
             log.warning("layer %s/%d: %s (%s)", rec.build, rec.layer, rec.error, rec.image_path)
         else:
             log.info("layer %s/%d ok in %.0f ms", rec.build, rec.layer, rec.total_ms or 0)
+        if self.metrics is not None:
+            self.metrics.layers.labels(rec.status).inc()
+            if rec.infer_ms is not None:
+                self.metrics.inference.observe(rec.infer_ms / 1000.0)
+            if rec.total_ms is not None:
+                self.metrics.latency.observe(rec.total_ms / 1000.0)
         key = BuildKey(rec.printer, rec.build)
         self._ensure_restored(key)
         events = self.alarms.arrival(key, rec.layer, cand.detected_at)
@@ -534,8 +593,15 @@ class Daemon:
         publisher, hook = self.publisher, self.hook
         severities = self.cfg.alarms.hook.severities
 
+        metrics = self.metrics
+
         def done(out: list[Outgoing]) -> None:
             publisher.publish(out)
+            if metrics is not None:
+                for m in out:
+                    if m.topic == "alarm" and m.payload.get("state") == "open":
+                        metrics.alarms.labels(m.payload.get("class") or "",
+                                              m.payload.get("severity", "")).inc()
             if hook is not None:
                 for m in out:
                     if (m.topic == "alarm" and m.payload.get("state") == "open"

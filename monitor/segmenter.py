@@ -93,7 +93,7 @@ class Segmenter:
         return cls(weights or m.weights, device=m.device, tile_size=m.tile_size,
                    tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
                    expected_sha256="" if weights else m.sha256,
-                   min_component_px=_min_component_px(cfg, weights))
+                   min_component_px=min_component_px(cfg, weights))
 
     @classmethod
     def from_model(
@@ -131,23 +131,7 @@ class Segmenter:
                               f"model.tile_size ({tile_size})")
         self.device = device
         self.info = info
-        unknown = set(thresholds or {}) - set(self.info.class_names)
-        if unknown:
-            raise ConfigError(f"model.thresholds.{sorted(unknown)[0]}: unknown class; the "
-                              f"weights' classes are {', '.join(self.info.class_names)}")
-        # Per class: the config's value, else the one calibrated into the weights, else the
-        # config's default threshold.
-        chosen = {**info.thresholds, **(thresholds or {})}
-        self.thresholds = np.array(
-            [chosen.get(c, threshold) for c in self.info.class_names], dtype=np.float32,
-        )
-        unknown = set(min_component_px or {}) - set(self.info.class_names)
-        if unknown:
-            raise ConfigError(f"model.min_component_mm2.{sorted(unknown)[0]}: unknown class; "
-                              f"the weights' classes are {', '.join(self.info.class_names)}")
-        self.min_component_px = [(i, int((min_component_px or {})[c]))
-                                 for i, c in enumerate(self.info.class_names)
-                                 if (min_component_px or {}).get(c, 0) > 1]
+        self.set_thresholds(threshold, thresholds, min_component_px)
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.cuda = self.device.type == "cuda"
@@ -158,6 +142,26 @@ class Segmenter:
         self.amp_dtype = (
             torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
         )
+
+    def set_thresholds(self, threshold: float, thresholds: Mapping[str, float] | None,
+                       min_component_px: Mapping[str, int] | None = None) -> None:
+        """Thresholds and component filters, checked, then swapped in at once (SIGHUP)."""
+        unknown = set(thresholds or {}) - set(self.info.class_names)
+        if unknown:
+            raise ConfigError(f"model.thresholds.{sorted(unknown)[0]}: unknown class; the "
+                              f"weights' classes are {', '.join(self.info.class_names)}")
+        unknown = set(min_component_px or {}) - set(self.info.class_names)
+        if unknown:
+            raise ConfigError(f"model.min_component_mm2.{sorted(unknown)[0]}: unknown class; "
+                              f"the weights' classes are {', '.join(self.info.class_names)}")
+        # Per class: the config's value, else the one calibrated into the weights, else the
+        # config's default threshold.
+        chosen = {**self.info.thresholds, **(thresholds or {})}
+        values = np.array([chosen.get(c, threshold) for c in self.info.class_names],
+                          dtype=np.float32)
+        filters = [(i, int((min_component_px or {})[c])) for i, c in enumerate(self.class_names)
+                   if (min_component_px or {}).get(c, 0) > 1]
+        self.thresholds, self.min_component_px = values, filters
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -205,7 +209,7 @@ class Segmenter:
         return Segmentation(probs, masks, (time.perf_counter() - t0) * 1000.0)
 
 
-def _min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:
+def min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:
     """model.min_component_mm2 in pixels. The built-in defaults, and a config's values when
     other weights are given on the command line, name classes those weights may not have:
     such entries are skipped rather than refused."""

@@ -523,6 +523,10 @@ class StoreWriter:
     def depth(self) -> int:
         return self._q.qsize()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         with Session(self.engine, expire_on_commit=False) as session:
             while True:

@@ -51,6 +51,8 @@ state_endpoint = "{self.state}"
 heartbeat_interval_s = 0.3
 startup_grace_s = 0
 {extra}
+[metrics]
+listen = ""
 """)
         self.cfg = load_config(self.config)
         self.build = self.cfg.watch.dir / "B1"

@@ -80,6 +80,8 @@ state_dir = "state"
 endpoint = "{endpoint}"
 state_endpoint = "{free_endpoint()}"
 heartbeat_interval_s = 0.2
+[metrics]
+listen = "{free_endpoint().removeprefix("tcp://")}"
 """)
     yield cfg, tmp_path / "watch" / "B1", endpoint
 
