@@ -135,6 +135,9 @@ class StoreConfig(_Section):
     maps_keep_days: float = Field(
         180.0, ge=0, description="Delete maps older than this (0 = keep); statistics stay."
     )
+    maps_min_free_mb: float = Field(
+        1024.0, ge=0, description="Below this free space, delete the oldest maps (0 = off)."
+    )
 
 
 class PublishConfig(_Section):

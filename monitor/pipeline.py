@@ -232,9 +232,20 @@ class Daemon:
         last, pending = writer.call(outbox)
         self.publisher.start(last_seq=last - len(pending))
         self._stack.append(self.publisher.stop)
+        self._stack.append(self._drain_writer)  # runs before the publisher stops
         if pending:
             log.info("re-sending %d message(s) committed but not published before", len(pending))
             self.publisher.publish(pending)
+
+    def _drain_writer(self) -> None:
+        """On stop, once the worker is done: commit what is queued, so its messages are
+        handed to the publisher before the socket closes."""
+        if self.writer is not None and self.writer.alive:
+            try:
+                self.writer.call(lambda s: None, timeout=30)
+            except queue.Empty:
+                log.error("database writer still busy at stop; unsent messages stay in the "
+                          "outbox and go out on restart")
 
     def _start_worker(self) -> None:
         self._worker = threading.Thread(target=self._work, name="worker", daemon=True)
@@ -628,18 +639,32 @@ class Daemon:
         self.writer.submit(job, self._published(events))
 
     def _prune_maps(self) -> None:
-        """Retention of defect maps: at start and hourly."""
-        days = self.cfg.store.maps_keep_days
+        """Retention of defect maps, at start and every 10 minutes: by age, and the oldest
+        first while the state disk is short of space. Statistics and alarms are kept."""
+        import shutil
+
+        st = self.cfg.store
         now = time.time()
-        if days <= 0 or now < self._next_prune:
+        if now < self._next_prune:
             return
-        self._next_prune = now + 3600.0
+        self._next_prune = now + 600.0
         assert self.writer is not None
+        try:
+            free_mb = shutil.disk_usage(self.cfg.state_dir).free / 2**20
+        except OSError:
+            free_mb = float("inf")
+        short = st.maps_min_free_mb > 0 and free_mb < st.maps_min_free_mb
 
         def job(s: Session) -> None:
-            n = store.prune_maps(s, older_than=now - days * 86400.0)
-            if n:
-                log.info("deleted %d defect map(s) older than %g days", n, days)
+            if st.maps_keep_days > 0:
+                n = store.prune_maps(s, older_than=now - st.maps_keep_days * 86400.0)
+                if n:
+                    log.info("deleted %d defect map(s) older than %g days", n,
+                             st.maps_keep_days)
+            if short:
+                n = store.prune_oldest_maps(s, fraction=0.1)
+                log.warning("state disk has %.0f MB free (store.maps_min_free_mb %g): deleted "
+                            "the oldest %d defect map(s)", free_mb, st.maps_min_free_mb, n)
 
         self.writer.submit(job)
 

@@ -716,6 +716,19 @@ def prune_maps(s: Session, *, older_than: float) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def prune_oldest_maps(s: Session, *, fraction: float) -> int:
+    """Delete the oldest `fraction` of the stored maps (at least one, if any)."""
+    from sqlalchemy import func
+
+    total = s.scalar(select(func.count(LayerMap.id))) or 0
+    n = max(1, int(total * fraction)) if total else 0
+    if not n:
+        return 0
+    ids = list(s.scalars(select(LayerMap.id).order_by(LayerMap.created_at).limit(n)))
+    s.execute(delete(LayerMap).where(LayerMap.id.in_(ids)))
+    return len(ids)
+
+
 def layer_maps(s: Session, build_id: int, layers: range | None = None
                ) -> dict[int, LayerMap]:
     """layer number -> its map, for the layers of a build that still have one."""

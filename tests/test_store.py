@@ -138,3 +138,19 @@ def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # t
     with Session(engine) as s:
         assert sorted(store.layer_maps(s, bid)) == [2]
         assert s.scalar(select(func.count(Layer.id))) == 2  # the layers themselves stay
+
+
+def test_oldest_maps_go_first_when_space_is_short(engine) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from monitor.maps import encode_map
+
+    m = encode_map(np.zeros((32, 32), np.float32), np.zeros((6, 32, 32), bool))
+    with Session(engine) as s, s.begin():
+        for n in range(1, 21):
+            store.put_layer(s, replace(record(n), map=m, classes=("a",) * 6,
+                                       processed_at=float(n)))
+    with Session(engine) as s, s.begin():
+        assert store.prune_oldest_maps(s, fraction=0.1) == 2
+        bid = s.scalar(select(store.Build.id))
+        assert min(store.layer_maps(s, bid)) == 3
