@@ -409,6 +409,30 @@ def dashboard(config_path: Path | None, port: int, address: str) -> None:
 
 
 @main.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@CONFIG_OPTION
+def db_upgrade(config_path: Path | None) -> None:
+    """Upgrade the schema to this version's (the daemon also does it at start); a SQLite
+    file is copied aside first."""
+    from monitor import migrate
+    from monitor.store import make_engine
+
+    cfg = _load(config_path)
+    engine = make_engine(cfg.store_url, writer=True)
+    try:
+        before = migrate.current(engine)
+        backup = migrate.upgrade(engine, cfg.store_url)
+        click.echo(f"{cfg.store_url}: schema {before or 'empty'} -> {migrate.head()}"
+                   + (f" (backup {backup})" if backup else ""))
+    finally:
+        engine.dispose()
+
+
+@main.group()
 def keys() -> None:
     """CURVE keys for the daemon's endpoints."""
 

@@ -328,29 +328,14 @@ def make_engine(url: str, *, writer: bool) -> Engine:
     return engine
 
 
-def _check_schema(engine: Engine, url: str) -> None:
-    """create_all adds missing tables, never missing columns: refuse an older schema rather
-    than fail on every write."""
-    from sqlalchemy import inspect
-
-    insp = inspect(engine)
-    for table in Base.metadata.sorted_tables:
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        missing = [c.name for c in table.columns if c.name not in have]
-        if missing:
-            engine.dispose()
-            raise StoreError(f"{url}: table {table.name} lacks column(s) "
-                             f"{', '.join(missing)}: the database was made by an older "
-                             f"pbf-monitor; move it aside (store.state_dir) to start a new one")
-
-
 def open_db(url: str, *, writer: bool = True) -> Engine:
     """Connect, and on a writer create the schema; StoreError names the database."""
     engine = make_engine(url, writer=writer)
     try:
         if writer:
-            Base.metadata.create_all(engine)
-            _check_schema(engine, url)
+            from monitor.migrate import upgrade
+
+            upgrade(engine, url)
         else:
             with engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
