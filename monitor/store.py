@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -75,8 +76,8 @@ class Layer(Base):
     status: Mapped[str] = mapped_column(String(10))  # ok | error
     error: Mapped[str | None] = mapped_column(Text)
     image_path: Mapped[str] = mapped_column(Text, index=True)
-    image_size: Mapped[int | None] = mapped_column(Integer)
-    image_mtime_ns: Mapped[int | None] = mapped_column(Integer)
+    image_size: Mapped[int | None] = mapped_column(BigInteger)
+    image_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)  # > 2**31: 64 bits
     image_sha256: Mapped[str | None] = mapped_column(String(64))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)

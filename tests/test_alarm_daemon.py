@@ -33,7 +33,7 @@ def bright_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Rig:
     """A daemon on a temp folder, a subscriber, and helpers to write layers one by one."""
 
-    def __init__(self, tmp: Path, weights: Path, extra: str = "") -> None:
+    def __init__(self, tmp: Path, weights: Path, extra: str = "", store_url: str = "") -> None:
         self.pub, self.state = free_endpoint(), free_endpoint()
         self.config = write_config(tmp / "config.toml", f"""
 [watch]
@@ -45,6 +45,7 @@ weights = "{weights}"
 device = "cpu"
 [store]
 state_dir = "state"
+url = "{store_url}"
 [publish]
 endpoint = "{self.pub}"
 state_endpoint = "{self.state}"
@@ -93,8 +94,8 @@ listen = ""
 def rig(tmp_path: Path, bright_weights: Path) -> Iterator[Callable[..., Rig]]:
     made: list[Rig] = []
 
-    def make(extra: str = "", listen: bool = True) -> Rig:
-        r = Rig(tmp_path, bright_weights, extra)
+    def make(extra: str = "", listen: bool = True, store_url: str = "") -> Rig:
+        r = Rig(tmp_path, bright_weights, extra, store_url)
         made.append(r)
         r.start(listen)
         return r
