@@ -114,6 +114,7 @@ class AlarmEngine:
         part_regions: Sequence[str] = (),
         pixel_size_mm: float = 0.1,
         layer_thickness_mm: float = 0.05,
+        cameras: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self.class_names = tuple(class_names)
         self.part_regions = tuple(part_regions)
@@ -121,6 +122,8 @@ class AlarmEngine:
         self.cfg = cfg
         self.pixel_size_mm = pixel_size_mm
         self.layer_thickness_mm = layer_thickness_mm
+        # printer -> (pixel_size_mm, layer_thickness_mm) where a fleet's cameras differ
+        self.cameras = dict(cameras or {})
         self._lock = threading.Lock()
         self._builds: dict[BuildKey, BuildState] = {}
         self._mutes: set[tuple[BuildKey, str | None]] = set()
@@ -165,7 +168,7 @@ class AlarmEngine:
             b = BuildState(first_layer=first_layer, last_layer=last_layer,
                            stall_open=stall_open)
             b.rules = {k: RuleState(**dict(v)) for k, v in rules.items()}
-            b.tracks = self._new_tracks(next_track)
+            b.tracks = self._new_tracks(key.printer, next_track)
             b.tracks.adopt(tracks)
             b.arrivals.extend(arrivals)
             b.last_arrival_layer = last_layer
@@ -197,14 +200,15 @@ class AlarmEngine:
             rs.streak = 0
             return rs.as_row()
 
-    def _new_tracks(self, next_number: int = 1) -> BuildTracks:
-        return BuildTracks(self.cfg.tracks, pixel_size_mm=self.pixel_size_mm,
-                           layer_thickness_mm=self.layer_thickness_mm, next_number=next_number)
+    def _new_tracks(self, printer: str, next_number: int = 1) -> BuildTracks:
+        px, thickness = self.cameras.get(printer, (self.pixel_size_mm, self.layer_thickness_mm))
+        return BuildTracks(self.cfg.tracks, pixel_size_mm=px, layer_thickness_mm=thickness,
+                           next_number=next_number)
 
     def _build(self, key: BuildKey) -> BuildState:
         st = self._builds.get(key)
         if st is None:
-            st = self._builds[key] = BuildState(tracks=self._new_tracks())
+            st = self._builds[key] = BuildState(tracks=self._new_tracks(key.printer))
         return st
 
     # ------------------------------------------------------------ layers

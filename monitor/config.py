@@ -310,6 +310,14 @@ class RegionConfig(_Section):
         return self
 
 
+class PrinterConfig(_Section):
+    """One printer of a fleet on this host: its own watch folder, pattern and camera."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Printer name (in messages).")
+    watch: WatchConfig = WatchConfig()
+    camera: CameraConfig = CameraConfig()
+
+
 class MetricsConfig(_Section):
     listen: str = Field(
         "127.0.0.1:9464", description="HOST:PORT of the Prometheus endpoint; empty = off."
@@ -335,6 +343,7 @@ class Config(_Section):
     publish: PublishConfig = PublishConfig()
     alarms: AlarmsConfig = AlarmsConfig()
     regions: tuple[RegionConfig, ...] = ()
+    printers: tuple[PrinterConfig, ...] = ()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     source: Path | None = Field(None, exclude=True, description="File this config came from.")
@@ -343,6 +352,18 @@ class Config(_Section):
     def state_dir(self) -> Path:
         assert self.store.state_dir is not None  # resolved by load_config
         return self.store.state_dir
+
+    @model_validator(mode="after")
+    def _distinct_printers(self) -> Config:
+        names = [p.name for p in self.printers]
+        if len(set(names)) != len(names):
+            raise ValueError("printers: two printers share a name")
+        return self
+
+    def fleet(self) -> list[PrinterConfig]:
+        """The printers to watch: [[printers]], or the single [watch]/[camera] one, named ""."""
+        return list(self.printers) or [PrinterConfig.model_construct(
+            name="", watch=self.watch, camera=self.camera)]
 
     @property
     def store_url(self) -> str:
@@ -397,6 +418,11 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
             "regions": tuple(
                 r.model_copy(update={"mask": str(resolve(Path(r.mask)))}) if r.mask else r
                 for r in cfg.regions
+            ),
+            "printers": tuple(
+                p.model_copy(update={"watch": p.watch.model_copy(
+                    update={"dir": resolve(p.watch.dir)})})
+                for p in cfg.printers
             ),
         }
     )

@@ -64,7 +64,9 @@ class Daemon:
         self.segmenter: Segmenter | None = None
         self.writer: StoreWriter | None = None
         self.publisher: Publisher | None = None
-        self.settler: Settler | None = None
+        self.settlers: dict[str, Settler] = {}
+        # One per printer of the fleet ("" = the single [watch]/[camera] printer).
+        self.printers = {(p.name or printer): p for p in cfg.fleet()}
         self.alarms: AlarmEngine | None = None
         self.regions = Regions(cfg.regions, pixel_size_mm=cfg.camera.pixel_size_mm)
         self.hook: HookRunner | None = None
@@ -132,6 +134,8 @@ class Daemon:
             self.cfg.alarms, class_names=self.segmenter.class_names,
             part_regions=self.regions.part_names, pixel_size_mm=cam.pixel_size_mm,
             layer_thickness_mm=cam.layer_thickness_mm,
+            cameras={n: (p.camera.pixel_size_mm, p.camera.layer_thickness_mm)
+                     for n, p in self.printers.items()},
         )
         with Session(self.reader) as s:
             for printer, build, cls in store.all_mutes(s):
@@ -258,12 +262,14 @@ class Daemon:
         self._stack.append(join)
 
     def _start_settler(self) -> None:
-        self.settler = Settler(
-            self.cfg.watch, self._queue, known=self._known_images,
-            on_skip=lambda path, why: log.info("skipping %s: %s", path, why),
-        )
-        self.settler.start()
-        self._stack.append(self.settler.stop)
+        for name, p in self.printers.items():
+            settler = Settler(
+                p.watch, self._queue, known=self._known_images, printer=name,
+                on_skip=lambda path, why: log.info("skipping %s: %s", path, why),
+            )
+            settler.start()
+            self.settlers[name] = settler
+            self._stack.append(settler.stop)
 
     def _known_images(self) -> dict[str, tuple[int | None, int | None]]:
         assert self.reader is not None
@@ -308,7 +314,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "layers_ok": self.counts["ok"],
             "layers_error": self.counts["error"],
-            "queue": self._queue.qsize() + (self.settler.pending if self.settler else 0),
+            "queue": self._queue.qsize() + sum(st.pending for st in self.settlers.values()),
             "device": str(seg.device) if seg else None,
             "model_sha256": seg.info.sha256 if seg else None,
         }
@@ -453,7 +459,7 @@ class Daemon:
         now = time.time()
         f = facts or _Facts(None, None, None)
         return LayerRecord(
-            printer=self.printer, build=cand.key.build, layer=cand.key.layer, status="error",
+            printer=cand.printer, build=cand.key.build, layer=cand.key.layer, status="error",
             error=reason, image_path=str(cand.path), image_size=f.size,
             image_mtime_ns=f.mtime_ns, image_sha256=f.sha256,
             model_sha256=self.segmenter.info.sha256, detected_at=cand.detected_at,
@@ -461,9 +467,10 @@ class Daemon:
         )
 
     def _process(self, cand: Candidate) -> None:
-        assert self.segmenter is not None and self.settler is not None
-        assert self.alarms is not None
-        w = self.cfg.watch
+        assert self.segmenter is not None and self.alarms is not None
+        printer = self.printers[cand.printer]
+        settler = self.settlers[cand.printer]
+        w = printer.watch
         t0 = time.perf_counter()
         path = cand.path
         try:
@@ -498,14 +505,14 @@ class Daemon:
                 changed = False
             if changed or cand.attempts < w.decode_retries:
                 # Probably still being written: look again rather than record an error.
-                self.settler.retry(cand, delay_s=w.retry_delay_s, changed=changed)
+                settler.retry(cand, delay_s=w.retry_delay_s, changed=changed)
                 return
             self._finish(cand, sig, self._error_record(cand, str(e), facts))
             return
         decode_ms = (time.perf_counter() - t0) * 1000.0
         seg = self.segmenter.predict(gray)
         masks, regions = seg.masks, None
-        px, max_comp = self.cfg.camera.pixel_size_mm, self.cfg.store.max_components
+        px, max_comp = printer.camera.pixel_size_mm, self.cfg.store.max_components
         if self.regions:
             br = self.regions.for_build(cand.key.build, masks.shape[1:])
             masks = apply_ignore(masks, br)
@@ -515,12 +522,12 @@ class Daemon:
                             max_components=max_comp)
         lmap = (encode_map(gray, masks, max_side=self.cfg.store.map_max_side)
                 if self.cfg.store.maps else None)
-        key = BuildKey(self.printer, cand.key.build)
+        key = BuildKey(cand.printer, cand.key.build)
         self._ensure_restored(key)
         verdict = self.alarms.evaluate(key, cand.key.layer, stats, regions)
         now = time.time()
         rec = LayerRecord(
-            printer=self.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
+            printer=cand.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
             error=None, image_path=str(path), model_sha256=self.segmenter.info.sha256,
             detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
@@ -538,7 +545,7 @@ class Daemon:
 
     def _finish(self, cand: Candidate, sig: tuple[int, int] | None, rec: LayerRecord,
                 verdict: LayerAlarms | None = None) -> None:
-        assert self.settler is not None and self.alarms is not None
+        assert self.alarms is not None
         self.counts[rec.status] += 1
         if rec.status == "error":
             log.warning("layer %s/%d: %s (%s)", rec.build, rec.layer, rec.error, rec.image_path)
@@ -554,7 +561,7 @@ class Daemon:
         self._ensure_restored(key)
         events = self.alarms.arrival(key, rec.layer, cand.detected_at)
         self._commit(rec, events, verdict)
-        self.settler.done(cand, sig)
+        self.settlers[cand.printer].done(cand, sig)
 
     def _commit(self, rec: LayerRecord, events: list[AlarmEvent],
                 verdict: LayerAlarms | None = None) -> None:

@@ -78,6 +78,7 @@ class Candidate:
     stable_since: float = 0.0
     complete: bool = False  # a close or rename says the writer is done
     not_before: float = 0.0
+    printer: str = ""  # which printer's folder it came from (fleets)
 
 
 def _signature(path: Path) -> tuple[int, int] | None:
@@ -118,8 +119,10 @@ class Settler:
         *,
         known: Callable[[], dict[str, tuple[int | None, int | None]]],
         on_skip: Callable[[Path, str], None] | None = None,
+        printer: str = "",
     ) -> None:
         self.cfg = cfg
+        self.printer = printer
         self.root = cfg.dir
         self.pattern = re.compile(cfg.pattern) if cfg.pattern else None
         self._ready = ready
@@ -131,7 +134,8 @@ class Settler:
         self._handled: OrderedDict[Path, tuple[int, int] | None] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"settler-{printer}" if printer else "settler")
         self._observer: BaseObserver | None = None
         self._next_rescan = 0.0
         self._rescan_requested = threading.Event()
@@ -258,6 +262,7 @@ class Settler:
             if path in self._handled and self._handled[path] == _signature(path):
                 return  # a late event for content already processed
             self._pending[path] = Candidate(path, key, now, complete=complete,
+                                            printer=self.printer,
                                             stable_since=time.monotonic())
 
     def _walk(self, top: Path) -> Iterator[Path]:

@@ -345,3 +345,41 @@ def test_html_report_of_a_build(rig: Callable[..., Rig], tmp_path: Path) -> None
     res = CliRunner().invoke(main, ["report", "B1", "--config", str(r.config), "--format",
                                     "json", "--layers", "2:3"])
     assert [x["layer"] for x in json.loads(res.output)["layers"]] == [2, 3]
+
+
+def test_fleet_of_two_printers(tmp_path: Path, bright_weights: Path) -> None:
+    """Two printers, each with its folder, pattern and camera; one model, one database."""
+    fleet = """
+[[printers]]
+name = "P1"
+watch = { dir = "p1", settle_s = 0.3, rescan_interval_s = 0 }
+camera = { pixel_size_mm = 0.1 }
+[[printers]]
+name = "P2"
+watch = { dir = "p2", settle_s = 0.3, rescan_interval_s = 0, pattern = 'PATTERN' }
+camera = { pixel_size_mm = 0.2 }
+""".replace("PATTERN", r"^cam(?P<build>[A-Z0-9]+)_(?P<layer>\d+)\.png$")
+    r = Rig(tmp_path, bright_weights, NO_RULES + fleet)
+    try:
+        r.start()
+        img = np.full((96, 96), 100, np.uint8)
+        img[20:30, 20:30] = 240
+        ok, buf = cv2.imencode(".png", img)
+        assert ok
+        (r.cfg.printers[0].watch.dir / "JOB1").mkdir(parents=True)
+        (r.cfg.printers[0].watch.dir / "JOB1" / "layer_7.png").write_bytes(buf.tobytes())
+        r.cfg.printers[1].watch.dir.mkdir(parents=True, exist_ok=True)
+        (r.cfg.printers[1].watch.dir / "camJOB1_0007.png").write_bytes(buf.tobytes())
+        assert r.listener is not None
+        listener = r.listener
+        listener.wait(lambda: len(listener.layers().get(7, [])) == 2)
+        got = {m["printer"]: m for m in listener.layers()[7]}
+        assert set(got) == {"P1", "P2"} and {m["build"] for m in got.values()} == {"JOB1"}
+        assert got["P1"]["classes"]["swelling"]["area_mm2"] == pytest.approx(1.0)
+        assert got["P2"]["classes"]["swelling"]["area_mm2"] == pytest.approx(4.0)  # 0.2 mm px
+        out = CliRunner().invoke(main, ["report", "JOB1", "--config", str(r.config),
+                                        "--printer", "P2", "--format", "json"])
+        assert out.exit_code == 0, out.output
+        assert [x["layer"] for x in json.loads(out.output)["layers"]] == [7]
+    finally:
+        r.stop()
