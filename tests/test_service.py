@@ -154,3 +154,37 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     problems = [line for line in (out.stdout + out.stderr).splitlines()
                 if "pbf-monitor.service" in line]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_watchdog_only_while_the_worker_makes_progress(tmp_path: Path,
+                                                       tiny_weights: Path) -> None:
+    from monitor.config import load_config
+    from monitor.pipeline import Daemon
+
+    cfg = load_config(write_config(tmp_path / "c.toml", f"""
+[watch]
+dir = "watch"
+[model]
+weights = "{tiny_weights}"
+device = "cpu"
+[store]
+state_dir = "state"
+[publish]
+endpoint = "{free_endpoint()}"
+state_endpoint = "{free_endpoint()}"
+startup_grace_s = 0
+[metrics]
+listen = ""
+"""))
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not daemon.healthy(within_s=1.0):  # the idle worker loops several times a second
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon._stop.set()  # the worker leaves its loop: no more progress
+        time.sleep(1.5)
+        assert not daemon.healthy(within_s=1.0)
+    finally:
+        daemon.stop()
