@@ -61,14 +61,14 @@ def _metric(port: int, name: str) -> float | None:
     return None
 
 
-def test_service_lifecycle(tmp_path: Path, tiny_weights: Path) -> None:
-    port = int(free_endpoint().rsplit(":", 1)[1])
-    body = f"""
+def _body(weights: Path, metrics: str) -> str:
+    """A config on loopback ports of its own, with metrics on `metrics` ("" = off)."""
+    return f"""
 [watch]
 dir = "watch"
 settle_s = 0.3
 [model]
-weights = "{tiny_weights}"
+weights = "{weights}"
 device = "cpu"
 [store]
 state_dir = "state"
@@ -77,8 +77,13 @@ endpoint = "{free_endpoint()}"
 state_endpoint = "{free_endpoint()}"
 startup_grace_s = 0
 [metrics]
-listen = "127.0.0.1:{port}"
+listen = "{metrics}"
 """
+
+
+def test_service_lifecycle(tmp_path: Path, tiny_weights: Path) -> None:
+    port = int(free_endpoint().rsplit(":", 1)[1])
+    body = _body(tiny_weights, f"127.0.0.1:{port}")
     cfg = write_config(tmp_path / "config.toml", body)
     sock = _listen(str(tmp_path / "notify"))
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
@@ -161,21 +166,7 @@ def test_watchdog_only_while_the_worker_makes_progress(tmp_path: Path,
     from monitor.config import load_config
     from monitor.pipeline import Daemon
 
-    cfg = load_config(write_config(tmp_path / "c.toml", f"""
-[watch]
-dir = "watch"
-[model]
-weights = "{tiny_weights}"
-device = "cpu"
-[store]
-state_dir = "state"
-[publish]
-endpoint = "{free_endpoint()}"
-state_endpoint = "{free_endpoint()}"
-startup_grace_s = 0
-[metrics]
-listen = ""
-"""))
+    cfg = load_config(write_config(tmp_path / "c.toml", _body(tiny_weights, "")))
     daemon = Daemon(cfg)
     daemon.start()
     try:
