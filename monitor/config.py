@@ -90,6 +90,12 @@ class ModelConfig(_Section):
     weights: Path = Field(DEFAULT_WEIGHTS, description="safetensors weights file.")
     sha256: str = Field("", description="If set, the weights file must have this sha256.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
+    backend: Literal["auto", "torch", "openvino", "onnxruntime"] = Field(
+        "auto", description="Inference engine; auto = the fastest installed for the device."
+    )
+    cpu_precision: Literal["f32", "bf16"] = Field(
+        "f32", description="OpenVINO's CPU precision; bf16 is faster where the CPU has it."
+    )
     tile_size: int = Field(1024, ge=64, description="Tile side for large images (multiple of 16).")
     tile_overlap: int = Field(64, ge=0, description="Overlap between tiles in pixels.")
     threshold: Probability = Field(

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 
+from monitor.backends import Backend, make_backend
 from monitor.config import Config
 from monitor.errors import ConfigError, DeviceError
 from monitor.imaging import normalize
@@ -75,15 +76,19 @@ class Segmenter:
         thresholds: Mapping[str, float] | None = None,
         expected_sha256: str = "",
         min_component_px: Mapping[str, int] | None = None,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+        precision: str = "f32",
     ) -> None:
         model, info = load_weights(weights, expected_sha256=expected_sha256)
         self._setup(model, info, device=resolve_device(device), tile_size=tile_size,
                     tile_overlap=tile_overlap, threshold=threshold, thresholds=thresholds,
-                    min_component_px=min_component_px)
+                    min_component_px=min_component_px, backend=backend, cache_dir=cache_dir,
+                    precision=precision)
         name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
-        log.info("model %s (width %d, classes %s) on %s%s", self.info.sha256[:12],
-                 self.info.base_channels, ",".join(self.info.class_names), name,
-                 f" with {self.amp_dtype} autocast" if self.cuda else "")
+        log.info("model %s (width %d, classes %s) on %s with the %s backend%s",
+                 self.info.sha256[:12], self.info.base_channels, ",".join(self.info.class_names),
+                 name, self.backend.name, " (autocast)" if self.cuda else "")
 
     @classmethod
     def from_config(cls, cfg: Config, weights: Path | None = None) -> Segmenter:
@@ -93,7 +98,8 @@ class Segmenter:
         return cls(weights or m.weights, device=m.device, tile_size=m.tile_size,
                    tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
                    expected_sha256="" if weights else m.sha256,
-                   min_component_px=min_component_px(cfg, weights))
+                   min_component_px=min_component_px(cfg, weights), backend=m.backend,
+                   cache_dir=cfg.state_dir / "cache", precision=m.cpu_precision)
 
     @classmethod
     def from_model(
@@ -125,6 +131,9 @@ class Segmenter:
         threshold: float,
         thresholds: Mapping[str, float] | None,
         min_component_px: Mapping[str, int] | None = None,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+        precision: str = "f32",
     ) -> None:
         if tile_overlap >= tile_size // 2:
             raise ConfigError(f"model.tile_overlap ({tile_overlap}) must be less than half of "
@@ -135,13 +144,8 @@ class Segmenter:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.model: UNet = model.to(self.device)
-        self.amp_dtype = (
-            torch.bfloat16 if self.cuda and torch.cuda.is_bf16_supported() else torch.float16
-        )
+        self.backend: Backend = make_backend(backend, model, info, device, cache_dir=cache_dir,
+                                             precision=precision)
 
     def set_thresholds(self, threshold: float, thresholds: Mapping[str, float] | None,
                        min_component_px: Mapping[str, int] | None = None) -> None:
@@ -177,14 +181,9 @@ class Segmenter:
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         # x: (H, W) normalised, H and W multiples of 16 -> (C, H, W) probabilities
-        t = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(self.device)
-        if self.cuda:
-            t = t.to(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=self.amp_dtype):
-                logits = self.model(t)
-        else:
-            logits = self.model(t)
-        return torch.sigmoid(logits.float())[0].cpu().numpy()
+        logits = self.backend(x[None, None])[0]
+        out: np.ndarray = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        return out
 
     def predict(self, gray: np.ndarray) -> Segmentation:
         """(H, W) float32 gray in [0, 1] -> probabilities and thresholded masks."""
