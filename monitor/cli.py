@@ -408,6 +408,49 @@ def dashboard(config_path: Path | None, port: int, address: str) -> None:
     raise SystemExit(subprocess.call(args))
 
 
+@main.command()
+@click.option("--size", type=click.IntRange(64), default=2048, show_default=True,
+              help="Side of the generated layer images.")
+@click.option("--layers", type=click.IntRange(1), default=3, show_default=True,
+              help="Images per backend measurement (median reported).")
+@click.option("--e2e-layers", type=click.IntRange(3), default=20, show_default=True,
+              help="Layers through the real daemon for the latency percentiles.")
+@click.option("--seed-size", type=click.IntRange(0), default=512, show_default=True,
+              help="Image side for the width-64 seed model on a CPU (0 = skip).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights (default: bundled).")
+def bench(size: int, layers: int, e2e_layers: int, seed_size: int,
+          weights: Path | None) -> None:
+    """Measure inference speed (a benchmark, minutes): backends against eager fp32 PyTorch,
+    the machine's matmul rate, end-to-end latency on the daemon, backlog rate, peak memory.
+    Prints a table, then one JSON line."""
+    from rich.table import Table
+
+    from monitor.bench import run_bench
+    from monitor.config import DEFAULT_WEIGHTS
+
+    _setup_logging("WARNING")
+    console = Console(stderr=True)
+    res = run_bench(weights or DEFAULT_WEIGHTS, size=size, layers=layers,
+                    e2e_layers=e2e_layers, seed_size=seed_size,
+                    progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    t = Table(title=f"inference at {size}x{size} px on {res.summary['device']} "
+                    f"({res.summary['threads']} threads); matmul "
+                    f"{res.summary['matmul_gflops']:.0f} GFLOP/s")
+    for col in ("what", "ms / image", "x eager", "GFLOP/s", "of matmul"):
+        t.add_column(col, justify="left" if col == "what" else "right")
+    for r in res.rows:
+        t.add_row(r["what"], f"{r['ms']:.0f}", f"{r['speedup']:.2f}", f"{r['gflops']:.0f}",
+                  f"{r['gflops'] / res.summary['matmul_gflops']:.0%}")
+    Console().print(t)
+    s = res.summary
+    click.echo(f"end to end: p50 {s['e2e_p50_ms']:.0f} ms, p95 {s['e2e_p95_ms']:.0f} ms, "
+               f"p99 {s['e2e_p99_ms']:.0f} ms for {s['infer_ms']:.0f} ms of inference "
+               f"({s['e2e_over_infer']:.2f}x); backlog {s['backlog_layers_per_s']:.2f} "
+               f"layers/s; peak memory {s['peak_rss_mb']:.0f} MB")
+    click.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                           for k, v in s.items()}))
+
+
 @main.group()
 def db() -> None:
     """The database schema."""

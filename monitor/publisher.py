@@ -44,6 +44,7 @@ def layer_message(rec: LayerRecord, *, replaced: bool) -> dict[str, Any]:
         "image_sha256": rec.image_sha256,
         "model_sha256": rec.model_sha256,
         "latency_ms": rec.total_ms,
+        "infer_ms": rec.infer_ms,
         "replaced": replaced,
     }
     if rec.status == "error":

@@ -1,0 +1,240 @@
+"""`pbf-monitor bench`: inference speed measured side by side in one run, on this machine.
+
+Everything is compared with the same baseline measured in the same run: plain eager fp32
+PyTorch, one image at a time. The machine's practical limit is a large fp32 matrix multiply,
+also measured here; the model's FLOPs are counted by PyTorch. The end-to-end latency is
+measured on the real daemon: from the moment a layer file is closed in the watch folder to
+the moment a subscriber receives its `layer` message.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monitor.backends import BACKENDS, cpu_threads, installed
+from monitor.model import ModelInfo, load_weights
+from monitor.segmenter import Segmenter, resolve_device
+from monitor.synth import BuildGenerator
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's practical fp32 rate: a large matrix multiply, best of `repeats`."""
+    torch.set_num_threads(cpu_threads())
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def model_gflop(info: ModelInfo, size: int) -> float:
+    """FLOPs of one forward pass at size x size, as PyTorch counts them (a MAC = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = info.build().eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.zeros(1, info.in_channels, size, size))
+    return float(counter.get_total_flops()) / 1e9
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _median_predict(seg: Segmenter, images: list[np.ndarray]) -> float:
+    times = []
+    for im in images:
+        t0 = time.perf_counter()
+        seg.predict(im)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _EagerFp32:
+    """The baseline backend: eager fp32 PyTorch, default (contiguous) memory format."""
+
+    name = "eager-fp32"
+
+    def __init__(self, weights: Path) -> None:
+        self.model, _ = load_weights(weights)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out: np.ndarray = self.model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+        return out
+
+
+def _eager_fp32(weights: Path, images: list[np.ndarray], tile: int) -> float:
+    """The baseline, one image at a time, through the same tiling as serving."""
+    torch.set_num_threads(cpu_threads())
+    model, info = load_weights(weights)
+    seg = Segmenter.from_model(model, info, device=torch.device("cpu"), tile_size=tile)
+    seg.backend = _EagerFp32(weights)
+    seg.predict(images[0][:64, :64])
+    return _median_predict(seg, images)
+
+
+def _backend_time(weights: Path, backend: str, images: list[np.ndarray], tile: int,
+                  cache: Path, precision: str = "f32") -> float:
+    seg = Segmenter(weights, device="cpu", backend=backend, cache_dir=cache, tile_size=tile,
+                    precision=precision)
+    seg.predict(images[0])  # warm-up (compilation, allocation)
+    return _median_predict(seg, images)
+
+
+def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
+               ) -> dict[str, float]:
+    """Latency from a closed file to a received message on the real daemon, and the rate at
+    which it clears a backlog of layers written while it was down."""
+    from monitor.config import parse_config
+    from monitor.demo import free_tcp_endpoint, write_layer_file
+    from monitor.pipeline import Daemon
+    from monitor.publisher import subscribe
+
+    gen = BuildGenerator(size=size, layers=layers + backlog, seed=5)
+    with tempfile.TemporaryDirectory(prefix="pbf-bench-") as tmp:
+        work = Path(tmp)
+        cfg = parse_config({
+            "watch": {"dir": "watch", "settle_s": 0.5, "rescan_interval_s": 0},
+            "model": {"weights": str(weights)}, "store": {"state_dir": "state", "maps": True},
+            "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
+                        "heartbeat_interval_s": 0.2, "startup_grace_s": 0},
+            "metrics": {"listen": ""}, "alarms": {"stall": {"enabled": False}},
+        }, base_dir=work)
+        build = cfg.watch.dir / "B"
+        build.mkdir(parents=True)
+        got: dict[int, tuple[float, float]] = {}
+        beat = threading.Event()
+        stop = threading.Event()
+
+        def listen() -> None:
+            for topic, msg in subscribe(cfg.publish.endpoint, stop=stop):
+                if topic == "heartbeat":
+                    beat.set()
+                elif topic == "layer":
+                    got[msg["layer"]] = (time.time(), float(msg.get("infer_ms") or 0))
+
+        daemon = Daemon(cfg)
+        daemon.start()
+        thread = threading.Thread(target=listen, name="bench-subscriber", daemon=True)
+        thread.start()
+        try:
+            beat.wait(10)
+            closed: dict[int, float] = {}
+            for i in range(layers):
+                img = gen.layer(i).image
+                write_layer_file(build / f"layer_{i + 1:05d}.png", img)
+                closed[i + 1] = time.time()
+                deadline = time.monotonic() + 120
+                while i + 1 not in got and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            lat = sorted((got[n][0] - closed[n]) * 1000 for n in closed if n in got)
+            infer = statistics.median(got[n][1] for n in closed if n in got)
+        finally:
+            daemon.stop()
+        # Backlog: layers written while the daemon is down, then a start.
+        for i in range(layers, layers + backlog):
+            write_layer_file(build / f"layer_{i + 1:05d}.png", gen.layer(i).image)
+        daemon = Daemon(cfg)
+        t0 = time.perf_counter()
+        daemon.start()
+        try:
+            deadline = time.monotonic() + 600
+            while len(got) < layers + backlog and time.monotonic() < deadline:
+                time.sleep(0.01)
+            rate = backlog / (time.perf_counter() - t0)
+        finally:
+            daemon.stop()
+            stop.set()
+            thread.join(5)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))]
+
+    return {"e2e_p50_ms": pct(50), "e2e_p95_ms": pct(95), "e2e_p99_ms": pct(99),
+            "infer_ms": infer, "e2e_over_infer": pct(50) / infer if infer else float("nan"),
+            "backlog_layers_per_s": rate}
+
+
+def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: int = 20,
+              seed_size: int = 512, progress: Callable[[str], None] = print) -> BenchResult:
+    """Measure everything; see the module docstring."""
+    device = resolve_device("auto")
+    res = BenchResult()
+    gen = BuildGenerator(size=size, layers=layers + 2, seed=3)
+    images = [gen.layer(i + 2).image.astype(np.float32) / 255 for i in range(layers)]
+    _, info = load_weights(weights)
+    tile = 1024
+    progress(f"matmul and FLOPs ({cpu_threads()} threads)")
+    mm = matmul_gflops()
+    gflop = model_gflop(info, size)
+    progress(f"baseline: eager fp32 PyTorch on {layers} layers of {size} px")
+    base = _eager_fp32(weights, images, tile)
+    default = None
+    with tempfile.TemporaryDirectory(prefix="pbf-bench-cache-") as cache:
+        variants = [(b, "f32") for b in BACKENDS if installed(b)]
+        if installed("openvino"):
+            variants.append(("openvino", "bf16"))
+        res.rows.append({"what": f"eager fp32 (width {info.base_channels})", "ms": base * 1e3,
+                         "speedup": 1.0, "gflops": gflop / base})
+        for backend, precision in variants:
+            progress(f"{backend} {precision}")
+            t = _backend_time(weights, backend, images, tile, Path(cache), precision)
+            label = f"{backend}" + (" (channels_last)" if backend == "torch" else "") + (
+                " bf16" if precision == "bf16" else "")
+            res.rows.append({"what": label, "ms": t * 1e3, "speedup": base / t,
+                             "gflops": gflop / t})
+            if precision == "f32" and backend == _default_backend(device):
+                default = (backend, t)
+        if seed_size and device.type == "cpu":
+            progress(f"seed-width model (64) at {seed_size} px")
+            seed_w = Path(cache) / "seed.safetensors"
+            from monitor.model import save_weights
+
+            seed_info = ModelInfo(class_names=info.class_names, base_channels=64)
+            save_weights(seed_w, seed_info.build(), seed_info)
+            seed_imgs = [im[:seed_size, :seed_size] for im in images]
+            sb = _eager_fp32(seed_w, seed_imgs, tile)
+            sd = _backend_time(seed_w, _default_backend(device), seed_imgs, tile, Path(cache))
+            sg = model_gflop(seed_info, seed_size)
+            res.rows.append({"what": f"seed width 64 eager fp32 @ {seed_size}", "ms": sb * 1e3,
+                             "speedup": 1.0, "gflops": sg / sb})
+            res.rows.append({"what": f"seed width 64 {_default_backend(device)} @ {seed_size}",
+                             "ms": sd * 1e3, "speedup": sb / sd, "gflops": sg / sd})
+    progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
+    e2e = end_to_end(weights, size, e2e_layers)
+    assert default is not None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res.summary = {
+        "device": str(device), "threads": cpu_threads(), "size": size,
+        "width": info.base_channels, "default_backend": default[0],
+        "eager_fp32_ms": base * 1e3, "default_ms": default[1] * 1e3,
+        "speedup_vs_eager": base / default[1], "model_gflop": gflop,
+        "matmul_gflops": mm, "achieved_gflops": gflop / default[1],
+        "fraction_of_matmul": gflop / default[1] / mm, **e2e, "peak_rss_mb": peak,
+    }
+    return res
+
+
+def _default_backend(device: torch.device) -> str:
+    from monitor.backends import choose
+
+    return choose("auto", device)
