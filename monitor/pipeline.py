@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -85,8 +86,8 @@ class Daemon:
             for step in (self._init_store, self._init_segmenter, self._init_alarms,
                          self._start_writer, self._start_hook, self._init_zmq,
                          self._start_publisher,
-                         self._start_control, self._start_metrics, self._start_worker,
-                         self._start_settler):
+                         self._start_control, self._start_metrics, self._start_map_pool,
+                         self._start_worker, self._start_settler):
                 step()
         except BaseException:
             self.stop()
@@ -250,6 +251,12 @@ class Daemon:
             except queue.Empty:
                 log.error("database writer still busy at stop; unsent messages stay in the "
                           "outbox and go out on restart")
+
+    def _start_map_pool(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._map_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
+        self._stack.append(lambda: self._map_pool.shutdown(wait=True))
 
     def _start_worker(self) -> None:
         self._worker = threading.Thread(target=self._work, name="worker", daemon=True)
@@ -520,8 +527,6 @@ class Daemon:
                                    max_components=max_comp)
         stats = layer_stats(masks, self.segmenter.class_names, pixel_size_mm=px,
                             max_components=max_comp)
-        lmap = (encode_map(gray, masks, max_side=self.cfg.store.map_max_side)
-                if self.cfg.store.maps else None)
         key = BuildKey(cand.printer, cand.key.build)
         self._ensure_restored(key)
         verdict = self.alarms.evaluate(key, cand.key.layer, stats, regions)
@@ -532,9 +537,27 @@ class Daemon:
             detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
             image_size=facts.size, image_mtime_ns=facts.mtime_ns, image_sha256=facts.sha256,
-            regions=regions, map=lmap, classes=self.segmenter.class_names,
+            regions=regions, classes=self.segmenter.class_names,
         )
         self._finish(cand, sig, rec, verdict)
+        if self.cfg.store.maps:
+            self._store_map_later(rec, gray, masks)
+
+    def _store_map_later(self, rec: LayerRecord, gray: np.ndarray, masks: np.ndarray) -> None:
+        """Encode the layer's defect map off the latency path (its own thread) and attach it
+        in a later transaction: the layer's message does not wait for a picture."""
+        assert self.writer is not None
+        writer, max_side = self.writer, self.cfg.store.map_max_side
+
+        def encode() -> None:
+            try:
+                m = encode_map(gray, masks, max_side=max_side)
+            except Exception:
+                log.exception("layer %s/%d: defect map not stored", rec.build, rec.layer)
+                return
+            writer.submit(lambda s: store.put_map(s, rec, m))
+
+        self._map_pool.submit(encode)
 
     def _ensure_restored(self, key: BuildKey) -> None:
         """A build seen for the first time since start: adopt its alarm state from the DB."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,12 +108,16 @@ def layer_stats(
     """(C, H, W) bool masks -> statistics for every class, keyed by class name."""
     if masks.ndim != 3 or masks.shape[0] != len(class_names):
         raise ValueError(f"masks of shape {masks.shape} do not match {len(class_names)} classes")
-    return LayerStats(
-        width=int(masks.shape[2]),
-        height=int(masks.shape[1]),
-        classes={
-            name: class_stats(name, masks[i], pixel_size_mm=pixel_size_mm,
-                              max_components=max_components)
-            for i, name in enumerate(class_names)
-        },
-    )
+    def one(i: int) -> ClassStats:
+        return class_stats(class_names[i], masks[i], pixel_size_mm=pixel_size_mm,
+                           max_components=max_components)
+
+    workers = min(len(class_names), os.cpu_count() or 1)
+    if workers > 1 and masks[0].size >= 1 << 20:
+        # OpenCV releases the GIL: on large layers the classes are labelled in parallel.
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stats") as pool:
+            results = list(pool.map(one, range(len(class_names))))
+    else:
+        results = [one(i) for i in range(len(class_names))]
+    return LayerStats(width=int(masks.shape[2]), height=int(masks.shape[1]),
+                      classes={c.name: c for c in results})

@@ -398,10 +398,24 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
     s.add(row)
     s.flush()
     if rec.map is not None:
-        s.add(LayerMap(layer_id=row.id, classes=json.dumps(list(rec.classes)),
-                       scale=rec.map.scale, mask_png=rec.map.mask_png,
-                       thumb_jpeg=rec.map.thumb_jpeg, created_at=rec.processed_at))
+        _add_map(s, row.id, rec, rec.map)
     return build.id, old is not None
+
+
+def _add_map(s: Session, layer_id: int, rec: LayerRecord, m: EncodedMap) -> None:
+    s.add(LayerMap(layer_id=layer_id, classes=json.dumps(list(rec.classes)), scale=m.scale,
+                   mask_png=m.mask_png, thumb_jpeg=m.thumb_jpeg, created_at=rec.processed_at))
+
+
+def put_map(s: Session, rec: LayerRecord, m: EncodedMap) -> None:
+    """Attach a map to the stored layer it was made from (skipped if that layer has been
+    replaced or deleted since)."""
+    layer = s.scalar(select(Layer).join(Build).where(
+        Build.printer == rec.printer, Build.name == rec.build, Layer.layer == rec.layer,
+        Layer.processed_at == rec.processed_at))
+    if layer is not None:
+        s.execute(delete(LayerMap).where(LayerMap.layer_id == layer.id))
+        _add_map(s, layer.id, rec, m)
 
 
 def put_outbox(s: Session, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[Outgoing]:
