@@ -134,6 +134,7 @@ class Settler:
         self._handled: OrderedDict[Path, tuple[int, int] | None] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"settler-{printer}" if printer else "settler")
         self._observer: BaseObserver | None = None
@@ -159,6 +160,7 @@ class Settler:
     def stop(self) -> None:
         """Stop the observer and the settle thread. Idempotent."""
         self._stop.set()
+        self._wake.set()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(10)
@@ -168,6 +170,7 @@ class Settler:
 
     def notify(self, kind: str, path: str) -> None:
         self._events.put((kind, path))
+        self._wake.set()  # a closed file goes to the worker now, not at the next tick
 
     def request_rescan(self) -> None:
         self._rescan_requested.set()
@@ -226,7 +229,8 @@ class Settler:
                 self._promote()
             except Exception:  # keep watching whatever one file or the database did
                 log.exception("settler loop failed; continuing")
-            self._stop.wait(0.05)
+            self._wake.wait(0.05)
+            self._wake.clear()
 
     def _drain_events(self) -> None:
         now = time.time()
