@@ -271,8 +271,7 @@ class LayerRecord:
     total_ms: float | None = None
     stats: LayerStats | None = None
     regions: dict[str, LayerStats] | None = None
-    map: EncodedMap | None = None
-    classes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # the model's, in mask order
 
 
 @dataclass(frozen=True)
@@ -397,14 +396,7 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
             row.regions.append(RegionStat(region=region, **RegionStat.values(c)))
     s.add(row)
     s.flush()
-    if rec.map is not None:
-        _add_map(s, row.id, rec, rec.map)
     return build.id, old is not None
-
-
-def _add_map(s: Session, layer_id: int, rec: LayerRecord, m: EncodedMap) -> None:
-    s.add(LayerMap(layer_id=layer_id, classes=json.dumps(list(rec.classes)), scale=m.scale,
-                   mask_png=m.mask_png, thumb_jpeg=m.thumb_jpeg, created_at=rec.processed_at))
 
 
 def put_map(s: Session, rec: LayerRecord, m: EncodedMap) -> None:
@@ -415,7 +407,9 @@ def put_map(s: Session, rec: LayerRecord, m: EncodedMap) -> None:
         Layer.processed_at == rec.processed_at))
     if layer is not None:
         s.execute(delete(LayerMap).where(LayerMap.layer_id == layer.id))
-        _add_map(s, layer.id, rec, m)
+        s.add(LayerMap(layer_id=layer.id, classes=json.dumps(list(rec.classes)),
+                       scale=m.scale, mask_png=m.mask_png, thumb_jpeg=m.thumb_jpeg,
+                       created_at=rec.processed_at))
 
 
 def put_outbox(s: Session, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[Outgoing]:

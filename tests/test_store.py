@@ -128,9 +128,10 @@ def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # t
     m = encode_map(np.zeros((64, 64), np.float32), masks)
     with Session(engine) as s, s.begin():
         for n, age_days in ((1, 200.0), (2, 1.0)):
-            rec = replace(record(n), map=m, classes=("a",) * 6,
+            rec = replace(record(n), classes=("a",) * 6,
                           processed_at=1_000_000_000.0 - age_days * 86400)
             store.put_layer(s, rec)
+            store.put_map(s, rec, m)
     with Session(engine) as s, s.begin():
         bid = s.scalar(select(store.Build.id))
         assert sorted(store.layer_maps(s, bid)) == [1, 2]
@@ -148,8 +149,9 @@ def test_oldest_maps_go_first_when_space_is_short(engine) -> None:  # type: igno
     m = encode_map(np.zeros((32, 32), np.float32), np.zeros((6, 32, 32), bool))
     with Session(engine) as s, s.begin():
         for n in range(1, 21):
-            store.put_layer(s, replace(record(n), map=m, classes=("a",) * 6,
-                                       processed_at=float(n)))
+            rec = replace(record(n), classes=("a",) * 6, processed_at=float(n))
+            store.put_layer(s, rec)
+            store.put_map(s, rec, m)
     with Session(engine) as s, s.begin():
         assert store.prune_oldest_maps(s, fraction=0.1) == 2
         bid = s.scalar(select(store.Build.id))
