@@ -458,7 +458,10 @@ class Daemon:
                 self._process(cand)
             except Exception as e:  # never let one layer stop the daemon
                 log.exception("unexpected failure on %s", cand.path)
-                self._commit(self._error_record(cand, f"internal error: {e!r}"), [])
+                try:
+                    self._finish(cand, None, self._error_record(cand, f"internal error: {e!r}"))
+                except Exception:
+                    log.exception("could not even record the failure of %s", cand.path)
 
     def _error_record(self, cand: Candidate, reason: str,
                       facts: _Facts | None = None) -> LayerRecord:
