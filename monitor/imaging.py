@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -23,8 +24,11 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding pixels; None if unknown."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
+        # PIL warns about corrupt metadata (EXIF) on the way: the decoder reports the reason.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
     except Exception:  # PIL raises many types on garbage; the decoder reports the reason
         return None
 

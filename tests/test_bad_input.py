@@ -1,0 +1,96 @@
+"""A corpus of bad and odd inputs through the real daemon: each file gets exactly one
+outcome (a record and a message, ok or error with a reason), or a logged skip when it is not
+a layer; the daemon goes on."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from sqlalchemy import create_engine, text
+
+from tests.conftest import encode
+from tests.test_alarm_daemon import NO_RULES, Rig, bright_weights, rig  # noqa: F401 (fixtures)
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A complete, tiny PNG whose header declares w x h pixels (a decompression bomb)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_bad_input_corpus(rig: Callable[..., Rig], tmp_path: Path) -> None:  # noqa: F811
+    r = rig(NO_RULES)
+    d = r.build
+    good = np.full((64, 64), 120, np.uint8)
+    png = encode(good, ".png")
+    jpg = encode(good, ".jpg")
+    rgba = np.dstack([good, good, good, np.full_like(good, 255)])
+    multipage = tmp_path / "multi.tif"
+    Image.fromarray(good).save(multipage, save_all=True,
+                               append_images=[Image.fromarray(255 - good)])
+    errors = {
+        1: ("empty.png", b""),
+        2: ("truncated.png", png[: len(png) // 2]),
+        3: ("truncated.jpg", jpg[: len(jpg) // 2]),
+        4: ("magic.png", os.urandom(300)),
+        5: ("text.png", b"this is not an image\n" * 20),
+        6: ("tiny.png", encode(np.zeros((1, 1), np.uint8), ".png")),
+        7: ("thin.png", encode(np.zeros((1, 100_000), np.uint8), ".png")),
+        8: ("bomb.png", _png_header_only(100_000, 100_000)),
+    }
+    oks = {
+        20: ("sixteen.tif", encode((good.astype(np.uint16) * 257), ".tif")),
+        21: ("float.tif", encode(good.astype(np.float32) / 255, ".tif")),
+        22: ("rgba.png", encode(rgba, ".png")),
+        23: ("multi.tif", multipage.read_bytes()),
+        24: ("plain.bmp", encode(good, ".bmp")),
+    }
+    def path(n: int, name: str) -> Path:  # the layer number is the name's last digits
+        stem, ext = name.split(".")
+        return d / f"{stem}_{n:05d}.{ext}"
+
+    for n, (name, data) in {**errors, **oks}.items():
+        path(n, name).write_bytes(data)
+    # Not layers (a logged skip): a folder named like an image, a name without digits.
+    (d / "layer_00030.png").mkdir()
+    (d / "notes.png").write_bytes(png)
+    # Named like a layer but unreadable: a symlink loop gets an error record.
+    (d / "loop_00031.png").symlink_to(d / "loop_00031.png")
+    errors[31] = ("loop.png", b"")
+    assert r.listener is not None
+    listener = r.listener
+    listener.wait(lambda: set(listener.layers()) >= set(errors) | set(oks), timeout=120)
+    # The same layer written again replaces it, and the message says so.
+    path(20, "sixteen.tif").write_bytes(encode(good.astype(np.uint16) * 200, ".tif"))
+    listener.wait(lambda: len(listener.layers().get(20, [])) == 2)
+    listener.wait_heartbeat()
+
+    layers = listener.layers()
+    assert set(layers) == set(errors) | set(oks), sorted(layers)
+    for n in errors:
+        (msg,) = layers[n]
+        assert msg["status"] == "error" and msg["error"], (errors[n][0], msg)
+    for n in oks:
+        assert [m["status"] for m in layers[n]][-1] == "ok", (oks[n][0], layers[n])
+    assert [m["replaced"] for m in layers[20]] == [False, True]
+    assert "pixel" in layers[8][0]["error"]  # refused by the pixel limit, not decoded
+    engine = create_engine(r.cfg.store_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT layer, count(*) FROM layers GROUP BY layer")).all()
+    engine.dispose()
+    assert sorted(rows) == sorted((n, 1) for n in {**errors, **oks})  # exactly once each
+    # ... and it goes on.
+    cv2.imwrite(str(d / "layer_00040.png"), good)
+    listener.wait(lambda: 40 in listener.layers())
