@@ -94,3 +94,25 @@ def test_bad_input_corpus(rig: Callable[..., Rig], tmp_path: Path) -> None:  # n
     # ... and it goes on.
     cv2.imwrite(str(d / "layer_00040.png"), good)
     listener.wait(lambda: 40 in listener.layers())
+
+
+def test_paths_with_spaces_and_non_ascii(tmp_path: Path, bright_weights: Path) -> None:  # noqa: F811
+    root = tmp_path / "prüf stand Ø"
+    root.mkdir()
+    r = Rig(root, bright_weights, NO_RULES)
+    try:
+        r.start()
+        build = r.cfg.watch.dir / "Bauteil Nr 7 — ÄÖÜ"
+        build.mkdir(parents=True)
+        img = np.full((64, 64), 100, np.uint8)
+        img[10:20, 10:20] = 240
+        (build / "Schicht 0003.png").write_bytes(encode(img, ".png"))
+        assert r.listener is not None
+        listener = r.listener
+        listener.wait(lambda: 3 in listener.layers())
+        (msg,) = listener.layers()[3]
+        assert msg["status"] == "ok" and msg["build"] == "Bauteil Nr 7 — ÄÖÜ"
+        assert msg["image"].endswith("Schicht 0003.png")
+        assert msg["classes"]["swelling"]["pixel_count"] == 100
+    finally:
+        r.stop()
