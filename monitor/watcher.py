@@ -81,6 +81,15 @@ class Candidate:
     printer: str = ""  # which printer's folder it came from (fleets)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, or None if it is not there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def _signature(path: Path) -> tuple[int, int] | None:
     try:
         st = path.stat()
@@ -135,6 +144,9 @@ class Settler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._observer_lock = threading.Lock()
+        self._root_id: tuple[int, int] | None = None
+        self._next_root_check = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"settler-{printer}" if printer else "settler")
         self._observer: BaseObserver | None = None
@@ -145,26 +157,53 @@ class Settler:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        observer: BaseObserver = (
-            PollingObserver(timeout=self.cfg.poll_interval_s) if self.cfg.polling else Observer()
-        )
-        observer.schedule(_Handler(self.notify), str(self.root), recursive=self.cfg.recursive)
-        observer.start()
-        self._observer = observer
+        with self._observer_lock:
+            self._arm()
         # Rescan after the observer runs, so a file written in between is seen by one of them.
         self._rescan_requested.set()
         self._thread.start()
         log.info("watching %s (%s%s)", self.root, "polling" if self.cfg.polling else "inotify",
                  f", pattern {self.cfg.pattern!r}" if self.cfg.pattern else "")
 
+    def _arm(self) -> None:
+        """Start an observer on the root (caller holds the observer lock)."""
+        observer: BaseObserver = (
+            PollingObserver(timeout=self.cfg.poll_interval_s) if self.cfg.polling else Observer()
+        )
+        observer.schedule(_Handler(self.notify), str(self.root), recursive=self.cfg.recursive)
+        observer.start()
+        self._observer = observer
+        self._root_id = _identity(self.root)
+
+    def _check_root(self) -> None:
+        """The watch folder deleted and made again is a new inode that the old inotify watch
+        does not see: watch the new one, and rescan it."""
+        now = _identity(self.root)
+        if now == self._root_id:
+            return
+        if now is None:
+            log.warning("watch folder %s is gone; waiting for it to come back", self.root)
+            self._root_id = None
+            return
+        with self._observer_lock:
+            if self._stop.is_set():
+                return
+            if self._observer is not None:
+                self._observer.stop()
+                self._observer.join(10)
+            self._arm()
+        log.warning("watch folder %s is back: watching it again", self.root)
+        self._rescan_requested.set()
+
     def stop(self) -> None:
         """Stop the observer and the settle thread. Idempotent."""
         self._stop.set()
         self._wake.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(10)
-            self._observer = None
+        with self._observer_lock:
+            if self._observer is not None:
+                self._observer.stop()
+                self._observer.join(10)
+                self._observer = None
         if self._thread.is_alive():
             self._thread.join(10)
 
@@ -220,6 +259,9 @@ class Settler:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                if time.monotonic() >= self._next_root_check:
+                    self._next_root_check = time.monotonic() + 1.0
+                    self._check_root()
                 self._drain_events()
                 if self._rescan_requested.is_set() or (
                     self.cfg.rescan_interval_s and time.monotonic() >= self._next_rescan

@@ -116,3 +116,18 @@ def test_paths_with_spaces_and_non_ascii(tmp_path: Path, bright_weights: Path) -
         assert msg["classes"]["swelling"]["pixel_count"] == 100
     finally:
         r.stop()
+
+
+def test_watch_folder_deleted_and_made_again(rig: Callable[..., Rig]) -> None:  # noqa: F811
+    import shutil
+    import time
+
+    r = rig(NO_RULES)  # periodic rescans off: only a re-armed watch can see the new folder
+    r.write(1)
+    shutil.rmtree(r.cfg.watch.dir)
+    time.sleep(1.5)  # the settler notices the folder is gone
+    r.build.mkdir(parents=True)
+    time.sleep(1.5)  # ... and that it is back
+    r.write(2)
+    assert r.listener is not None
+    assert [m["status"] for m in r.listener.layers()[2]] == ["ok"]
