@@ -131,3 +131,21 @@ def test_watch_folder_deleted_and_made_again(rig: Callable[..., Rig]) -> None:  
     r.write(2)
     assert r.listener is not None
     assert [m["status"] for m in r.listener.layers()[2]] == ["ok"]
+
+
+def test_burst_of_200_layers(rig: Callable[..., Rig]) -> None:  # noqa: F811
+    r = rig(NO_RULES)
+    for n in range(1, 201):
+        r.write(n, (n % 80, 10, 8, 8), wait=False)
+    assert r.listener is not None
+    listener = r.listener
+    listener.wait(lambda: len(listener.layers()) == 200, timeout=300)
+    layers = listener.layers()
+    assert all(len(layers[n]) == 1 and layers[n][0]["status"] == "ok" for n in range(1, 201))
+    seqs = [m[0]["seq"] for _, m in sorted(layers.items())]
+    assert seqs == sorted(seqs)  # handed over and published in layer order
+    engine = create_engine(r.cfg.store_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*), count(DISTINCT layer) FROM layers")).one() == (
+            200, 200)
+    engine.dispose()
