@@ -61,7 +61,8 @@ def _builds_sidebar(engine: Engine) -> str | None:
     return str(choice)
 
 
-def _layer_view(engine: Engine, report: dict[str, Any], names: list[str]) -> None:
+def _layer_view(report: dict[str, Any], maps: dict[int, store.LayerMap],
+                names: list[str]) -> None:
     rows = report["layers"]
     numbers = [r["layer"] for r in rows]
     latest, key = numbers[-1], f"layer-{report['build']}"
@@ -76,8 +77,6 @@ def _layer_view(engine: Engine, report: dict[str, Any], names: list[str]) -> Non
     layer = st.select_slider("Layer", options=numbers, key=key)
     row = next(r for r in rows if r["layer"] == layer)
     left, right = st.columns([3, 2])
-    with Session(engine) as s:
-        maps = store.layer_maps(s, report["build_id"], range(layer, layer + 1))
     with left:
         m = maps.get(layer)
         if m is not None:
@@ -142,7 +141,7 @@ def main() -> None:
         c[1].metric("Errors", sum(r["status"] != "ok" for r in rows))
         c[2].metric("Alarms", len(report["alarms"]))
         c[3].metric("Stacking defects", sum(t["alarmed"] for t in report["tracks"]))
-        _layer_view(engine, report, names)
+        _layer_view(report, maps, names)
         _alarms(cfg, engine, report)
         st.subheader("Defect area by layer")
         if (png := _png(area_plot(report, defects))) is not None:
