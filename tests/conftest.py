@@ -79,6 +79,29 @@ def encode(img: np.ndarray, ext: str) -> bytes:
     return buf.tobytes()
 
 
+def daemon_toml(weights: Path, *, settle_s: float = 0.3, rescan_interval_s: float = 60.0,
+                metrics: str = "", extra: str = "") -> str:
+    """A daemon config: watch/ and state/ folders beside it, the model on the CPU, loopback
+    endpoints of its own, metrics on `metrics` ("" = off), then `extra` sections."""
+    return f"""
+[watch]
+dir = "watch"
+settle_s = {settle_s}
+rescan_interval_s = {rescan_interval_s}
+[model]
+weights = "{weights}"
+device = "cpu"
+[store]
+state_dir = "state"
+[publish]
+endpoint = "{free_endpoint()}"
+state_endpoint = "{free_endpoint()}"
+startup_grace_s = 0
+[metrics]
+listen = "{metrics}"
+{extra}"""
+
+
 def write_config(path: Path, body: str) -> Path:
     path.write_text(body, encoding="utf-8")
     return path

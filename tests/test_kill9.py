@@ -14,33 +14,16 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import create_engine, text
 
-from tests.conftest import encode, free_endpoint, make_threshold_weights, write_config
+from tests.conftest import daemon_toml, encode, make_threshold_weights, write_config
 
 LAYERS = 60
 
 
 def _config(root: Path, weights: Path) -> Path:
-    return write_config(root / "config.toml", f"""
-[watch]
-dir = "watch"
-settle_s = 0.2
-rescan_interval_s = 1
-[model]
-weights = "{weights}"
-device = "cpu"
-[store]
-state_dir = "state"
-[publish]
-endpoint = "{free_endpoint()}"
-state_endpoint = "{free_endpoint()}"
-startup_grace_s = 0
-[metrics]
-listen = ""
-[alarms]
-grace_layers = 0
-[alarms.stall]
-enabled = false
-""")
+    # Rescans every second: a file written while the daemon was dead is found on restart.
+    return write_config(root / "config.toml", daemon_toml(
+        weights, settle_s=0.2, rescan_interval_s=1,
+        extra="[alarms]\ngrace_layers = 0\n[alarms.stall]\nenabled = false\n"))
 
 
 def _layer(n: int) -> bytes:

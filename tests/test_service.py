@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from monitor import sdnotify
-from tests.conftest import encode, free_endpoint, layer_image, write_config
+from tests.conftest import daemon_toml, encode, free_endpoint, layer_image, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,29 +61,9 @@ def _metric(port: int, name: str) -> float | None:
     return None
 
 
-def _body(weights: Path, metrics: str) -> str:
-    """A config on loopback ports of its own, with metrics on `metrics` ("" = off)."""
-    return f"""
-[watch]
-dir = "watch"
-settle_s = 0.3
-[model]
-weights = "{weights}"
-device = "cpu"
-[store]
-state_dir = "state"
-[publish]
-endpoint = "{free_endpoint()}"
-state_endpoint = "{free_endpoint()}"
-startup_grace_s = 0
-[metrics]
-listen = "{metrics}"
-"""
-
-
 def test_service_lifecycle(tmp_path: Path, tiny_weights: Path) -> None:
     port = int(free_endpoint().rsplit(":", 1)[1])
-    body = _body(tiny_weights, f"127.0.0.1:{port}")
+    body = daemon_toml(tiny_weights, metrics=f"127.0.0.1:{port}")
     cfg = write_config(tmp_path / "config.toml", body)
     sock = _listen(str(tmp_path / "notify"))
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "1000000",
@@ -166,7 +146,7 @@ def test_watchdog_only_while_the_worker_makes_progress(tmp_path: Path,
     from monitor.config import load_config
     from monitor.pipeline import Daemon
 
-    cfg = load_config(write_config(tmp_path / "c.toml", _body(tiny_weights, "")))
+    cfg = load_config(write_config(tmp_path / "c.toml", daemon_toml(tiny_weights)))
     daemon = Daemon(cfg)
     daemon.start()
     try:
