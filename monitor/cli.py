@@ -601,13 +601,6 @@ def synth(out: Path, layers: int, size: int, seed: int) -> None:
     click.echo(f"wrote {manifest}")
 
 
-def _segmenter(cfg: Config, weights: Path | None) -> Any:
-    """The daemon's Segmenter as the config describes it; `weights` overrides model.weights."""
-    from monitor.segmenter import Segmenter
-
-    return Segmenter.from_config(cfg, weights)
-
-
 @main.command()
 @click.argument("datasets", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,
@@ -686,10 +679,11 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
     from monitor.dataset import open_dataset
     from monitor.evaluate import ThresholdSweep, metrics_json, metrics_table
     from monitor.evaluate import evaluate as run_eval
+    from monitor.segmenter import Segmenter
 
     cfg = _load(config_path)
     ds = open_dataset(dataset)
-    seg = _segmenter(cfg, weights)
+    seg = Segmenter.from_config(cfg, weights)
     sw = ThresholdSweep(seg.class_names) if sweep else None
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task(f"evaluate {dataset}", total=len(ds.names))

@@ -136,12 +136,11 @@ def heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[s
 
 def _worst_layers(report: dict[str, Any], maps: dict[int, store.LayerMap],
                   defects: list[str]) -> list[dict[str, Any]]:
-    ranked = sorted(
-        (r for r in report["layers"] if r["status"] == "ok"),
-        key=lambda r: -sum(r["classes"].get(c, {}).get("area_mm2", 0.0) for c in defects))
+    areas = [(sum(r["classes"].get(c, {}).get("area_mm2", 0.0) for c in defects), r)
+             for r in report["layers"] if r["status"] == "ok"]
+    ranked = sorted(areas, key=lambda a: -a[0])
     out = []
-    for r in ranked[:WORST_LAYERS]:
-        area = sum(r["classes"].get(c, {}).get("area_mm2", 0.0) for c in defects)
+    for area, r in ranked[:WORST_LAYERS]:
         if area <= 0:
             break
         m = maps.get(r["layer"])
