@@ -21,7 +21,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from monitor import store
+from monitor import failpoints, store
 from monitor.alarms import RULE_TEST, AlarmEngine, AlarmEvent, BuildKey, LayerAlarms
 from monitor.config import Config
 from monitor.errors import ImageError, MonitorError, StoreError
@@ -503,6 +503,7 @@ class Daemon:
             self._finish(cand, None, self._error_record(
                 cand, f"cannot read file: {e.strerror or e}"))
             return
+        failpoints.reach("decode")
         sig = (len(data), st.st_mtime_ns)
         facts = _Facts(len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
         try:
@@ -520,6 +521,7 @@ class Daemon:
             self._finish(cand, sig, self._error_record(cand, str(e), facts))
             return
         decode_ms = (time.perf_counter() - t0) * 1000.0
+        failpoints.reach("infer")
         seg = self.segmenter.predict(gray)
         masks, regions = seg.masks, None
         px, max_comp = printer.camera.pixel_size_mm, self.cfg.store.max_components
@@ -613,7 +615,9 @@ class Daemon:
             msgs: list[tuple[str, dict[str, Any]]] = [
                 ("layer", self._layer_payload(rec, replaced))]
             msgs += self._alarm_rows(s, build_id, events, rec.processed_at)
-            return store.put_outbox(s, msgs)
+            out = store.put_outbox(s, msgs)
+            failpoints.reach("write")
+            return out
 
         self.writer.submit(job, self._published(events))
 
@@ -640,6 +644,7 @@ class Daemon:
         metrics = self.metrics
 
         def done(out: list[Outgoing]) -> None:
+            failpoints.reach("publish")
             publisher.publish(out)
             if metrics is not None:
                 for m in out:

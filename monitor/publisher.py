@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 
+from monitor import failpoints
 from monitor.errors import ConfigError
 from monitor.security import CurveClient, CurveServer, apply_server, subscriber_socket
 from monitor.store import Alarm, LayerRecord, Outgoing
@@ -166,6 +167,7 @@ class Publisher:
                     sock.send_multipart(encode(m.topic, {**m.payload, "seq": m.seq}))
                     self.last_seq = max(self.last_seq, m.seq)
                     self.sent += 1
+                failpoints.reach("sent")
                 if self._on_sent:
                     self._on_sent([m.seq for m in batch])
         finally:

@@ -80,7 +80,7 @@ def encode(img: np.ndarray, ext: str) -> bytes:
 
 
 def daemon_toml(weights: Path, *, settle_s: float = 0.3, rescan_interval_s: float = 60.0,
-                metrics: str = "", extra: str = "") -> str:
+                metrics: str = "", extra: str = "", grace_s: float = 0.0) -> str:
     """A daemon config: watch/ and state/ folders beside it, the model on the CPU, loopback
     endpoints of its own, metrics on `metrics` ("" = off), then `extra` sections."""
     return f"""
@@ -96,7 +96,7 @@ state_dir = "state"
 [publish]
 endpoint = "{free_endpoint()}"
 state_endpoint = "{free_endpoint()}"
-startup_grace_s = 0
+startup_grace_s = {grace_s}
 [metrics]
 listen = "{metrics}"
 {extra}"""

@@ -1,5 +1,6 @@
-"""kill -9 at random moments while a 60-layer build arrives: after restarts, every layer is
-stored exactly once, with the statistics an undisturbed run gives."""
+"""kill -9 while a build arrives, at random moments and at each stage of a layer's life
+(monitor.failpoints): after restarts, every layer is stored exactly once with the statistics
+an undisturbed run gives, and has exactly one message (re-sent, if at all, with its seq)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from sqlalchemy import create_engine, text
 
+from monitor.config import load_config
+from monitor.failpoints import POINTS
 from tests.conftest import daemon_toml, encode, make_threshold_weights, write_config
+from tests.test_daemon_e2e import Listener
 
 LAYERS = 60
+Stored = dict[int, tuple[str, int]]
 
 
-def _config(root: Path, weights: Path) -> Path:
+def _config(root: Path, weights: Path, grace_s: float = 0.0) -> Path:
     # Rescans every second: a file written while the daemon was dead is found on restart.
+    (root / "watch" / "B1").mkdir(parents=True)
     return write_config(root / "config.toml", daemon_toml(
-        weights, settle_s=0.2, rescan_interval_s=1,
+        weights, settle_s=0.2, rescan_interval_s=1, grace_s=grace_s,
         extra="[alarms]\ngrace_layers = 0\n[alarms.stall]\nenabled = false\n"))
 
 
@@ -35,7 +42,11 @@ def _layer(n: int) -> bytes:
     return encode(img, ".png")
 
 
-def _stored(root: Path) -> dict[int, tuple[str, int]]:
+def _write(root: Path, n: int) -> None:
+    (root / "watch" / "B1" / f"layer_{n:05d}.png").write_bytes(_layer(n))
+
+
+def _stored(root: Path) -> Stored:
     engine = create_engine(f"sqlite:///{root / 'state' / 'pbf-monitor.db'}")
     with engine.connect() as conn:
         rows = conn.execute(text(
@@ -48,13 +59,24 @@ def _stored(root: Path) -> dict[int, tuple[str, int]]:
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
-def _run(root: Path, log: Path) -> subprocess.Popen[bytes]:
+def _run(root: Path, log: Path, failpoint: str = "") -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PBF_MONITOR_FAILPOINT": failpoint}
     return subprocess.Popen([sys.executable, "-m", "monitor", "run", "--config",
                              str(root / "config.toml")], stdout=subprocess.DEVNULL,
-                            stderr=log.open("ab"))
+                            stderr=log.open("ab"), env=env)
 
 
-def _wait_all(root: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[int, tuple[str, int]]:
+def _stopped(proc: subprocess.Popen[bytes]) -> bool:
+    """True once the process froze itself at its failpoint (state T in /proc)."""
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _wait_all(root: Path, proc: subprocess.Popen[bytes], log: Path,
+              layers: int = LAYERS) -> Stored:
     deadline = time.monotonic() + 180
     while True:
         assert proc.poll() is None, log.read_text()[-3000:]
@@ -63,29 +85,35 @@ def _wait_all(root: Path, proc: subprocess.Popen[bytes], log: Path) -> dict[int,
                 got = _stored(root)
             except Exception:  # the schema may not be there yet
                 got = {}
-            if len(got) == LAYERS:
+            if len(got) == layers:
                 return got
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
 
 
-def test_kill9_at_random_moments(tmp_path: Path) -> None:
-    weights = make_threshold_weights(tmp_path / "w.safetensors")
-    calm, chaos = tmp_path / "calm", tmp_path / "chaos"
-    for root in (calm, chaos):
-        (root / "watch" / "B1").mkdir(parents=True)
-        _config(root, weights)
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_threshold_weights(tmp_path_factory.mktemp("w") / "w.safetensors")
 
-    # Undisturbed: the reference statistics.
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Stored:
+    """The statistics of an undisturbed run over the whole build."""
+    calm = tmp_path_factory.mktemp("calm")
+    _config(calm, weights)
     for n in range(1, LAYERS + 1):
-        (calm / "watch" / "B1" / f"layer_{n:05d}.png").write_bytes(_layer(n))
-    proc = _run(calm, tmp_path / "calm.log")
+        _write(calm, n)
+    proc = _run(calm, calm / "log")
     try:
-        want = _wait_all(calm, proc, tmp_path / "calm.log")
+        return _wait_all(calm, proc, calm / "log")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
 
+
+def test_kill9_at_random_moments(tmp_path: Path, weights: Path, reference: Stored) -> None:
+    chaos = tmp_path / "chaos"
+    _config(chaos, weights)
     # Layers arrive while the daemon is killed at random moments and restarted.
     rnd = random.Random(1234)
     log = tmp_path / "chaos.log"
@@ -93,7 +121,7 @@ def test_kill9_at_random_moments(tmp_path: Path) -> None:
     kills = 0
     try:
         for n in range(1, LAYERS + 1):
-            (chaos / "watch" / "B1" / f"layer_{n:05d}.png").write_bytes(_layer(n))
+            _write(chaos, n)
             time.sleep(rnd.uniform(0.0, 0.08))
             if n % 12 == 0:  # mid-stream: decode, inference, the write or the publish
                 time.sleep(rnd.uniform(0.0, 0.5))
@@ -106,4 +134,47 @@ def test_kill9_at_random_moments(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     assert kills == 5
-    assert got == want
+    assert got == reference
+
+
+def test_kill9_at_each_stage(tmp_path: Path, weights: Path, reference: Stored) -> None:
+    """One SIGKILL at each named moment of a layer's life (the first time after each start):
+    bytes read, before the model, inside the open transaction, committed but not published,
+    on the wire but not marked sent."""
+    root = tmp_path / "stages"
+    cfg = _config(root, weights, grace_s=1.0)  # lets the subscriber reconnect after restarts
+    listener = Listener(load_config(cfg).publish.endpoint)
+    log = tmp_path / "stages.log"
+    per = 6
+    total = per * len(POINTS)
+    proc = None
+    try:
+        for i, point in enumerate(POINTS):
+            for n in range(i * per + 1, (i + 1) * per + 1):
+                _write(root, n)
+            proc = _run(root, log, failpoint=f"{point}@1")
+            deadline = time.monotonic() + 120
+            while not _stopped(proc):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"never reached {point}"
+                time.sleep(0.02)
+            proc.kill()
+            proc.wait(10)
+        proc = _run(root, log)
+        got = _wait_all(root, proc, log, layers=total)
+        listener.wait(lambda: set(listener.layers()) >= set(range(1, total + 1)), timeout=60)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        listener.close()
+    assert got == {n: reference[n] for n in range(1, total + 1)}
+    # One message per layer: a message re-sent after a kill carries its original seq.
+    seqs = {n: {m["seq"] for m in msgs} for n, msgs in listener.layers().items()}
+    assert all(len(s) == 1 for s in seqs.values()), seqs
+    engine = create_engine(f"sqlite:///{root / 'state' / 'pbf-monitor.db'}")
+    with engine.connect() as conn:
+        outbox = conn.execute(text("SELECT count(*), sum(published) FROM outbox "
+                                   "WHERE topic = 'layer'")).one()
+    engine.dispose()
+    assert tuple(outbox) == (total, total)  # every layer message committed once, all sent
