@@ -8,6 +8,7 @@ layer in hand and flushing the store before the socket closes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -324,6 +325,9 @@ class Daemon:
             "queue": self._queue.qsize() + sum(st.pending for st in self.settlers.values()),
             "device": str(seg.device) if seg else None,
             "model_sha256": seg.info.sha256 if seg else None,
+            # Why the database refuses writes right now (disk full, locked), else "ok".
+            "store": (self.writer.failing if self.writer else None) or "ok",
+            "store_queue": self.writer.depth if self.writer else 0,
         }
 
     # ------------------------------------------------------------ the control endpoint
@@ -553,6 +557,12 @@ class Daemon:
         in a later transaction: the layer's message does not wait for a picture."""
         assert self.writer is not None
         writer, max_side = self.writer, self.cfg.store.map_max_side
+        if writer.failing is not None:
+            # Maps are pictures for reports; while writes fail (a full disk) they would only
+            # pile up in memory beside the layers, which matter more.
+            log.info("layer %s/%d: no defect map while the database is failing", rec.build,
+                     rec.layer)
+            return
 
         def encode() -> None:
             try:
@@ -619,7 +629,15 @@ class Daemon:
             failpoints.reach("write")
             return out
 
-        self.writer.submit(job, self._published(events))
+        def fallback(s: Session, error: Exception) -> list[Outgoing]:
+            """The layer could not be stored as it is: store that, so it is not lost."""
+            failed = dataclasses.replace(
+                rec, status="error", stats=None, regions=None,
+                error=f"could not store the layer's results: {error!r}"[:2000])
+            _, replaced = store.put_layer(s, failed)
+            return store.put_outbox(s, [("layer", self._layer_payload(failed, replaced))])
+
+        self.writer.submit(job, self._published(events), fallback=fallback)
 
     def _layer_payload(self, rec: LayerRecord, replaced: bool) -> dict[str, Any]:
         msg = layer_message(rec, replaced=replaced)
