@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -488,17 +489,23 @@ class Daemon:
         t0 = time.perf_counter()
         path = cand.path
         try:
-            st = path.stat()
-            if st.st_size > w.max_file_mb * 1e6:
-                raise ImageError(f"file is {st.st_size / 1e6:.0f} MB, over watch.max_file_mb "
-                                 f"({w.max_file_mb:g})")
-            data = path.read_bytes()
+            # O_NONBLOCK: a FIFO named like a layer must not hang the worker on open; what is
+            # opened is then checked through its descriptor, so it cannot change underneath.
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC),
+                           "rb") as f:
+                st = os.fstat(f.fileno())
+                if stat.S_ISDIR(st.st_mode):
+                    log.info("skipping %s: a folder named like an image", path)
+                    return
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageError("not a regular file (a pipe, socket or device)")
+                if st.st_size > w.max_file_mb * 1e6:
+                    raise ImageError(f"file is {st.st_size / 1e6:.0f} MB, over "
+                                     f"watch.max_file_mb ({w.max_file_mb:g})")
+                data = f.read()
         except FileNotFoundError:
             self._finish(cand, None, self._error_record(
                 cand, "file disappeared before it could be read"))
-            return
-        except IsADirectoryError:
-            log.info("skipping %s: a folder named like an image", path)
             return
         except ImageError as e:
             self._finish(cand, None, self._error_record(cand, str(e)))

@@ -9,9 +9,11 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import create_engine, text
 
@@ -69,15 +71,25 @@ def test_bad_input_corpus(rig: Callable[..., Rig], tmp_path: Path) -> None:  # n
     # Named like a layer but unreadable: a symlink loop gets an error record.
     (d / "loop_00031.png").symlink_to(d / "loop_00031.png")
     errors[31] = ("loop.png", b"")
+    # A named pipe must not hang the worker on open; a device is not an image either.
+    os.mkfifo(d / "fifo_00032.png")
+    errors[32] = ("fifo.png", b"")
+    (d / "dev_00033.png").symlink_to("/dev/zero")
+    errors[33] = ("dev.png", b"")
+    # Deleted right after it was written: one outcome, whichever the daemon saw first.
+    path(34, "gone.png").write_bytes(png)
+    path(34, "gone.png").unlink()
     assert r.listener is not None
     listener = r.listener
-    listener.wait(lambda: set(listener.layers()) >= set(errors) | set(oks), timeout=120)
+    listener.wait(lambda: set(listener.layers()) >= set(errors) | set(oks) | {34}, timeout=120)
     # The same layer written again replaces it, and the message says so.
     path(20, "sixteen.tif").write_bytes(encode(good.astype(np.uint16) * 200, ".tif"))
     listener.wait(lambda: len(listener.layers().get(20, [])) == 2)
     listener.wait_heartbeat()
 
     layers = listener.layers()
+    (gone,) = layers.pop(34)
+    assert gone["status"] == "ok" or "disappeared" in gone["error"], gone
     assert set(layers) == set(errors) | set(oks), sorted(layers)
     for n in errors:
         (msg,) = layers[n]
@@ -86,11 +98,13 @@ def test_bad_input_corpus(rig: Callable[..., Rig], tmp_path: Path) -> None:  # n
         assert [m["status"] for m in layers[n]][-1] == "ok", (oks[n][0], layers[n])
     assert [m["replaced"] for m in layers[20]] == [False, True]
     assert "pixel" in layers[8][0]["error"]  # refused by the pixel limit, not decoded
+    assert "not a regular file" in layers[32][0]["error"]
+    assert "not a regular file" in layers[33][0]["error"]
     engine = create_engine(r.cfg.store_url)
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT layer, count(*) FROM layers GROUP BY layer")).all()
     engine.dispose()
-    assert sorted(rows) == sorted((n, 1) for n in {**errors, **oks})  # exactly once each
+    assert sorted(rows) == sorted((n, 1) for n in {**errors, **oks, 34: 0})  # once each
     # ... and it goes on.
     cv2.imwrite(str(d / "layer_00040.png"), good)
     listener.wait(lambda: 40 in listener.layers())
@@ -149,3 +163,54 @@ def test_burst_of_200_layers(rig: Callable[..., Rig]) -> None:  # noqa: F811
         assert conn.execute(text("SELECT count(*), count(DISTINCT layer) FROM layers")).one() == (
             200, 200)
     engine.dispose()
+
+
+def test_unreadable_file(tmp_path: Path, bright_weights: Path) -> None:  # noqa: F811
+    """A layer the daemon may not read gets an error record with the reason, and the next
+    one is fine. Root reads everything, so under root (as in CI) the daemon runs without the
+    capabilities that bypass file permissions (setpriv)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import daemon_toml, write_config
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv (util-linux) to drop CAP_DAC_*")
+        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search"]
+    (tmp_path / "watch" / "B1").mkdir(parents=True)
+    config = write_config(tmp_path / "config.toml", daemon_toml(bright_weights, extra=NO_RULES))
+    secret = tmp_path / "watch" / "B1" / "layer_00001.png"
+    secret.write_bytes(encode(np.full((64, 64), 120, np.uint8), ".png"))
+    secret.chmod(0)
+    (tmp_path / "watch" / "B1" / "layer_00002.png").write_bytes(
+        encode(np.full((64, 64), 120, np.uint8), ".png"))
+    log = tmp_path / "log"
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "monitor", "run", "--config",
+                             str(config)], stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    db = tmp_path / "state" / "pbf-monitor.db"
+    try:
+        deadline = time.monotonic() + 120
+        rows: list[Any] = []
+        while len(rows) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+            if db.exists():
+                engine = create_engine(f"sqlite:///{db}")
+                try:
+                    with engine.connect() as conn:
+                        rows = list(conn.execute(text(
+                            "SELECT layer, status, error FROM layers ORDER BY layer")))
+                except Exception:  # the schema may not be there yet
+                    rows = []
+                engine.dispose()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert tuple(rows[0][:2]) == (1, "error") and "Permission denied" in rows[0][2], rows
+    assert tuple(rows[1][:2]) == (2, "ok")
