@@ -60,7 +60,7 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 def run(config_path: Path | None) -> None:
-    """Run the daemon until SIGTERM or Ctrl-C; SIGHUP reloads alarm rules and thresholds.
+    """Run the daemon until SIGTERM or Ctrl-C; SIGHUP reloads alarm rules, thresholds and weights.
 
     Under systemd (Type=notify) it reports READY=1 once everything is up, and WATCHDOG=1
     only while the worker keeps making progress.
@@ -109,7 +109,7 @@ def _reload(daemon: Any, config_path: Path | None, log: logging.Logger) -> None:
     except MonitorError as e:
         log.error("reload refused, keeping the running configuration: %s", e)
     else:
-        log.info("reloaded alarm rules and thresholds")
+        log.info("reloaded alarm rules, thresholds and weights")
         if ignored:
             log.warning("changed settings that need a restart: %s", ", ".join(ignored))
     sdnotify.notify("READY=1")

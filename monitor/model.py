@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from monitor.errors import WeightsError
@@ -141,6 +141,10 @@ def read_info(path: Path) -> ModelInfo:
         raise WeightsError(f"{path}: weights file not found") from e
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+    return _info(path, meta)
+
+
+def _info(path: Path, meta: dict[str, str]) -> ModelInfo:
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path}: metadata 'format' is {meta.get('format')!r}, "
                            f"expected {FORMAT!r}")
@@ -160,20 +164,56 @@ def read_info(path: Path) -> ModelInfo:
         raise WeightsError(f"{path}: incomplete model metadata ({e!r})") from e
 
 
+def _metadata(path: Path, data: bytes) -> dict[str, str]:
+    """The __metadata__ of safetensors bytes: a little-endian u64 header length, then the
+    JSON header."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= len(data) - 8:
+        raise WeightsError(f"{path}: not a safetensors file (bad header length; is it "
+                           f"complete?)")
+    try:
+        header = json.loads(data[8:8 + n])
+        meta = header.get("__metadata__") or {}
+    except (ValueError, AttributeError) as e:
+        raise WeightsError(f"{path}: not a safetensors file (header: {e})") from e
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: not a safetensors file (metadata is not a table)")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
 def load_weights(path: Path, *, expected_sha256: str = "") -> tuple[UNet, ModelInfo]:
-    """Rebuild a model from a weights file, in eval mode on the CPU."""
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    sha = file_sha256(path)
+    """Rebuild a model from a weights file, in eval mode on the CPU.
+
+    The file is read once, so its sha256, metadata and tensors all come from the same bytes
+    even if it is replaced meanwhile; one that changes while being read is refused.
+    """
+    try:
+        before = path.stat()
+        data = path.read_bytes()
+        after = path.stat()
+    except FileNotFoundError as e:
+        raise WeightsError(f"{path}: weights file not found") from e
+    except IsADirectoryError as e:
+        raise WeightsError(f"{path}: is a folder, not a weights file") from e
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read weights ({e.strerror or e})") from e
+    if ((before.st_ino, before.st_size, before.st_mtime_ns)
+            != (after.st_ino, after.st_size, after.st_mtime_ns) or len(data) != after.st_size):
+        raise WeightsError(f"{path}: changed while being read (still being copied?); "
+                           f"replace it atomically (write elsewhere, then rename)")
+    sha = hashlib.sha256(data).hexdigest()
     if expected_sha256 and sha != expected_sha256:
         raise WeightsError(f"{path}: sha256 is {sha}, config model.sha256 expects "
                            f"{expected_sha256}")
-    info = read_info(path)
+    info = _info(path, _metadata(path, data))
     model = info.build()
     try:
-        state = load_file(str(path))
+        state = load(data)
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: incomplete or damaged safetensors file ({e})") from e
+    try:
         model.load_state_dict(state, strict=True)
-    except (SafetensorError, OSError, RuntimeError) as e:
+    except RuntimeError as e:
         raise WeightsError(f"{path}: tensors do not match the model in its metadata ({e})") from e
     model.eval()
     return model, ModelInfo(**{**info.__dict__, "sha256": sha})

@@ -8,6 +8,7 @@ layer in hand and flushing the store before the socket closes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -26,7 +27,7 @@ from sqlalchemy.orm import Session
 from monitor import failpoints, store
 from monitor.alarms import RULE_TEST, AlarmEngine, AlarmEvent, BuildKey, LayerAlarms
 from monitor.config import Config
-from monitor.errors import ImageError, MonitorError, StoreError
+from monitor.errors import ImageError, MonitorError, StoreError, WeightsError
 from monitor.hook import HookRunner
 from monitor.imaging import decode
 from monitor.maps import encode_map
@@ -47,6 +48,11 @@ class _Facts(NamedTuple):
     size: int | None
     mtime_ns: int | None
     sha256: str | None
+
+
+def _file_signature(path: os.PathLike[str] | str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class Daemon:
@@ -79,6 +85,8 @@ class Daemon:
         self._next_prune = 0.0
         self.last_progress = time.monotonic()
         self.metrics: Metrics | None = None
+        self._weights_sig: tuple[int, int, int] | None = None  # of the file being served
+        self._weights_warned: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------ start / stop
 
@@ -127,6 +135,8 @@ class Daemon:
         log.info("database %s", url)
 
     def _init_segmenter(self) -> None:
+        with contextlib.suppress(OSError):  # from_config names the problem
+            self._weights_sig = _file_signature(self.cfg.model.weights)
         self.segmenter = Segmenter.from_config(self.cfg)
         self.segmenter.warm_up()
 
@@ -198,13 +208,18 @@ class Daemon:
         alarms = self.alarms
         self.metrics = Metrics(queue=lambda: self._queue.qsize(),
                                last_layers=alarms.last_arrivals)
-        info = self.segmenter.info
-        self.metrics.model.info({"sha256": info.sha256, "classes": ",".join(info.class_names),
-                                 "base_channels": str(info.base_channels),
-                                 "device": str(self.segmenter.device)})
+        self._set_model_info()
         if self.cfg.metrics.listen:
             self.metrics.serve(self.cfg.metrics.listen)
             self._stack.append(self.metrics.stop)
+
+    def _set_model_info(self) -> None:
+        if self.metrics is not None and self.segmenter is not None:
+            info = self.segmenter.info
+            self.metrics.model.info({"sha256": info.sha256,
+                                     "classes": ",".join(info.class_names),
+                                     "base_channels": str(info.base_channels),
+                                     "device": str(self.segmenter.device)})
 
     def _start_control(self) -> None:
         from monitor.control import ControlServer
@@ -287,32 +302,81 @@ class Daemon:
 
     # ------------------------------------------------------------ reload
 
-    RELOADABLE = ("alarms", "model.threshold", "model.thresholds", "model.min_component_mm2")
+    RELOADABLE = ("alarms", "model.weights", "model.sha256", "model.threshold",
+                  "model.thresholds", "model.min_component_mm2")
 
     def reload(self, cfg: Config) -> list[str]:
-        """Take new alarm rules and thresholds (SIGHUP) without stopping; a layer in hand
-        finishes with the old ones. Returns the changed settings that need a restart."""
+        """Take new alarm rules, thresholds and weights (SIGHUP) without stopping; a layer in
+        hand finishes with the old ones. Nothing changes unless all of it is valid (a weights
+        file still being copied is refused). Returns the changed settings that need a
+        restart."""
         from monitor.segmenter import min_component_px
 
         assert self.alarms is not None and self.segmenter is not None
         m = cfg.model
+        seg = self._new_segmenter(cfg) or self.segmenter
         self.alarms.reload(cfg.alarms)  # raises ConfigError before anything changes
-        self.segmenter.set_thresholds(m.threshold, m.thresholds, min_component_px(cfg, None))
+        seg.set_thresholds(m.threshold, m.thresholds, min_component_px(cfg, None))
+        if seg is not self.segmenter:
+            log.info("now serving model %s (was %s)", seg.info.sha256[:12],
+                     self.segmenter.info.sha256[:12])
+            self.segmenter = seg  # the worker picks it up with its next layer
+            self._set_model_info()
         old = self.cfg
         self.cfg = self.cfg.model_copy(update={
             "alarms": cfg.alarms,
             "model": old.model.model_copy(update={
                 "threshold": m.threshold, "thresholds": m.thresholds,
-                "min_component_mm2": m.min_component_mm2}),
+                "min_component_mm2": m.min_component_mm2, "weights": m.weights,
+                "sha256": m.sha256}),
         })
         ignored = [k for k in ("watch", "store", "publish", "camera", "regions", "log")
                    if getattr(old, k) != getattr(cfg, k)]
-        ignored += [f"model.{k}" for k in ("weights", "sha256", "device", "tile_size",
-                                           "tile_overlap")
+        ignored += [f"model.{k}" for k in ("device", "tile_size", "tile_overlap", "backend",
+                                           "cpu_precision")
                     if getattr(old.model, k) != getattr(m, k)]
         if old.alarms.hook.command != cfg.alarms.hook.command:
             ignored.append("alarms.hook.command")  # its runner started with the old one
         return ignored
+
+    def _new_segmenter(self, cfg: Config) -> Segmenter | None:
+        """A Segmenter for the weights `cfg` names, if they are not the ones being served:
+        loaded, checked and warmed up beside the running one, which the worker keeps using
+        meanwhile. WeightsError if the file is incomplete or does not fit the daemon."""
+        from monitor.model import file_sha256
+
+        assert self.segmenter is not None
+        m = cfg.model
+        sig = None
+        try:
+            sig = _file_signature(m.weights)
+            if file_sha256(m.weights) == self.segmenter.info.sha256:
+                self._weights_sig = sig
+                return None
+        except OSError:
+            pass  # from_config names the problem
+        new = Segmenter.from_config(cfg)
+        if new.class_names != self.segmenter.class_names:
+            raise WeightsError(
+                f"{m.weights}: classes {', '.join(new.class_names)} differ from the running "
+                f"model's ({', '.join(self.segmenter.class_names)}); restart to change classes")
+        new.warm_up()
+        self._weights_sig = sig
+        return new
+
+    def _check_weights_file(self) -> None:
+        """Say so, once per change, when the weights file on disk is no longer the one being
+        served: a new model is taken only on reload, never half-way through a copy. Checked
+        with each layer (one stat)."""
+        try:
+            sig = _file_signature(self.cfg.model.weights)
+        except OSError:
+            sig = None
+        if sig != self._weights_sig and sig != self._weights_warned:
+            self._weights_warned = sig
+            log.warning("weights file %s changed on disk; still serving model %s until a "
+                        "reload (SIGHUP, systemctl reload pbf-monitor)", self.cfg.model.weights,
+                        self.segmenter.info.sha256[:12] if self.segmenter else "?")
 
     # ------------------------------------------------------------ health
 
@@ -483,6 +547,8 @@ class Daemon:
 
     def _process(self, cand: Candidate) -> None:
         assert self.segmenter is not None and self.alarms is not None
+        model = self.segmenter  # the same one throughout, even if a reload swaps it
+        self._check_weights_file()
         printer = self.printers[cand.printer]
         settler = self.settlers[cand.printer]
         w = printer.watch
@@ -533,15 +599,15 @@ class Daemon:
             return
         decode_ms = (time.perf_counter() - t0) * 1000.0
         failpoints.reach("infer")
-        seg = self.segmenter.predict(gray)
+        seg = model.predict(gray)
         masks, regions = seg.masks, None
         px, max_comp = printer.camera.pixel_size_mm, self.cfg.store.max_components
         if self.regions:
             br = self.regions.for_build(cand.key.build, masks.shape[1:])
             masks = apply_ignore(masks, br)
-            regions = region_stats(masks, self.segmenter.class_names, br, pixel_size_mm=px,
+            regions = region_stats(masks, model.class_names, br, pixel_size_mm=px,
                                    max_components=max_comp)
-        stats = layer_stats(masks, self.segmenter.class_names, pixel_size_mm=px,
+        stats = layer_stats(masks, model.class_names, pixel_size_mm=px,
                             max_components=max_comp)
         key = BuildKey(cand.printer, cand.key.build)
         self._ensure_restored(key)
@@ -549,11 +615,11 @@ class Daemon:
         now = time.time()
         rec = LayerRecord(
             printer=cand.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
-            error=None, image_path=str(path), model_sha256=self.segmenter.info.sha256,
+            error=None, image_path=str(path), model_sha256=model.info.sha256,
             detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
             image_size=facts.size, image_mtime_ns=facts.mtime_ns, image_sha256=facts.sha256,
-            regions=regions, classes=self.segmenter.class_names,
+            regions=regions, classes=model.class_names,
         )
         self._finish(cand, sig, rec, verdict)
         if self.cfg.store.maps:

@@ -4,6 +4,7 @@ stored exactly once with one message, and the daemon goes on."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sqlite3
 import subprocess
@@ -135,3 +136,50 @@ def test_write_the_database_refuses_is_stored_as_an_error_layer(
     assert [msgs[n]["status"] for n in (1, 2, 3, 4)] == ["ok", "ok", "error", "ok"]
     assert "could not store" in msgs[3]["error"] and "rejected by the test" in msgs[3]["error"]
     assert _rows(r) == [(1, "ok", 1), (2, "ok", 1), (3, "error", 1), (4, "ok", 1)]
+
+
+def test_weights_replaced_while_running(tmp_path: Path, bright_weights: Path,  # noqa: F811
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """New weights on disk are only logged until a reload; a reload while the file is still
+    being copied is refused and the running model goes on; a complete file is taken whole.
+    Every layer says which model made it."""
+    from monitor.config import load_config
+    from monitor.errors import WeightsError
+    from tests.conftest import make_weights
+
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(bright_weights, weights)
+    blind = make_weights(tmp_path / "blind.safetensors", constant_prob={}).read_bytes()
+    r = Rig(tmp_path, weights, NO_RULES)
+    r.start()
+    box = (10, 10, 20, 20)
+    try:
+        assert r.daemon.segmenter is not None
+        old = r.daemon.segmenter.info.sha256
+        r.write(1, box)
+        staged = tmp_path / ".model.tmp"
+        staged.write_bytes(blind)
+        staged.replace(weights)  # on disk, atomically; the daemon has not been told
+        r.write(2, box)
+        assert "changed on disk; still serving model" in caplog.text
+        weights.write_bytes(blind[: len(blind) // 2])  # a copy in progress
+        with pytest.raises(WeightsError, match="incomplete"):
+            r.daemon.reload(load_config(r.config))
+        r.write(3, box)
+        other = make_weights(tmp_path / "other.safetensors", classes=("a", "b"))
+        shutil.copy(other, weights)
+        with pytest.raises(WeightsError, match="classes a, b differ"):
+            r.daemon.reload(load_config(r.config))
+        r.write(4, box)
+        weights.write_bytes(blind)
+        assert r.daemon.reload(load_config(r.config)) == []
+        r.write(5, box)
+    finally:
+        r.stop()
+    assert r.listener is not None
+    msgs = {n: m[0] for n, m in r.listener.layers().items()}
+    new = hashlib.sha256(blind).hexdigest()
+    assert {n: m["model_sha256"] for n, m in msgs.items()} == {
+        1: old, 2: old, 3: old, 4: old, 5: new}
+    assert [msgs[n]["classes"]["swelling"]["pixel_count"] for n in range(1, 6)] == [
+        400, 400, 400, 400, 0]
