@@ -451,6 +451,43 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int,
                            for k, v in s.items()}))
 
 
+@main.command()
+@click.option("--layers", type=click.IntRange(2), default=2000, show_default=True)
+@click.option("--size", type=click.IntRange(64), default=128, show_default=True,
+              help="Side of the generated layer images.")
+@click.option("--warmup", type=click.IntRange(0), default=200, show_default=True,
+              help="Layers before memory is taken as the baseline.")
+@click.option("--every", type=click.IntRange(1), default=50, show_default=True,
+              help="Sample memory and open files every N layers.")
+@click.option("--max-growth-mb", type=float, default=30.0, show_default=True)
+@click.option("--weights", type=click.Path(path_type=Path), help="Weights (default: bundled).")
+def soak(layers: int, size: int, warmup: int, every: int, max_growth_mb: float,
+         weights: Path | None) -> None:
+    """Run many small layers through a daemon process (a benchmark, minutes): memory growth
+    after warm-up, open files, layers lost. Prints samples, then one JSON line; exits 2 if
+    a target is missed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from monitor.soak import run_soak
+
+    with Progress(TextColumn("soak"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rss]}"), console=Console(stderr=True)) as bar:
+        task = bar.add_task("soak", total=layers, rss="")
+
+        def show(res: Any) -> None:
+            s = res.samples[-1]
+            bar.update(task, completed=s.layer, rss=f"{s.rss_mb:.1f} MB, {s.fds} open files")
+
+        res = run_soak(layers=layers, size=size, warmup=warmup, every=every, weights=weights,
+                       progress=show)
+    for s in res.samples:
+        click.echo(f"layer {s.layer:>6}: {s.rss_mb:8.1f} MB resident, {s.fds} open files")
+    click.echo(json.dumps(res.summary(max_growth_mb)))
+    failed = res.failures(max_growth_mb)
+    if failed:
+        raise MonitorError("soak: " + "; ".join(failed))
+
+
 @main.group()
 def db() -> None:
     """The database schema."""
