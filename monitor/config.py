@@ -133,6 +133,14 @@ class CameraConfig(_Section):
 class StoreConfig(_Section):
     state_dir: Path | None = Field(None, description="State folder (database, caches).")
     url: str = Field("", description="SQLAlchemy URL; empty = SQLite file in state_dir.")
+
+    @field_validator("url")
+    @classmethod
+    def _supported_url(cls, value: str) -> str:
+        if value and not re.match(r"(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError("expected empty (SQLite in store.state_dir), sqlite:///PATH or "
+                             f"postgresql+psycopg://USER:PASSWORD@HOST/DB, got {value!r}")
+        return value
     max_components: int = Field(
         200, ge=0, description="Largest components stored per layer and class."
     )
@@ -384,15 +392,48 @@ def default_state_dir() -> Path:
     return Path(xdg) / "pbf-monitor"
 
 
+def _section_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys the section holding `loc` accepts ([] if it is not a fixed section)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        # tuple[X, ...] / X | None: the model inside
+        inner = [a for a in getattr(ann, "__args__", (ann,))
+                 if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    fields = model.model_fields if hasattr(model, "model_fields") else {}
+    return [f.alias or name for name, f in fields.items() if not f.exclude]
+
+
 def _format_error(err: ValidationError, where: str) -> str:
-    first = err.errors()[0]
+    """One line: the key, what it expects, and what it got."""
+    errors = err.errors()
+    # A misspelt required key is both unknown and missing: the unknown one explains it.
+    first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
     key = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif "input" in first and not isinstance(first["input"], dict):
-        msg = f"{msg} (got {first['input']!r})"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+        import difflib
+
+        known = _section_keys(tuple(first["loc"]))
+        close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+        msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "") + (
+            f" (known: {', '.join(known)})" if known else "")
+    elif first["type"] == "missing":
+        msg = "required, and missing"
+    elif first["type"] in ("model_type", "dict_type"):
+        msg = f"expected a table (a [section] or {{ key = value }}), got {got!r}"
+    elif "input" in first and not isinstance(got, dict) and "got" not in msg:
+        msg = f"{msg} (got {got!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{where}: {key}: {msg}{more}"
 
 

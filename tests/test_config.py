@@ -34,28 +34,42 @@ def test_partial_file_keeps_other_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "key"),
+    ("text", "key", "expects"),
     [
-        ("[watch]\nsettle = 1\n", "watch.settle: unknown key"),
-        ("[wach]\ndir = 'x'\n", "wach: unknown key"),
-        ("[watch]\nsettle_s = 'soon'\n", "watch.settle_s"),
-        ("[watch]\nsettle_s = -1\n", "watch.settle_s"),
-        ("[model]\ndevice = 'tpu'\n", "model.device"),
-        ("[model]\ntile_size = 100\n", "model.tile_size"),
-        ("[model]\nthresholds = { spatter = 2.0 }\n", "model.thresholds.spatter"),
-        ("[watch]\npattern = '(?P<build>x)'\n", "watch.pattern"),
-        ("[watch]\npattern = '(unclosed'\n", "watch.pattern"),
-        ("[publish]\nendpoint = 'localhost:5556'\n", "publish.endpoint"),
-        ("[model]\nsha256 = 'abc'\n", "model.sha256"),
-        ("[log]\nlevel = 'LOUD'\n", "log.level"),
-        ("not toml at all [\n", "not valid TOML"),
+        ("[watch]\nsettle = 1\n", "watch.settle: unknown key", "did you mean 'settle_s'"),
+        ("[wach]\ndir = 'x'\n", "wach: unknown key", "known: watch, model"),
+        ("[watch]\nsettle_s = 'soon'\n", "watch.settle_s",
+         "a valid number, unable to parse string as a number (got 'soon')"),
+        ("[watch]\nsettle_s = -1\n", "watch.settle_s", "greater than 0 (got -1)"),
+        ("[model]\ndevice = 'tpu'\n", "model.device", "'auto', 'cpu' or 'cuda' (got 'tpu')"),
+        ("[model]\ntile_size = 100\n", "model.tile_size", "multiple of 16, got 100"),
+        ("[model]\nthresholds = { spatter = 2.0 }\n", "model.thresholds.spatter",
+         "less than or equal to 1 (got 2.0)"),
+        ("[watch]\npattern = '(?P<build>x)'\n", "watch.pattern", "(?P<layer>"),
+        ("[watch]\npattern = '(unclosed'\n", "watch.pattern", "regular expression"),
+        ("[publish]\nendpoint = 'localhost:5556'\n", "publish.endpoint", "expected tcp://"),
+        ("[model]\nsha256 = 'abc'\n", "model.sha256", "64 hex digits"),
+        ("[log]\nlevel = 'LOUD'\n", "log.level", "'DEBUG', 'INFO'"),
+        ("[store]\nurl = 'mysql://db'\n", "store.url", "postgresql+psycopg://"),
+        ("watch = 3\n", "watch", "expected a table"),
+        ("[alarms]\nrules = [{ class = 'spatter', metric = 'area', threshold = 0.1 }]\n",
+         "alarms.rules.0.metric", "'area_fraction', 'area_mm2'"),
+        ("[alarms]\nrules = [{ clas = 'spatter' }]\n", "alarms.rules.0.clas",
+         "did you mean 'class'"),
+        ("[[printers]]\nname = 'a'\n[printers.watch]\ndirr = 'x'\n",
+         "printers.0.watch.dirr", "did you mean 'dir'"),
+        ("[alarms]\nrules = [{ metric = 'components', threshold = 3 }]\n",
+         "alarms.rules.0.class", "required, and missing"),
+        ("not toml at all [\n", "not valid TOML", "line 1"),
     ],
 )
-def test_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+def test_errors_name_the_key_and_what_it_expects(tmp_path: Path, text: str, key: str,
+                                                 expects: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert key in str(e.value)
+    assert expects in str(e.value)
     assert str(path) in str(e.value)
     assert "\n" not in str(e.value)
 
