@@ -96,6 +96,10 @@ class ModelConfig(_Section):
     cpu_precision: Literal["f32", "bf16"] = Field(
         "f32", description="OpenVINO's CPU precision; bf16 is faster where the CPU has it."
     )
+    batch_size: int = Field(
+        0, ge=0, description="Tiles per model call when layers queue up (0 = 8 on a GPU, 1 on "
+        "a CPU)."
+    )
     tile_size: int = Field(1024, ge=64, description="Tile side for large images (multiple of 16).")
     tile_overlap: int = Field(64, ge=0, description="Overlap between tiles in pixels.")
     threshold: Probability = Field(

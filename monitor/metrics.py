@@ -58,6 +58,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.alarms = Counter("pbf_monitor_alarms", "Alarms opened",
                               ["class_name", "severity"], registry=r)
+        self.batch = Histogram("pbf_monitor_batch_layers", "Layers per model call (a backlog "
+                               "goes through together)", buckets=(1, 2, 4, 8, 16), registry=r)
         self.model = Info("pbf_monitor_model", "The model in use", registry=r)
         r.register(_Live(queue, last_layers))
         self._server: Any = None

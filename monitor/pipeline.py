@@ -18,7 +18,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -34,12 +34,13 @@ from monitor.maps import encode_map
 from monitor.metrics import Metrics
 from monitor.publisher import Publisher, alarm_message, layer_message
 from monitor.regions import Regions, apply_ignore, region_stats
-from monitor.segmenter import Segmenter
+from monitor.segmenter import Segmentation, Segmenter
 from monitor.stats import layer_stats
 from monitor.store import LayerRecord, Outgoing, StoreWriter
 from monitor.watcher import Candidate, Settler
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class _Facts(NamedTuple):
@@ -48,6 +49,20 @@ class _Facts(NamedTuple):
     size: int | None
     mtime_ns: int | None
     sha256: str | None
+
+
+class _Loaded(NamedTuple):
+    """A layer read and decoded, waiting for the model."""
+
+    cand: Candidate
+    gray: np.ndarray
+    sig: tuple[int, int]
+    facts: _Facts
+    decode_ms: float
+
+
+def _raise(e: Exception) -> None:
+    raise e
 
 
 def _file_signature(path: os.PathLike[str] | str) -> tuple[int, int, int]:
@@ -520,17 +535,31 @@ class Daemon:
             self.last_progress = time.monotonic()
             self._check_stalls()
             try:
-                cand = self._queue.get(timeout=0.2)
+                batch = [self._queue.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            try:
-                self._process(cand)
-            except Exception as e:  # never let one layer stop the daemon
-                log.exception("unexpected failure on %s", cand.path)
+            assert self.segmenter is not None
+            # A backlog (a restart, a burst): layers already waiting go through the model
+            # together, which keeps a GPU busy. On a CPU batch_size is 1: one at a time.
+            while len(batch) < self.segmenter.batch_size:
                 try:
-                    self._finish(cand, None, self._error_record(cand, f"internal error: {e!r}"))
-                except Exception:
-                    log.exception("could not even record the failure of %s", cand.path)
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._process(batch)
+
+    def _guarded(self, cand: Candidate, step: Callable[..., T], *args: Any) -> T | None:
+        """step(*args) for one layer; an unexpected failure becomes that layer's error record
+        (never a stopped daemon, never a lost layer) and None."""
+        try:
+            return step(*args)
+        except Exception as e:
+            log.exception("unexpected failure on %s", cand.path)
+            try:
+                self._finish(cand, None, self._error_record(cand, f"internal error: {e!r}"))
+            except Exception:
+                log.exception("could not even record the failure of %s", cand.path)
+        return None
 
     def _error_record(self, cand: Candidate, reason: str,
                       facts: _Facts | None = None) -> LayerRecord:
@@ -545,10 +574,30 @@ class Daemon:
             processed_at=now, total_ms=(now - cand.detected_at) * 1000.0,
         )
 
-    def _process(self, cand: Candidate) -> None:
-        assert self.segmenter is not None and self.alarms is not None
+    def _process(self, batch: list[Candidate]) -> None:
+        """Read and decode each file, run the model on all of them at once, then finish each
+        in order: statistics, alarms, store, publish."""
+        assert self.segmenter is not None
         model = self.segmenter  # the same one throughout, even if a reload swaps it
         self._check_weights_file()
+        loaded = [x for x in (self._guarded(c, self._load, c) for c in batch) if x is not None]
+        if not loaded:
+            return
+        failpoints.reach("infer")
+        if self.metrics is not None:
+            self.metrics.batch.observe(len(loaded))
+        try:
+            segs = model.predict_many([x.gray for x in loaded])
+        except Exception as e:
+            for x in loaded:
+                self._guarded(x.cand, _raise, e)
+            return
+        for x, seg in zip(loaded, segs, strict=True):
+            self._guarded(x.cand, self._analyse, model, x, seg)
+
+    def _load(self, cand: Candidate) -> _Loaded | None:
+        """The decoded layer, or None when the file got its outcome already (an error record,
+        a skip, or a retry while it is still being written)."""
         printer = self.printers[cand.printer]
         settler = self.settlers[cand.printer]
         w = printer.watch
@@ -562,7 +611,7 @@ class Daemon:
                 st = os.fstat(f.fileno())
                 if stat.S_ISDIR(st.st_mode):
                     log.info("skipping %s: a folder named like an image", path)
-                    return
+                    return None
                 if not stat.S_ISREG(st.st_mode):
                     raise ImageError("not a regular file (a pipe, socket or device)")
                 if st.st_size > w.max_file_mb * 1e6:
@@ -572,14 +621,14 @@ class Daemon:
         except FileNotFoundError:
             self._finish(cand, None, self._error_record(
                 cand, "file disappeared before it could be read"))
-            return
+            return None
         except ImageError as e:
             self._finish(cand, None, self._error_record(cand, str(e)))
-            return
+            return None
         except OSError as e:
             self._finish(cand, None, self._error_record(
                 cand, f"cannot read file: {e.strerror or e}"))
-            return
+            return None
         failpoints.reach("decode")
         sig = (len(data), st.st_mtime_ns)
         facts = _Facts(len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
@@ -594,12 +643,15 @@ class Daemon:
             if changed or cand.attempts < w.decode_retries:
                 # Probably still being written: look again rather than record an error.
                 settler.retry(cand, delay_s=w.retry_delay_s, changed=changed)
-                return
+                return None
             self._finish(cand, sig, self._error_record(cand, str(e), facts))
-            return
-        decode_ms = (time.perf_counter() - t0) * 1000.0
-        failpoints.reach("infer")
-        seg = model.predict(gray)
+            return None
+        return _Loaded(cand, gray, sig, facts, (time.perf_counter() - t0) * 1000.0)
+
+    def _analyse(self, model: Segmenter, x: _Loaded, seg: Segmentation) -> None:
+        """Statistics, alarms, then store and publish, for one segmented layer."""
+        assert self.alarms is not None
+        cand, printer = x.cand, self.printers[x.cand.printer]
         masks, regions = seg.masks, None
         px, max_comp = printer.camera.pixel_size_mm, self.cfg.store.max_components
         if self.regions:
@@ -615,15 +667,15 @@ class Daemon:
         now = time.time()
         rec = LayerRecord(
             printer=cand.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
-            error=None, image_path=str(path), model_sha256=model.info.sha256,
-            detected_at=cand.detected_at, processed_at=now, decode_ms=decode_ms,
+            error=None, image_path=str(cand.path), model_sha256=model.info.sha256,
+            detected_at=cand.detected_at, processed_at=now, decode_ms=x.decode_ms,
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
-            image_size=facts.size, image_mtime_ns=facts.mtime_ns, image_sha256=facts.sha256,
-            regions=regions, classes=model.class_names,
+            image_size=x.facts.size, image_mtime_ns=x.facts.mtime_ns,
+            image_sha256=x.facts.sha256, regions=regions, classes=model.class_names,
         )
-        self._finish(cand, sig, rec, verdict)
+        self._finish(cand, x.sig, rec, verdict)
         if self.cfg.store.maps:
-            self._store_map_later(rec, gray, masks)
+            self._store_map_later(rec, x.gray, masks)
 
     def _store_map_later(self, rec: LayerRecord, gray: np.ndarray, masks: np.ndarray) -> None:
         """Encode the layer's defect map off the latency path (its own thread) and attach it

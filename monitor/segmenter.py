@@ -79,12 +79,13 @@ class Segmenter:
         backend: str = "torch",
         cache_dir: Path | None = None,
         precision: str = "f32",
+        batch_size: int = 0,
     ) -> None:
         model, info = load_weights(weights, expected_sha256=expected_sha256)
         self._setup(model, info, device=resolve_device(device), tile_size=tile_size,
                     tile_overlap=tile_overlap, threshold=threshold, thresholds=thresholds,
                     min_component_px=min_component_px, backend=backend, cache_dir=cache_dir,
-                    precision=precision)
+                    precision=precision, batch_size=batch_size)
         name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
         log.info("model %s (width %d, classes %s) on %s with the %s backend%s",
                  self.info.sha256[:12], self.info.base_channels, ",".join(self.info.class_names),
@@ -99,7 +100,8 @@ class Segmenter:
                    tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
                    expected_sha256="" if weights else m.sha256,
                    min_component_px=min_component_px(cfg, weights), backend=m.backend,
-                   cache_dir=cfg.state_dir / "cache", precision=m.cpu_precision)
+                   cache_dir=cfg.state_dir / "cache", precision=m.cpu_precision,
+                   batch_size=m.batch_size)
 
     @classmethod
     def from_model(
@@ -134,6 +136,7 @@ class Segmenter:
         backend: str = "torch",
         cache_dir: Path | None = None,
         precision: str = "f32",
+        batch_size: int = 0,
     ) -> None:
         if tile_overlap >= tile_size // 2:
             raise ConfigError(f"model.tile_overlap ({tile_overlap}) must be less than half of "
@@ -144,6 +147,9 @@ class Segmenter:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.cuda = self.device.type == "cuda"
+        # 0 = auto: a GPU gains from several tiles per call; a CPU engine already uses every
+        # core on one, and a batch would only multiply the memory.
+        self.batch_size = batch_size or (8 if self.cuda else 1)
         self.backend: Backend = make_backend(backend, model, info, device, cache_dir=cache_dir,
                                              precision=precision)
 
@@ -179,33 +185,52 @@ class Segmenter:
         """One small inference so the first real layer does not pay for lazy initialisation."""
         self.predict(np.zeros((64, 64), dtype=np.float32))
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        # x: (H, W) normalised, H and W multiples of 16 -> (C, H, W) probabilities
-        logits = self.backend(x[None, None])[0]
-        out: np.ndarray = torch.sigmoid(torch.from_numpy(logits)).numpy()
-        return out
-
     def predict(self, gray: np.ndarray) -> Segmentation:
         """(H, W) float32 gray in [0, 1] -> probabilities and thresholded masks."""
+        return self.predict_many([gray])[0]
+
+    def predict_many(self, grays: list[np.ndarray]) -> list[Segmentation]:
+        """Several layers at once (a backlog): their tiles go through the model in batches
+        of up to `batch_size`, which keeps a GPU busy; each result is what predict() gives.
+        infer_ms is the batch's time shared out by pixels."""
         t0 = time.perf_counter()
-        h, w = gray.shape
-        x = normalize(gray.astype(np.float32, copy=False), self.info.mean, self.info.std)
-        ys = tile_spans(h, self.tile_size, self.tile_overlap)
-        xs = tile_spans(w, self.tile_size, self.tile_overlap)
-        # Reflect-pad so every tile is full size and a multiple of 16.
-        ph, pw = max(ys[-1][1], h), max(xs[-1][1], w)
-        if (ph, pw) != (h, w):
-            x = np.pad(x, ((0, ph - h), (0, pw - w)), mode="reflect")
-        probs = np.empty((len(self.class_names), h, w), dtype=np.float32)
-        with torch.inference_mode():
+        work: list[tuple[int, tuple[int, int, int, int, int, int], np.ndarray]] = []
+        probs = []
+        for n, gray in enumerate(grays):
+            h, w = gray.shape
+            x = normalize(gray.astype(np.float32, copy=False), self.info.mean, self.info.std)
+            ys = tile_spans(h, self.tile_size, self.tile_overlap)
+            xs = tile_spans(w, self.tile_size, self.tile_overlap)
+            # Reflect-pad so every tile is full size and a multiple of 16.
+            ph, pw = max(ys[-1][1], h), max(xs[-1][1], w)
+            if (ph, pw) != (h, w):
+                x = np.pad(x, ((0, ph - h), (0, pw - w)), mode="reflect")
+            probs.append(np.empty((len(self.class_names), h, w), dtype=np.float32))
             for y0, y1, ky0, ky1 in ys:
                 for x0, x1, kx0, kx1 in xs:
-                    p = self._forward(x[y0:y1, x0:x1])
-                    probs[:, ky0:ky1, kx0:kx1] = p[:, ky0 - y0 : ky1 - y0, kx0 - x0 : kx1 - x0]
-        masks = probs >= self.thresholds[:, None, None]
-        for i, min_px in self.min_component_px:
-            masks[i] = drop_small_components(masks[i], min_px)
-        return Segmentation(probs, masks, (time.perf_counter() - t0) * 1000.0)
+                    work.append((n, (y0, x0, ky0, ky1, kx0, kx1), x[y0:y1, x0:x1]))
+        # Tiles of one shape share a batch (a whole small layer is one "tile" of its size).
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, _, tile) in enumerate(work):
+            by_shape.setdefault(tile.shape, []).append(i)
+        with torch.inference_mode():
+            for indices in by_shape.values():
+                for k in range(0, len(indices), self.batch_size):
+                    chunk = indices[k:k + self.batch_size]
+                    batch = np.stack([work[i][2] for i in chunk])[:, None]
+                    out = torch.sigmoid(torch.from_numpy(self.backend(batch))).numpy()
+                    for i, p in zip(chunk, out, strict=True):
+                        n, (y0, x0, ky0, ky1, kx0, kx1), _ = work[i]
+                        probs[n][:, ky0:ky1, kx0:kx1] = p[:, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
+        results = []
+        total_px = sum(g.size for g in grays) or 1
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        for gray, pr in zip(grays, probs, strict=True):
+            masks = pr >= self.thresholds[:, None, None]
+            for i, min_px in self.min_component_px:
+                masks[i] = drop_small_components(masks[i], min_px)
+            results.append(Segmentation(pr, masks, elapsed_ms * gray.size / total_px))
+        return results
 
 
 def min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:

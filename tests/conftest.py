@@ -80,7 +80,8 @@ def encode(img: np.ndarray, ext: str) -> bytes:
 
 
 def daemon_toml(weights: Path, *, settle_s: float = 0.3, rescan_interval_s: float = 60.0,
-                metrics: str = "", extra: str = "", grace_s: float = 0.0) -> str:
+                metrics: str = "", extra: str = "", grace_s: float = 0.0,
+                model_extra: str = "") -> str:
     """A daemon config: watch/ and state/ folders beside it, the model on the CPU, loopback
     endpoints of its own, metrics on `metrics` ("" = off), then `extra` sections."""
     return f"""
@@ -91,6 +92,7 @@ rescan_interval_s = {rescan_interval_s}
 [model]
 weights = "{weights}"
 device = "cpu"
+{model_extra}
 [store]
 state_dir = "state"
 [publish]

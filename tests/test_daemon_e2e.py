@@ -163,3 +163,48 @@ def test_daemon_end_to_end_with_kill_and_catch_up(setup: tuple[Path, Path, str],
             assert by_seq.setdefault(p["seq"], (p["layer"], p["status"])) == (p["layer"],
                                                                                p["status"])
     assert "Traceback" not in log.read_text()
+
+
+def test_backlog_goes_through_the_model_in_batches(tmp_path: Path) -> None:
+    """Layers waiting at start go to the model several at a time (batch_size 4) and are
+    stored exactly as one at a time would store them, in order."""
+    from sqlalchemy import create_engine, text
+
+    from monitor.config import load_config
+    from monitor.pipeline import Daemon
+    from tests.conftest import daemon_toml, make_threshold_weights
+
+    weights = make_threshold_weights(tmp_path / "w.safetensors")
+    stored = {}
+    for batch in (1, 4):
+        root = tmp_path / f"b{batch}"
+        (root / "watch" / "B1").mkdir(parents=True)
+        for n in range(1, 13):
+            img = np.full((96, 96), 100, np.uint8)
+            img[5 * n % 80:5 * n % 80 + 8, 10:10 + n] = 240
+            (root / "watch" / "B1" / f"layer_{n:05d}.png").write_bytes(encode(img, ".png"))
+        cfg = load_config(write_config(root / "config.toml", daemon_toml(
+            weights, model_extra=f"batch_size = {batch}")))
+        daemon = Daemon(cfg)
+        daemon.start()
+        try:
+            engine = create_engine(cfg.store_url)
+            deadline = time.monotonic() + 60
+            rows: list[Any] = []
+            while len(rows) < 12:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+                with engine.connect() as conn:
+                    rows = list(conn.execute(text(
+                        "SELECT l.layer, c.pixel_count FROM layers l JOIN class_stats c "
+                        "ON c.layer_id = l.id WHERE c.class_name = 'swelling' ORDER BY l.id")))
+            engine.dispose()
+            assert daemon.metrics is not None
+            calls = daemon.metrics.registry.get_sample_value("pbf_monitor_batch_layers_count")
+        finally:
+            daemon.stop()
+        stored[batch] = rows
+        assert calls is not None and (calls == 12 if batch == 1 else calls < 12), calls
+    assert stored[4] == stored[1]
+    assert [r[0] for r in stored[4]] == list(range(1, 13))  # stored in layer order
+    assert [r[1] for r in stored[4]] == [8 * n for n in range(1, 13)]

@@ -103,3 +103,20 @@ def test_small_components_dropped_per_class(tmp_path: Path) -> None:
                        base_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"model\.min_component_mm2\.crack"):
         Segmenter.from_config(bad)
+
+
+def test_batched_prediction_matches_one_at_a_time(tiny_weights: Path) -> None:
+    """A backlog through the model together (GPU batching; here on the CPU) gives each layer
+    what it gets alone: mixed sizes, tiled and whole, batches that split a layer's tiles."""
+    one = Segmenter(tiny_weights, device="cpu", tile_size=128, tile_overlap=16, batch_size=1)
+    many = Segmenter(tiny_weights, device="cpu", tile_size=128, tile_overlap=16, batch_size=3)
+    rng = np.random.default_rng(0)
+    grays = [rng.random(shape, dtype=np.float32) for shape in
+             ((96, 96), (300, 250), (96, 96), (128, 128), (260, 300))]
+    together = many.predict_many(grays)
+    for gray, got in zip(grays, together, strict=True):
+        alone = one.predict(gray)
+        assert got.probs.shape == alone.probs.shape
+        assert np.abs(got.probs - alone.probs).max() <= 1e-5
+        assert (got.masks == alone.masks).mean() >= 0.9999
+    assert many.batch_size == 3 and Segmenter(tiny_weights, device="cpu").batch_size == 1
