@@ -174,8 +174,50 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
             "backlog_layers_per_s": rate}
 
 
+_PEAK_SCRIPT = """
+import resource, sys, tempfile
+from pathlib import Path
+from monitor.config import parse_config
+from monitor.imaging import decode
+from monitor.segmenter import Segmenter
+weights, image = Path(sys.argv[1]), Path(sys.argv[2])
+with tempfile.TemporaryDirectory() as state:
+    cfg = parse_config({"model": {"weights": str(weights)}, "store": {"state_dir": state}},
+                       base_dir=Path(state))
+    seg = Segmenter.from_config(cfg)
+    seg.warm_up()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seg.predict(decode(image.read_bytes(), max_pixels=10**9))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before / 1024, after / 1024)
+"""
+
+
+def layer_peak_rss(weights: Path, size: int) -> tuple[float, float]:
+    """Peak resident memory (MB) of a fresh process serving one size x size layer as the
+    daemon does (default backend, tiling): after loading the model, and after the layer."""
+    import subprocess
+    import sys
+
+    import cv2
+
+    gen = BuildGenerator(size=min(size, 2048), layers=2, seed=4)
+    img = gen.layer(1).image
+    if size > img.shape[0]:  # a big layer: the 2048 px rendering, tiled
+        reps = -(-size // img.shape[0])
+        img = np.tile(img, (reps, reps))[:size, :size]
+    with tempfile.TemporaryDirectory(prefix="pbf-bench-mem-") as tmp:
+        path = Path(tmp) / "layer.png"
+        cv2.imwrite(str(path), img)
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(weights), str(path)],
+                             capture_output=True, text=True, check=True)
+    before, after = (float(v) for v in out.stdout.split()[-2:])
+    return before, after
+
+
 def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: int = 20,
-              seed_size: int = 512, progress: Callable[[str], None] = print) -> BenchResult:
+              seed_size: int = 512, memory_size: int = 4096,
+              progress: Callable[[str], None] = print) -> BenchResult:
     """Measure everything; see the module docstring."""
     device = resolve_device("auto")
     res = BenchResult()
@@ -221,6 +263,9 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
                              "ms": sd * 1e3, "speedup": sb / sd, "gflops": sg / sd})
     progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
     e2e = end_to_end(weights, size, e2e_layers)
+    if memory_size:
+        progress(f"peak memory of a fresh process serving one {memory_size} px layer")
+        loaded_mb, layer_mb = layer_peak_rss(weights, memory_size)
     mm = max(mm, matmul_gflops())  # again at the end: the best the machine showed
     assert default is not None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -232,6 +277,9 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
         "matmul_gflops": mm, "achieved_gflops": gflop / default[1],
         "fraction_of_matmul": gflop / default[1] / mm, **e2e, "peak_rss_mb": peak,
     }
+    if memory_size:
+        res.summary.update({"memory_size": memory_size, "model_loaded_rss_mb": loaded_mb,
+                            "layer_peak_rss_mb": layer_mb})
     return res
 
 

@@ -417,8 +417,10 @@ def dashboard(config_path: Path | None, port: int, address: str) -> None:
               help="Layers through the real daemon for the latency percentiles.")
 @click.option("--seed-size", type=click.IntRange(0), default=512, show_default=True,
               help="Image side for the width-64 seed model on a CPU (0 = skip).")
+@click.option("--memory-size", type=click.IntRange(0), default=4096, show_default=True,
+              help="Layer side for the peak-memory measurement in a fresh process (0 = skip).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Weights (default: bundled).")
-def bench(size: int, layers: int, e2e_layers: int, seed_size: int,
+def bench(size: int, layers: int, e2e_layers: int, seed_size: int, memory_size: int,
           weights: Path | None) -> None:
     """Measure inference speed (a benchmark, minutes): backends against eager fp32 PyTorch,
     the machine's matmul rate, end-to-end latency on the daemon, backlog rate, peak memory.
@@ -431,7 +433,7 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int,
     _setup_logging("WARNING")
     console = Console(stderr=True)
     res = run_bench(weights or DEFAULT_WEIGHTS, size=size, layers=layers,
-                    e2e_layers=e2e_layers, seed_size=seed_size,
+                    e2e_layers=e2e_layers, seed_size=seed_size, memory_size=memory_size,
                     progress=lambda m: console.print(f"[dim]{m}[/dim]"))
     t = Table(title=f"inference at {size}x{size} px on {res.summary['device']} "
                     f"({res.summary['threads']} threads); matmul "
@@ -447,6 +449,10 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int,
                f"p99 {s['e2e_p99_ms']:.0f} ms for {s['infer_ms']:.0f} ms of inference "
                f"({s['e2e_over_infer']:.2f}x); backlog {s['backlog_layers_per_s']:.2f} "
                f"layers/s; peak memory {s['peak_rss_mb']:.0f} MB")
+    if memory_size:
+        click.echo(f"a fresh process serving one {memory_size} px layer: "
+                   f"{s['model_loaded_rss_mb']:.0f} MB with the model loaded, "
+                   f"{s['layer_peak_rss_mb']:.0f} MB at peak")
     click.echo(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                            for k, v in s.items()}))
 
