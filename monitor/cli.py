@@ -448,7 +448,8 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int, memory_size: 
     click.echo(f"end to end: p50 {s['e2e_p50_ms']:.0f} ms, p95 {s['e2e_p95_ms']:.0f} ms, "
                f"p99 {s['e2e_p99_ms']:.0f} ms for {s['infer_ms']:.0f} ms of inference "
                f"({s['e2e_over_infer']:.2f}x); backlog {s['backlog_layers_per_s']:.2f} "
-               f"layers/s; peak memory {s['peak_rss_mb']:.0f} MB")
+               f"layers/s ({s['backlog_over_infer_rate']:.2f}x one over the inference time); "
+               f"peak memory {s['peak_rss_mb']:.0f} MB")
     if memory_size:
         click.echo(f"a fresh process serving one {memory_size} px layer: "
                    f"{s['model_loaded_rss_mb']:.0f} MB with the model loaded, "

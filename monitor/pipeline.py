@@ -1,7 +1,9 @@
 """The daemon: watch -> decode -> segment -> statistics -> alarms -> store -> publish.
 
-Each resource has one owner thread: the settler (files), the worker (the model), the store
-writer (the database) and the publisher (the ZeroMQ socket). They talk through queues.
+Each resource has one owner thread: the settler (files), the loader (reading and decoding),
+the worker (the model), the analyser (statistics and the alarm engine), the store writer
+(the database) and the publisher (the ZeroMQ socket). They talk through queues, in layer
+order, so reading the next layer and the statistics of the last one overlap the model's work.
 ``start()`` brings them up in order and ``stop()`` takes them down in reverse, finishing the
 layer in hand and flushing the store before the socket closes.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -61,8 +64,15 @@ class _Loaded(NamedTuple):
     decode_ms: float
 
 
-def _raise(e: Exception) -> None:
-    raise e
+class _Segmented(NamedTuple):
+    """A layer through the model, waiting for its statistics."""
+
+    model: Segmenter
+    loaded: _Loaded
+    seg: Segmentation
+
+
+_Outcome = Callable[[], None]  # a layer's result decided before the model (an error record)
 
 
 def _file_signature(path: os.PathLike[str] | str) -> tuple[int, int, int]:
@@ -80,9 +90,14 @@ class Daemon:
         self.started_at = time.time()
         self.counts = {"ok": 0, "error": 0}
         self._queue: queue.Queue[Candidate] = queue.Queue(maxsize=cfg.watch.queue_size)
+        # Between the stages: a decoded layer or a finished outcome, then a segmented layer.
+        # Two ahead is enough to overlap, and bounds the decoded images held in memory.
+        self._decoded: queue.Queue[_Loaded | _Outcome] = queue.Queue(maxsize=2)
+        self._segmented: queue.Queue[_Segmented | _Outcome] = queue.Queue(maxsize=2)
+        self._threads: dict[str, threading.Thread] = {}
+        self._beats: dict[str, float] = {}
         self._stop = threading.Event()
         self._stack: list[Callable[[], None]] = []
-        self._worker: threading.Thread | None = None
         self.engine: Engine | None = None
         self.reader: Engine | None = None
         self.segmenter: Segmenter | None = None
@@ -98,7 +113,6 @@ class Daemon:
         self._zmq_context: Any = None
         self._next_stall_check = 0.0
         self._next_prune = 0.0
-        self.last_progress = time.monotonic()
         self.metrics: Metrics | None = None
         self._weights_sig: tuple[int, int, int] | None = None  # of the file being served
         self._weights_warned: tuple[int, int, int] | None = None
@@ -291,12 +305,15 @@ class Daemon:
         self._stack.append(lambda: self._map_pool.shutdown(wait=True))
 
     def _start_worker(self) -> None:
-        self._worker = threading.Thread(target=self._work, name="worker", daemon=True)
-        self._worker.start()
+        for name, loop in (("loader", self._load_loop), ("worker", self._work),
+                           ("analyser", self._analyse_loop)):
+            self._beats[name] = time.monotonic()
+            self._threads[name] = threading.Thread(target=loop, name=name, daemon=True)
+            self._threads[name].start()
 
         def join() -> None:
-            assert self._worker is not None
-            self._worker.join(60)
+            for t in self._threads.values():  # in stage order: each drains into the next
+                t.join(60)
 
         self._stack.append(join)
 
@@ -525,28 +542,96 @@ class Daemon:
     # ------------------------------------------------------------ the worker
 
     def healthy(self, within_s: float) -> bool:
-        """The worker went round its loop (a layer, or an idle wait) within `within_s`, and
-        the threads it relies on are alive: what the systemd watchdog is told."""
-        writer_ok = self.writer is not None and self.writer.alive
-        return writer_ok and time.monotonic() - self.last_progress <= within_s
+        """Every pipeline stage went round its loop (a layer, or an idle wait) within
+        `within_s`, and the threads they rely on are alive: what the systemd watchdog is told.
+        A stage stuck on one layer (a hung read, a hung model) stops the pings."""
+        now = time.monotonic()
+        stages_ok = bool(self._threads) and all(
+            t.is_alive() and now - self._beats[name] <= within_s
+            for name, t in self._threads.items())
+        return stages_ok and self.writer is not None and self.writer.alive
 
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            self.last_progress = time.monotonic()
-            self._check_stalls()
+    def _put(self, q: queue.Queue[Any], item: Any, *, until_stop: bool) -> None:
+        """Hand an item to the next stage; with until_stop, give up when stopping (the layer
+        is not stored, so the rescan at the next start finds it again)."""
+        while True:
             try:
-                batch = [self._queue.get(timeout=0.2)]
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if until_stop and self._stop.is_set():
+                    return
+
+    def _load_loop(self) -> None:
+        """Stage 1: read and decode files in order, ahead of the model."""
+        while not self._stop.is_set():
+            self._beats["loader"] = time.monotonic()
+            try:
+                cand = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            try:
+                item = self._load(cand)
+            except Exception as e:  # never let one layer stop the daemon
+                log.exception("unexpected failure on %s", cand.path)
+                item = functools.partial(self._finish_error, cand, None,
+                                         f"internal error: {e!r}")
+            if item is not None:
+                self._put(self._decoded, item, until_stop=True)
+
+    def _work(self) -> None:
+        """Stage 2: the model. A backlog (a restart, a burst) goes through it together, up to
+        batch_size layers, which keeps a GPU busy; on a CPU batch_size is 1."""
+        held: _Loaded | _Outcome | None = None
+        while not self._stop.is_set():
+            self._beats["worker"] = time.monotonic()
+            try:
+                first = held or self._decoded.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            held = None
+            if not isinstance(first, _Loaded):
+                self._put(self._segmented, first, until_stop=False)
+                continue
+            batch = [first]
             assert self.segmenter is not None
-            # A backlog (a restart, a burst): layers already waiting go through the model
-            # together, which keeps a GPU busy. On a CPU batch_size is 1: one at a time.
             while len(batch) < self.segmenter.batch_size:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    nxt = self._decoded.get_nowait()
                 except queue.Empty:
                     break
-            self._process(batch)
+                if not isinstance(nxt, _Loaded):
+                    held = nxt  # an outcome keeps its place: after this batch
+                    break
+                batch.append(nxt)
+            self._infer(batch)
+        if held is not None:
+            self._put(self._segmented, held, until_stop=False)
+
+    def _analyse_loop(self) -> None:
+        """Stage 3: statistics, alarms, store and publish, in layer order; drains what the
+        model finished before the worker stopped."""
+        while True:
+            self._beats["analyser"] = time.monotonic()
+            self._guarded_call(self._check_stalls)
+            try:
+                item = self._segmented.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set() and not self._threads["worker"].is_alive():
+                    return
+                continue
+            if isinstance(item, _Segmented):
+                self._guarded(item.loaded.cand, self._analyse, item.model, item.loaded,
+                              item.seg)
+            else:
+                self._guarded_call(item)
+
+    @staticmethod
+    def _guarded_call(fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("failure in the pipeline; continuing")
 
     def _guarded(self, cand: Candidate, step: Callable[..., T], *args: Any) -> T | None:
         """step(*args) for one layer; an unexpected failure becomes that layer's error record
@@ -574,30 +659,33 @@ class Daemon:
             processed_at=now, total_ms=(now - cand.detected_at) * 1000.0,
         )
 
-    def _process(self, batch: list[Candidate]) -> None:
-        """Read and decode each file, run the model on all of them at once, then finish each
-        in order: statistics, alarms, store, publish."""
+    def _finish_error(self, cand: Candidate, sig: tuple[int, int] | None, reason: str,
+                      facts: _Facts | None = None) -> None:
+        self._finish(cand, sig, self._error_record(cand, reason, facts))
+
+    def _infer(self, batch: list[_Loaded]) -> None:
+        """Run the model on decoded layers; hand each result (or its failure) on, in order."""
         assert self.segmenter is not None
         model = self.segmenter  # the same one throughout, even if a reload swaps it
         self._check_weights_file()
-        loaded = [x for x in (self._guarded(c, self._load, c) for c in batch) if x is not None]
-        if not loaded:
-            return
         failpoints.reach("infer")
         if self.metrics is not None:
-            self.metrics.batch.observe(len(loaded))
+            self.metrics.batch.observe(len(batch))
         try:
-            segs = model.predict_many([x.gray for x in loaded])
+            segs = model.predict_many([x.gray for x in batch])
         except Exception as e:
-            for x in loaded:
-                self._guarded(x.cand, _raise, e)
+            log.exception("the model failed on %d layer(s)", len(batch))
+            for x in batch:
+                self._put(self._segmented, functools.partial(
+                    self._finish_error, x.cand, None, f"internal error: {e!r}"),
+                    until_stop=False)
             return
-        for x, seg in zip(loaded, segs, strict=True):
-            self._guarded(x.cand, self._analyse, model, x, seg)
+        for x, seg in zip(batch, segs, strict=True):
+            self._put(self._segmented, _Segmented(model, x, seg), until_stop=False)
 
-    def _load(self, cand: Candidate) -> _Loaded | None:
-        """The decoded layer, or None when the file got its outcome already (an error record,
-        a skip, or a retry while it is still being written)."""
+    def _load(self, cand: Candidate) -> _Loaded | _Outcome | None:
+        """The decoded layer; or its outcome (an error record, written by the analyser in
+        order); or None (a skip, or a retry while the file is still being written)."""
         printer = self.printers[cand.printer]
         settler = self.settlers[cand.printer]
         w = printer.watch
@@ -619,16 +707,13 @@ class Daemon:
                                      f"watch.max_file_mb ({w.max_file_mb:g})")
                 data = f.read()
         except FileNotFoundError:
-            self._finish(cand, None, self._error_record(
-                cand, "file disappeared before it could be read"))
-            return None
+            return functools.partial(self._finish_error, cand, None,
+                                     "file disappeared before it could be read")
         except ImageError as e:
-            self._finish(cand, None, self._error_record(cand, str(e)))
-            return None
+            return functools.partial(self._finish_error, cand, None, str(e))
         except OSError as e:
-            self._finish(cand, None, self._error_record(
-                cand, f"cannot read file: {e.strerror or e}"))
-            return None
+            return functools.partial(self._finish_error, cand, None,
+                                     f"cannot read file: {e.strerror or e}")
         failpoints.reach("decode")
         sig = (len(data), st.st_mtime_ns)
         facts = _Facts(len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())
@@ -644,8 +729,7 @@ class Daemon:
                 # Probably still being written: look again rather than record an error.
                 settler.retry(cand, delay_s=w.retry_delay_s, changed=changed)
                 return None
-            self._finish(cand, sig, self._error_record(cand, str(e), facts))
-            return None
+            return functools.partial(self._finish_error, cand, sig, str(e), facts)
         return _Loaded(cand, gray, sig, facts, (time.perf_counter() - t0) * 1000.0)
 
     def _analyse(self, model: Segmenter, x: _Loaded, seg: Segmentation) -> None:
