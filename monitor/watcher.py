@@ -304,9 +304,10 @@ class Settler:
         key = self.key_for(path)
         if key is None:
             return
+        now_sig = _signature(path)
         with self._lock:
-            if path in self._handled and self._handled[path] == _signature(path):
-                return  # a late event for content already processed
+            if path in self._handled and (now_sig is None or self._handled[path] == now_sig):
+                return  # a late event for content already handed over, or for a file gone
             self._pending[path] = Candidate(path, key, now, complete=complete,
                                             printer=self.printer,
                                             stable_since=time.monotonic())
@@ -352,8 +353,11 @@ class Settler:
                     continue
                 sig = _signature(path)
                 if sig is None:
-                    # Gone before we read it: the worker records the error for the layer.
+                    # Gone before we read it: the worker records the error for the layer, and
+                    # late events about the vanished file are not news.
                     ready.append(self._pending.pop(path))
+                    self._handled[path] = None
+                    self._handled.move_to_end(path)
                     continue
                 if sig != cand.sig:
                     cand.sig = sig

@@ -137,3 +137,18 @@ def test_polling_observer(tmp_path: Path) -> None:
     finally:
         s.stop()
     assert [c.key.layer for c in got] == [7]
+
+
+def test_late_events_for_a_file_handed_over_then_gone(tmp_path: Path, settler: tuple) -> None:
+    """A layer handed over and then deleted: a late event about it is not a second layer (a
+    second outcome would be a 'replaced' error); the same name written again later is."""
+    s, q, _ = settler
+    path = tmp_path / "layer_5.png"
+    path.write_bytes(b"x" * 100)
+    (first,) = drain(q, 1.5)
+    s.done(first, (100, path.stat().st_mtime_ns))
+    path.unlink()
+    s.notify("changed", str(path))  # as a late inotify event would
+    assert drain(q, 1.5) == []
+    path.write_bytes(b"y" * 50)
+    assert [c.path for c in drain(q, 1.5)] == [path]
