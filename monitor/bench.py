@@ -175,22 +175,27 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
             "backlog_layers_per_s": rate, "backlog_over_infer_rate": rate * infer / 1000.0}
 
 
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at the fork.
 _PEAK_SCRIPT = """
-import resource, sys, tempfile
+import sys, tempfile
 from pathlib import Path
 from monitor.config import parse_config
 from monitor.imaging import decode
 from monitor.segmenter import Segmenter
+def hwm():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 weights, image = Path(sys.argv[1]), Path(sys.argv[2])
 with tempfile.TemporaryDirectory() as state:
     cfg = parse_config({"model": {"weights": str(weights)}, "store": {"state_dir": state}},
                        base_dir=Path(state))
     seg = Segmenter.from_config(cfg)
     seg.warm_up()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = hwm()
     seg.predict(decode(image.read_bytes(), max_pixels=10**9))
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before / 1024, after / 1024)
+    after = hwm()
+print(before, after)
 """
 
 

@@ -67,9 +67,16 @@ def class_stats(
     count = int(np.count_nonzero(mask))
     if count == 0:
         return ClassStats(name, 0, 0.0, 0.0, 0, 0, 0.0)
+    # Label only the box around the mask: defects are sparse, and labelling is a pass over
+    # every pixel it is given.
+    u8 = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    bx, by, bw, bh = cv2.boundingRect(u8)
     n, _, boxes, centroids = cv2.connectedComponentsWithStats(
-        mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+        np.ascontiguousarray(u8[by:by + bh, bx:bx + bw]), connectivity=8, ltype=cv2.CV_32S
     )
+    boxes[:, cv2.CC_STAT_LEFT] += bx
+    boxes[:, cv2.CC_STAT_TOP] += by
+    centroids = centroids + np.array([bx, by])
     # Label 0 is the background.
     areas = boxes[1:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas, kind="stable")[:max_components]

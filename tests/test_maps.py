@@ -31,3 +31,22 @@ def test_more_than_eight_classes_and_too_many() -> None:
     assert enc.scale == 1 and decode_masks(enc.mask_png, 12)[11, 5:9, 5:9].all()
     with pytest.raises(ValueError, match="at most 16"):
         encode_map(np.zeros((8, 8), np.float32), np.zeros((17, 8, 8), bool))
+
+
+def test_reduce_any_keeps_every_speck_at_any_size_and_scale() -> None:
+    """The fast reduction equals the plain definition (any pixel of each block, the last
+    row and column of blocks padded) on random masks of odd sizes and scales."""
+    import math
+
+    from monitor.maps import _reduce_any
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        scale = int(rng.integers(1, 40))
+        mask = rng.random((h, w)) < rng.choice([0.0, 0.0005, 0.01, 0.5])
+        ph, pw = math.ceil(h / scale) * scale, math.ceil(w / scale) * scale
+        padded = np.zeros((ph, pw), bool)
+        padded[:h, :w] = mask
+        want = padded.reshape(ph // scale, scale, pw // scale, scale).any(axis=(1, 3))
+        assert (_reduce_any(mask, scale) == want).all(), (h, w, scale)

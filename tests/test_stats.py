@@ -52,3 +52,28 @@ def test_layer_stats_keys_and_shape_check() -> None:
     assert st.summary()["b"]["pixel_count"] == 1
     with pytest.raises(ValueError, match="classes"):
         layer_stats(masks, ["a"], pixel_size_mm=0.1)
+
+
+def test_components_match_labelling_the_whole_image() -> None:
+    """Labelling only the box around the mask gives the components (boxes, areas,
+    centroids) that labelling every pixel gives."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(1, 200, 2))
+        mask = rng.random((h, w)) < rng.choice([0.001, 0.02, 0.3, 0.9])
+        if trial % 7 == 0:
+            mask[:] = False
+            mask[h - 1, w - 1] = True  # one pixel in the far corner
+        got = class_stats("x", mask, pixel_size_mm=0.1, max_components=10**6)
+        if not mask.any():
+            assert got.components == 0
+            continue
+        n, _, boxes, cents = cv2.connectedComponentsWithStats(
+            mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        want = sorted((*(int(v) for v in b[:5]), round(float(c[0]), 6), round(float(c[1]), 6))
+                      for b, c in zip(boxes[1:], cents[1:], strict=True))
+        have = sorted((c.x, c.y, c.w, c.h, c.area_px, round(c.cx, 6), round(c.cy, 6))
+                      for c in got.component_list)
+        assert have == want and got.components == n - 1, trial
