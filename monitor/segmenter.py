@@ -250,8 +250,13 @@ def drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
     """The mask without its 8-connected components smaller than min_px pixels."""
     if not mask.any():
         return mask
-    _, labels, st, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    # Only the box around the mask is labelled: defect masks are sparse.
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == np.bool_
+                                  else mask.astype(np.uint8))
+    _, labels, st, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(mask[y:y + h, x:x + w], dtype=np.uint8), connectivity=8)
     keep = st[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False  # the background
-    out: np.ndarray = keep[labels]
+    out = np.zeros_like(mask, dtype=bool)
+    out[y:y + h, x:x + w] = keep[labels]
     return out

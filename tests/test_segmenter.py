@@ -120,3 +120,24 @@ def test_batched_prediction_matches_one_at_a_time(tiny_weights: Path) -> None:
         assert np.abs(got.probs - alone.probs).max() <= 1e-5
         assert (got.masks == alone.masks).mean() >= 0.9999
     assert many.batch_size == 3 and Segmenter(tiny_weights, device="cpu").batch_size == 1
+
+
+def test_dropping_small_components_matches_labelling_the_whole_mask() -> None:
+    """Labelling only the box around the mask drops exactly what labelling it all drops."""
+    import cv2
+
+    from monitor.segmenter import drop_small_components
+
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 200, 2))
+        mask = rng.random((h, w)) < rng.choice([0.0, 0.001, 0.05, 0.4])
+        min_px = int(rng.integers(1, 10))
+        want = mask
+        if mask.any():
+            _, labels, st, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                                connectivity=8)
+            keep = st[:, cv2.CC_STAT_AREA] >= min_px
+            keep[0] = False
+            want = keep[labels]
+        assert (drop_small_components(mask, min_px) == want).all()
