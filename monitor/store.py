@@ -652,9 +652,11 @@ def put_rule_states(s: Session, build_id: int, states: dict[str, dict[str, Any]]
 
 def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
     """Insert or update tracks (touched or ended by a layer)."""
+    tracks = list(tracks)
+    existing = {r.number: r for r in s.scalars(select(TrackRow).where(
+        TrackRow.build_id == build_id, TrackRow.number.in_([t.number for t in tracks])))}
     for t in tracks:
-        row = s.scalar(select(TrackRow).where(TrackRow.build_id == build_id,
-                                              TrackRow.number == t.number))
+        row = existing.get(t.number)
         if row is None:
             row = TrackRow(build_id=build_id, number=t.number, class_name=t.class_name)
             s.add(row)
