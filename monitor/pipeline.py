@@ -419,7 +419,8 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "layers_ok": self.counts["ok"],
             "layers_error": self.counts["error"],
-            "queue": self._queue.qsize() + sum(st.pending for st in self.settlers.values()),
+            "queue": (self._queue.qsize() + self._decoded.qsize() + self._segmented.qsize()
+                      + sum(st.pending for st in self.settlers.values())),
             "device": str(seg.device) if seg else None,
             "model_sha256": seg.info.sha256 if seg else None,
             # Why the database refuses writes right now (disk full, locked), else "ok".
