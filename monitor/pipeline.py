@@ -387,7 +387,12 @@ class Daemon:
                 return None
         except OSError:
             pass  # from_config names the problem
-        new = Segmenter.from_config(cfg)
+        # Only the weights change here: device, backend and tiling stay as they run (those
+        # need a restart, and reload() says so).
+        running = self.cfg.model
+        new = Segmenter.from_config(cfg.model_copy(update={"model": m.model_copy(update={
+            k: getattr(running, k) for k in ("device", "backend", "cpu_precision", "tile_size",
+                                             "tile_overlap", "batch_size")})}))
         if new.class_names != self.segmenter.class_names:
             raise WeightsError(
                 f"{m.weights}: classes {', '.join(new.class_names)} differ from the running "
