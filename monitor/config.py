@@ -100,7 +100,7 @@ class ModelConfig(_Section):
         0, ge=0, description="Tiles per model call when layers queue up (0 = 8 on a GPU, 1 on "
         "a CPU)."
     )
-    tile_size: int = Field(1024, ge=64, description="Tile side for large images (multiple of 16).")
+    tile_size: int = Field(1024, ge=64, description="Largest tile side (a multiple of 16).")
     tile_overlap: int = Field(64, ge=0, description="Overlap between tiles in pixels.")
     threshold: Probability = Field(
         0.5, description="Threshold for classes neither thresholds nor the weights set."

@@ -15,15 +15,23 @@ from tests.conftest import make_weights
 @pytest.mark.parametrize(
     ("length", "tile", "overlap"),
     [(100, 128, 16), (128, 128, 16), (129, 128, 16), (1000, 256, 64), (4096, 1024, 64),
-     (5000, 512, 0)],
+     (2048, 1024, 64), (5000, 512, 0)],
 )
 def test_tile_spans_partition_the_axis(length: int, tile: int, overlap: int) -> None:
     spans = tile_spans(length, tile, overlap)
     keeps = [(k0, k1) for _, _, k0, k1 in spans]
     assert keeps[0][0] == 0 and keeps[-1][1] == length
     assert all(a[1] == b[0] for a, b in itertools.pairwise(keeps))
+    sizes = {stop - start for start, stop, _, _ in spans}
+    assert len(sizes) == 1  # one tile shape per side: batches and compiled shapes are shared
+    (size,) = sizes
+    if length > tile:
+        # Tiles no bigger than asked, and no more pixels than the overlap requires.
+        assert size <= tile and size % 16 == 0
+        assert len(spans) * size < length + (len(spans) - 1) * overlap + 16 * len(spans)
+    else:
+        assert size == -(-length // 16) * 16
     for start, stop, k0, k1 in spans:
-        assert stop - start == (tile if length > tile else -(-length // 16) * 16)
         assert start <= k0 < k1 <= stop
         if length > tile:
             assert stop <= length
