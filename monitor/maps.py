@@ -27,10 +27,10 @@ class EncodedMap:
 
 def _reduce_any(mask: np.ndarray, scale: int) -> np.ndarray:
     """(H, W) bool -> (ceil(H/s), ceil(W/s)) bool, True where any pixel of the block is."""
-    h, w = mask.shape
-    oh, ow = math.ceil(h / scale), math.ceil(w / scale)
     if scale == 1:
         return mask
+    h, w = mask.shape
+    oh, ow = math.ceil(h / scale), math.ceil(w / scale)
     if not mask.any():
         return np.zeros((oh, ow), bool)
     padded = np.zeros((oh * scale, ow * scale), np.float32)

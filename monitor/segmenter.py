@@ -23,6 +23,7 @@ from monitor.config import Config
 from monitor.errors import ConfigError, DeviceError
 from monitor.imaging import normalize
 from monitor.model import DEPTH, ModelInfo, UNet, load_weights, read_info
+from monitor.stats import label_components
 
 log = logging.getLogger(__name__)
 MULTIPLE = 2**DEPTH
@@ -254,13 +255,10 @@ def drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
     """The mask without its 8-connected components smaller than min_px pixels."""
     if not mask.any():
         return mask
-    # Only the box around the mask is labelled: defect masks are sparse.
-    x, y, w, h = cv2.boundingRect(mask.view(np.uint8) if mask.dtype == np.bool_
-                                  else mask.astype(np.uint8))
-    _, labels, st, _ = cv2.connectedComponentsWithStats(
-        np.ascontiguousarray(mask[y:y + h, x:x + w], dtype=np.uint8), connectivity=8)
-    keep = st[:, cv2.CC_STAT_AREA] >= min_px
+    lab = label_components(mask)
+    keep = lab.stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False  # the background
+    x, y, w, h = lab.box
     out = np.zeros_like(mask, dtype=bool)
-    out[y:y + h, x:x + w] = keep[labels]
+    out[y:y + h, x:x + w] = keep[lab.labels]
     return out

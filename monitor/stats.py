@@ -58,6 +58,29 @@ class LayerStats:
         return {name: c.summary() for name, c in self.classes.items()}
 
 
+@dataclass(frozen=True)
+class Labels:
+    """8-connected components of a mask, labelled inside the box around it."""
+
+    count: int  # components, background (label 0) included
+    labels: np.ndarray  # (h, w) int32 labels of the box
+    stats: np.ndarray  # OpenCV's per-label x, y, w, h, area, in image coordinates
+    centroids: np.ndarray  # per-label (x, y), in image coordinates
+    box: tuple[int, int, int, int]  # x, y, w, h of the box in the image
+
+
+def label_components(mask: np.ndarray) -> Labels:
+    """Label a (H, W) bool mask. Only the box around its pixels is labelled: defect masks
+    are sparse, and labelling is a pass over every pixel it is given."""
+    u8 = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    x, y, w, h = cv2.boundingRect(u8)
+    n, labels, st, centroids = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(u8[y:y + h, x:x + w]), connectivity=8, ltype=cv2.CV_32S)
+    st[:, cv2.CC_STAT_LEFT] += x
+    st[:, cv2.CC_STAT_TOP] += y
+    return Labels(int(n), labels, st, centroids + np.array([x, y]), (x, y, w, h))
+
+
 def class_stats(
     name: str, mask: np.ndarray, *, pixel_size_mm: float, max_components: int = 200
 ) -> ClassStats:
@@ -67,16 +90,8 @@ def class_stats(
     count = int(np.count_nonzero(mask))
     if count == 0:
         return ClassStats(name, 0, 0.0, 0.0, 0, 0, 0.0)
-    # Label only the box around the mask: defects are sparse, and labelling is a pass over
-    # every pixel it is given.
-    u8 = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
-    bx, by, bw, bh = cv2.boundingRect(u8)
-    n, _, boxes, centroids = cv2.connectedComponentsWithStats(
-        np.ascontiguousarray(u8[by:by + bh, bx:bx + bw]), connectivity=8, ltype=cv2.CV_32S
-    )
-    boxes[:, cv2.CC_STAT_LEFT] += bx
-    boxes[:, cv2.CC_STAT_TOP] += by
-    centroids = centroids + np.array([bx, by])
+    lab = label_components(mask)
+    n, boxes, centroids = lab.count, lab.stats, lab.centroids
     # Label 0 is the background.
     areas = boxes[1:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas, kind="stable")[:max_components]

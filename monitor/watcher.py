@@ -304,10 +304,11 @@ class Settler:
         key = self.key_for(path)
         if key is None:
             return
-        now_sig = _signature(path)
         with self._lock:
-            if path in self._handled and (now_sig is None or self._handled[path] == now_sig):
-                return  # a late event for content already handed over, or for a file gone
+            if path in self._handled:
+                current = _signature(path)
+                if current is None or self._handled[path] == current:
+                    return  # a late event for content already handed over, or a file gone
             self._pending[path] = Candidate(path, key, now, complete=complete,
                                             printer=self.printer,
                                             stable_since=time.monotonic())
