@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -102,6 +104,38 @@ startup_grace_s = {grace_s}
 [metrics]
 listen = "{metrics}"
 {extra}"""
+
+
+def wait_for_rows(url: str, sql: str, count: int, *, timeout: float = 120.0,
+                  proc: subprocess.Popen[bytes] | None = None,
+                  log: Path | None = None) -> list[Any]:
+    """Poll a daemon's database until `sql` returns at least `count` rows. The SQLite file
+    and the schema may not be there yet; `proc`, if given, must stay alive meanwhile (the
+    tail of its `log` is the failure message)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    def why() -> str:
+        return log.read_text()[-3000:] if log is not None else f"{count} rows of {sql!r}"
+
+    deadline = time.monotonic() + timeout
+    sqlite_file = Path(url.split("///", 1)[1]) if url.startswith("sqlite") else None
+    while True:
+        assert proc is None or proc.poll() is None, why()
+        rows: list[Any] = []
+        if sqlite_file is None or sqlite_file.exists():
+            engine = create_engine(url)
+            try:
+                with engine.connect() as conn:
+                    rows = list(conn.execute(text(sql)))
+            except OperationalError:  # no schema yet
+                pass
+            finally:
+                engine.dispose()
+        if len(rows) >= count:
+            return rows
+        assert time.monotonic() < deadline, why()
+        time.sleep(0.1)
 
 
 def write_config(path: Path, body: str) -> Path:

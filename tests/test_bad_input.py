@@ -9,7 +9,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
@@ -173,9 +172,8 @@ def test_unreadable_file(tmp_path: Path, bright_weights: Path) -> None:  # noqa:
     import signal
     import subprocess
     import sys
-    import time
 
-    from tests.conftest import daemon_toml, write_config
+    from tests.conftest import daemon_toml, wait_for_rows, write_config
 
     prefix: list[str] = []
     if os.geteuid() == 0:
@@ -193,22 +191,10 @@ def test_unreadable_file(tmp_path: Path, bright_weights: Path) -> None:  # noqa:
     log = tmp_path / "log"
     proc = subprocess.Popen([*prefix, sys.executable, "-m", "monitor", "run", "--config",
                              str(config)], stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    db = tmp_path / "state" / "pbf-monitor.db"
     try:
-        deadline = time.monotonic() + 120
-        rows: list[Any] = []
-        while len(rows) < 2:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-            if db.exists():
-                engine = create_engine(f"sqlite:///{db}")
-                try:
-                    with engine.connect() as conn:
-                        rows = list(conn.execute(text(
-                            "SELECT layer, status, error FROM layers ORDER BY layer")))
-                except Exception:  # the schema may not be there yet
-                    rows = []
-                engine.dispose()
+        rows = wait_for_rows(f"sqlite:///{tmp_path / 'state' / 'pbf-monitor.db'}",
+                             "SELECT layer, status, error FROM layers ORDER BY layer", 2,
+                             proc=proc, log=log)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

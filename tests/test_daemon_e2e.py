@@ -168,11 +168,10 @@ def test_daemon_end_to_end_with_kill_and_catch_up(setup: tuple[Path, Path, str],
 def test_backlog_goes_through_the_model_in_batches(tmp_path: Path) -> None:
     """Layers waiting at start go to the model several at a time (batch_size 4) and are
     stored exactly as one at a time would store them, in order."""
-    from sqlalchemy import create_engine, text
 
     from monitor.config import load_config
     from monitor.pipeline import Daemon
-    from tests.conftest import daemon_toml, make_threshold_weights
+    from tests.conftest import daemon_toml, make_threshold_weights, wait_for_rows
 
     weights = make_threshold_weights(tmp_path / "w.safetensors")
     stored = {}
@@ -188,17 +187,10 @@ def test_backlog_goes_through_the_model_in_batches(tmp_path: Path) -> None:
         daemon = Daemon(cfg)
         daemon.start()
         try:
-            engine = create_engine(cfg.store_url)
-            deadline = time.monotonic() + 60
-            rows: list[Any] = []
-            while len(rows) < 12:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-                with engine.connect() as conn:
-                    rows = list(conn.execute(text(
-                        "SELECT l.layer, c.pixel_count FROM layers l JOIN class_stats c "
-                        "ON c.layer_id = l.id WHERE c.class_name = 'swelling' ORDER BY l.id")))
-            engine.dispose()
+            rows = wait_for_rows(
+                cfg.store_url, "SELECT l.layer, c.pixel_count FROM layers l JOIN class_stats c "
+                "ON c.layer_id = l.id WHERE c.class_name = 'swelling' ORDER BY l.id", 12,
+                timeout=60)
             assert daemon.metrics is not None
             calls = daemon.metrics.registry.get_sample_value("pbf_monitor_batch_layers_count")
         finally:

@@ -18,7 +18,13 @@ from sqlalchemy import create_engine, text
 
 from monitor.config import load_config
 from monitor.failpoints import POINTS
-from tests.conftest import daemon_toml, encode, make_threshold_weights, write_config
+from tests.conftest import (
+    daemon_toml,
+    encode,
+    make_threshold_weights,
+    wait_for_rows,
+    write_config,
+)
 from tests.test_daemon_e2e import Listener
 
 LAYERS = 60
@@ -77,18 +83,9 @@ def _stopped(proc: subprocess.Popen[bytes]) -> bool:
 
 def _wait_all(root: Path, proc: subprocess.Popen[bytes], log: Path,
               layers: int = LAYERS) -> Stored:
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        if (root / "state" / "pbf-monitor.db").exists():
-            try:
-                got = _stored(root)
-            except Exception:  # the schema may not be there yet
-                got = {}
-            if len(got) == layers:
-                return got
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_for_rows(f"sqlite:///{root / 'state' / 'pbf-monitor.db'}", "SELECT layer FROM layers",
+                  layers, timeout=180, proc=proc, log=log)
+    return _stored(root)
 
 
 @pytest.fixture(scope="module")
