@@ -165,7 +165,7 @@ def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path
         gray = decode(data, max_pixels=cfg.watch.max_pixels)
     except ImageError as e:
         raise ImageError(f"{image}: {e}") from e
-    result = seg.predict(gray)
+    result = seg.predict(gray, probs=False)
     stats = layer_stats(result.masks, seg.class_names, pixel_size_mm=cfg.camera.pixel_size_mm,
                         max_components=cfg.store.max_components)
     if out is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.config import DEFAULT_TILE_SIZE
 from monitor.dataset import Dataset, DatasetError
 from monitor.model import ModelInfo, load_weights, save_weights
 from monitor.segmenter import Segmenter
@@ -195,9 +196,10 @@ def evaluate(
     for done, name in enumerate(names if names is not None else dataset.names, start=1):
         gray, true = dataset.sample(name)
         true = true[chans]
-        result = segmenter.predict(gray)
+        result = segmenter.predict(gray, probs=sweep is not None)
         counts.add(result.masks, true)
         if sweep is not None:
+            assert result.probs is not None
             sweep.add(result.probs, true)
         if progress is not None:
             progress(done)
@@ -233,7 +235,7 @@ def calibrate(
     dataset: Dataset,
     out: Path,
     *,
-    tile_size: int = 1024,
+    tile_size: int = DEFAULT_TILE_SIZE,
     tile_overlap: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, float | None]]:

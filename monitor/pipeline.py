@@ -678,7 +678,7 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.batch.observe(len(batch))
         try:
-            segs = model.predict_many([x.gray for x in batch])
+            segs = model.predict_many([x.gray for x in batch], probs=False)
         except Exception as e:
             log.exception("the model failed on %d layer(s)", len(batch))
             for x in batch:

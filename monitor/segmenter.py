@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from monitor.backends import Backend, make_backend
-from monitor.config import Config
+from monitor.config import DEFAULT_TILE_SIZE, Config
 from monitor.errors import ConfigError, DeviceError
 from monitor.imaging import normalize
 from monitor.model import DEPTH, ModelInfo, UNet, load_weights, read_info
@@ -62,7 +62,7 @@ def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int
 
 @dataclass(frozen=True)
 class Segmentation:
-    probs: np.ndarray  # (C, H, W) float32 in [0, 1]
+    probs: np.ndarray | None  # (C, H, W) float32 in [0, 1]; None when not asked for
     masks: np.ndarray  # (C, H, W) bool
     infer_ms: float
 
@@ -75,7 +75,7 @@ class Segmenter:
         weights: Path,
         *,
         device: str = "auto",
-        tile_size: int = 1024,
+        tile_size: int = DEFAULT_TILE_SIZE,
         tile_overlap: int = 64,
         threshold: float = 0.5,
         thresholds: Mapping[str, float] | None = None,
@@ -115,7 +115,7 @@ class Segmenter:
         info: ModelInfo,
         *,
         device: torch.device,
-        tile_size: int = 1024,
+        tile_size: int = DEFAULT_TILE_SIZE,
         tile_overlap: int = 64,
         threshold: float = 0.5,
         thresholds: Mapping[str, float] | None = None,
@@ -176,7 +176,10 @@ class Segmenter:
                           dtype=np.float32)
         filters = [(i, int((min_component_px or {})[c])) for i, c in enumerate(self.class_names)
                    if (min_component_px or {}).get(c, 0) > 1]
-        self.thresholds, self.min_component_px = values, filters
+        # The same cut on the logits (sigmoid is monotonic): 0 -> -inf, 1 -> +inf.
+        with np.errstate(divide="ignore"):
+            logits = (np.log(values) - np.log1p(-values)).astype(np.float32)
+        self.thresholds, self.logit_thresholds, self.min_component_px = values, logits, filters
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -190,17 +193,25 @@ class Segmenter:
         """One small inference so the first real layer does not pay for lazy initialisation."""
         self.predict(np.zeros((64, 64), dtype=np.float32))
 
-    def predict(self, gray: np.ndarray) -> Segmentation:
-        """(H, W) float32 gray in [0, 1] -> probabilities and thresholded masks."""
-        return self.predict_many([gray])[0]
+    def predict(self, gray: np.ndarray, *, probs: bool = True) -> Segmentation:
+        """(H, W) float32 gray in [0, 1] -> thresholded masks, and the probabilities unless
+        `probs` is False."""
+        return self.predict_many([gray], probs=probs)[0]
 
-    def predict_many(self, grays: list[np.ndarray]) -> list[Segmentation]:
+    def predict_many(self, grays: list[np.ndarray], *, probs: bool = True
+                     ) -> list[Segmentation]:
         """Several layers at once (a backlog): their tiles go through the model in batches
         of up to `batch_size`, which keeps a GPU busy; each result is what predict() gives.
-        infer_ms is the batch's time shared out by pixels."""
+        infer_ms is the batch's time shared out by pixels.
+
+        Masks are the logits compared with the thresholds' logits, tile by tile, so the
+        daemon (probs=False) never computes a sigmoid nor holds a float array of the layer:
+        for a 2048 px layer that saves about 40 ms, and 400 MB on a 4096 px one."""
         t0 = time.perf_counter()
         work: list[tuple[int, tuple[int, int, int, int, int, int], np.ndarray]] = []
-        probs = []
+        n_classes = len(self.class_names)
+        masks, prob_maps = [], []
+        cut = self.logit_thresholds[:, None, None]
         for n, gray in enumerate(grays):
             h, w = gray.shape
             x = normalize(gray.astype(np.float32, copy=False), self.info.mean, self.info.std)
@@ -210,7 +221,9 @@ class Segmenter:
             ph, pw = max(ys[-1][1], h), max(xs[-1][1], w)
             if (ph, pw) != (h, w):
                 x = np.pad(x, ((0, ph - h), (0, pw - w)), mode="reflect")
-            probs.append(np.empty((len(self.class_names), h, w), dtype=np.float32))
+            masks.append(np.empty((n_classes, h, w), dtype=bool))
+            if probs:
+                prob_maps.append(np.empty((n_classes, h, w), dtype=np.float32))
             for y0, y1, ky0, ky1 in ys:
                 for x0, x1, kx0, kx1 in xs:
                     work.append((n, (y0, x0, ky0, ky1, kx0, kx1), x[y0:y1, x0:x1]))
@@ -223,18 +236,22 @@ class Segmenter:
                 for k in range(0, len(indices), self.batch_size):
                     chunk = indices[k:k + self.batch_size]
                     batch = np.stack([work[i][2] for i in chunk])[:, None]
-                    out = torch.sigmoid(torch.from_numpy(self.backend(batch))).numpy()
-                    for i, p in zip(chunk, out, strict=True):
+                    logits = self.backend(batch)
+                    for i, z in zip(chunk, logits, strict=True):
                         n, (y0, x0, ky0, ky1, kx0, kx1), _ = work[i]
-                        probs[n][:, ky0:ky1, kx0:kx1] = p[:, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
+                        kept = z[:, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
+                        np.greater_equal(kept, cut, out=masks[n][:, ky0:ky1, kx0:kx1])
+                        if probs:
+                            prob_maps[n][:, ky0:ky1, kx0:kx1] = torch.sigmoid(
+                                torch.from_numpy(kept)).numpy()
         results = []
         total_px = sum(g.size for g in grays) or 1
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        for gray, pr in zip(grays, probs, strict=True):
-            masks = pr >= self.thresholds[:, None, None]
+        for k, (gray, mask) in enumerate(zip(grays, masks, strict=True)):
             for i, min_px in self.min_component_px:
-                masks[i] = drop_small_components(masks[i], min_px)
-            results.append(Segmentation(pr, masks, elapsed_ms * gray.size / total_px))
+                mask[i] = drop_small_components(mask[i], min_px)
+            results.append(Segmentation(prob_maps[k] if probs else None, mask,
+                                        elapsed_ms * gray.size / total_px))
         return results
 
 

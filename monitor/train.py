@@ -260,6 +260,7 @@ def validate(model: UNet, info: ModelInfo, refs: Sequence[LayerRef], device: tor
         gray, masks, _ = cache.get(ref)
         out = seg.predict(gray)
         counts.add(out.masks, masks)
+        assert out.probs is not None  # asked for by default
         sweep.add(out.probs, masks)
     return counts, sweep
 

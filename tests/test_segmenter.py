@@ -68,6 +68,27 @@ def test_thresholds_per_class(tmp_path: Path) -> None:
     assert np.allclose(out.probs[1], 0.6, atol=1e-4)
 
 
+def test_masks_without_probabilities_are_the_probabilities_thresholded(
+        tiny_weights: Path) -> None:
+    """The daemon's path (masks cut on the logits, no probabilities kept) gives the masks that
+    thresholding the probabilities gives, tile by tile, at every threshold including 0 and 1."""
+    thresholds = {"no_defect": 0.0, "swelling": 1.0, "spatter": 0.3, "misprint": 0.5,
+                  "over_melting": 0.51, "under_melting": 0.9}
+    seg = Segmenter(tiny_weights, device="cpu", tile_size=128, tile_overlap=32,
+                    thresholds=thresholds)
+    img = np.random.default_rng(3).random((300, 260), dtype=np.float32)
+    fast = seg.predict(img, probs=False)
+    full = seg.predict(img)
+    assert fast.probs is None and full.probs is not None
+    assert np.array_equal(fast.masks, full.masks)
+    want = full.probs >= seg.thresholds[:, None, None]
+    # A float32 sigmoid rounds: only pixels within a rounding step of the cut may differ.
+    near = np.abs(full.probs - seg.thresholds[:, None, None]) < 1e-6
+    assert np.array_equal(fast.masks[~near], want[~near])
+    assert fast.masks[0].all() and not fast.masks[1].any()
+    assert 0 < fast.masks[2:].mean() < 1
+
+
 def test_unknown_class_in_thresholds(tiny_weights: Path) -> None:
     with pytest.raises(ConfigError, match=r"model\.thresholds\.cracks"):
         Segmenter(tiny_weights, device="cpu", thresholds={"cracks": 0.5})
