@@ -1,10 +1,11 @@
 """`pbf-monitor bench`: inference speed measured side by side in one run, on this machine.
 
 Everything is compared with the same baseline measured in the same run: plain eager fp32
-PyTorch, one whole image at a time (eager in cache-sized tiles is shown beside it). The machine's practical limit is a large fp32 matrix multiply,
-also measured here; the model's FLOPs are counted by PyTorch. The end-to-end latency is
-measured on the real daemon: from the moment a layer file is closed in the watch folder to
-the moment a subscriber receives its `layer` message.
+PyTorch, one whole image at a time (eager in cache-sized tiles is shown beside it). The
+machine's practical limit is a large fp32 matrix multiply, also measured here; the model's
+FLOPs are counted by PyTorch. The end-to-end latency is measured on the real daemon: from the
+moment a layer file is closed in the watch folder to the moment a subscriber receives its
+`layer` message.
 """
 
 from __future__ import annotations
