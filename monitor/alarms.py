@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from monitor.config import AlarmRule, AlarmsConfig
 from monitor.errors import ConfigError
-from monitor.stats import LayerStats
+from monitor.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
 from monitor.tracks import BuildTracks, Track, TrackChange
 
 RULE_STALL = "stall"
@@ -134,10 +134,16 @@ class AlarmEngine:
             if r.class_name not in class_names:
                 raise ConfigError(f"alarms.rules[{i}].class: unknown class {r.class_name!r}; "
                                   f"the weights' classes are {', '.join(class_names)}")
+            if r.class_name == NO_DEFECT and r.metric not in AREA_ONLY_METRICS:
+                raise ConfigError(f"alarms.rules[{i}].metric: {NO_DEFECT} has area statistics "
+                                  f"only ({', '.join(AREA_ONLY_METRICS)}), not {r.metric!r}")
             if r.region and r.region not in part_regions:
                 raise ConfigError(f"alarms.rules[{i}].region: no part region named "
                                   f"{r.region!r} in [[regions]]")
         for c in cfg.tracks.classes:
+            if c == NO_DEFECT:
+                raise ConfigError(f"alarms.tracks.classes: {NO_DEFECT} is not tracked (its "
+                                  f"components are not counted)")
             if c not in class_names:
                 raise ConfigError(f"alarms.tracks.classes: unknown class {c!r}; the weights' "
                                   f"classes are {', '.join(class_names)}")

@@ -88,10 +88,12 @@ def _eager_fp32(weights: Path, images: list[np.ndarray], tile: int | None = None
     """Eager fp32 PyTorch one image at a time: the whole image in one call (the baseline), or
     cut into tiles of at most `tile` px as serving does."""
     torch.set_num_threads(cpu_threads())
+    overlap = 64
     if tile is None:
-        tile = -(-max(max(im.shape) for im in images) // 16) * 16
+        tile, overlap = -(-max(max(im.shape) for im in images) // 16) * 16, 0
     model, info = load_weights(weights)
-    seg = Segmenter.from_model(model, info, device=torch.device("cpu"), tile_size=tile)
+    seg = Segmenter.from_model(model, info, device=torch.device("cpu"), tile_size=tile,
+                               tile_overlap=overlap)
     seg.backend = _EagerFp32(weights)
     seg.predict(images[0][:64, :64])
     return _median_predict(seg, images)

@@ -23,6 +23,7 @@ from monitor.html_report import alarm_plot, area_plot, heatmaps, track_plot
 from monitor.imaging import overlay
 from monitor.maps import decode_masks, decode_thumb
 from monitor.report import build_report, class_names
+from monitor.stats import NO_DEFECT
 
 REFRESH_S = 5
 
@@ -133,7 +134,7 @@ def main() -> None:
             report = build_report(s, build)
             maps = store.layer_maps(s, report["build_id"])
         names = class_names(report)
-        defects = [c for c in names if c != "no_defect"]
+        defects = [c for c in names if c != NO_DEFECT]
         rows = report["layers"]
         st.title(f"Build {build}")
         c = st.columns(4)

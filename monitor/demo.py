@@ -17,6 +17,7 @@ from monitor.config import Config, parse_config
 from monitor.pipeline import Daemon
 from monitor.publisher import subscribe
 from monitor.report import build_report, to_table
+from monitor.stats import NO_DEFECT
 from monitor.store import open_db
 from monitor.synth import BuildGenerator
 
@@ -45,7 +46,7 @@ def _describe(payload: dict[str, Any]) -> str:
         return f"[red]error[/red]: {payload.get('error')}"
     parts = []
     for name, c in payload["classes"].items():
-        if name != "no_defect" and c["components"]:
+        if name != NO_DEFECT and c["components"]:
             parts.append(f"{name} {100 * c['area_fraction']:.2f}% ({c['components']})")
     found = ", ".join(parts) or "no defects"
     return f"[green]ok[/green] {found}  [dim]{payload['latency_ms']:.0f} ms[/dim]"

@@ -21,8 +21,8 @@ from monitor.config import DEFAULT_TILE_SIZE
 from monitor.dataset import Dataset, DatasetError
 from monitor.model import ModelInfo, load_weights, save_weights
 from monitor.segmenter import Segmenter
+from monitor.stats import NO_DEFECT
 
-NO_DEFECT = "no_defect"
 # Thresholds tried when recommending a per-class threshold.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))
 

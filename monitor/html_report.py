@@ -24,8 +24,8 @@ from monitor import store
 from monitor.imaging import CLASS_COLOURS, overlay
 from monitor.maps import decode_masks, decode_thumb
 from monitor.report import build_report, class_names
+from monitor.stats import NO_DEFECT
 
-NO_DEFECT = "no_defect"
 WORST_LAYERS = 6
 
 

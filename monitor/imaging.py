@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from monitor.errors import ImageError
+from monitor.stats import NO_DEFECT
 
 MIN_SIDE = 16
 # PIL only reads headers here; the pixel limit is ours (watch.max_pixels), not PIL's.
@@ -116,7 +117,7 @@ def overlay(gray: np.ndarray, masks: np.ndarray, class_names: tuple[str, ...] | 
     base = cv2.cvtColor((np.clip(gray, 0, 1) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
     out = base.astype(np.float32)
     for i, name in enumerate(class_names):
-        if name == "no_defect" or not masks[i].any():
+        if name == NO_DEFECT or not masks[i].any():
             continue
         colour = np.array(CLASS_COLOURS.get(name, _FALLBACK), dtype=np.float32)
         m = masks[i]

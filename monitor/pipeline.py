@@ -302,7 +302,16 @@ class Daemon:
         from concurrent.futures import ThreadPoolExecutor
 
         self._map_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maps")
-        self._stack.append(lambda: self._map_pool.shutdown(wait=True))
+
+        def stop() -> None:
+            # A map starts once its layer is committed: let the writer reach the last ones.
+            reached = threading.Event()
+            if self.writer is not None and self.writer.alive:
+                self.writer.then(reached.set)
+                reached.wait(30)
+            self._map_pool.shutdown(wait=True)
+
+        self._stack.append(stop)
 
     def _start_worker(self) -> None:
         for name, loop in (("loader", self._load_loop), ("worker", self._work),
@@ -749,8 +758,9 @@ class Daemon:
             masks = apply_ignore(masks, br)
             regions = region_stats(masks, model.class_names, br, pixel_size_mm=px,
                                    max_components=max_comp)
+        # Ignore regions change the masks: then the filter's components no longer apply.
         stats = layer_stats(masks, model.class_names, pixel_size_mm=px,
-                            max_components=max_comp)
+                            max_components=max_comp, found=None if self.regions else seg.found)
         key = BuildKey(cand.printer, cand.key.build)
         self._ensure_restored(key)
         verdict = self.alarms.evaluate(key, cand.key.layer, stats, regions)
@@ -768,8 +778,9 @@ class Daemon:
             self._store_map_later(rec, x.gray, masks)
 
     def _store_map_later(self, rec: LayerRecord, gray: np.ndarray, masks: np.ndarray) -> None:
-        """Encode the layer's defect map off the latency path (its own thread) and attach it
-        in a later transaction: the layer's message does not wait for a picture."""
+        """Encode the layer's defect map off the latency path (its own thread, started once
+        the layer is committed and handed to the publisher, so the two do not compete for the
+        CPU) and attach it in a later transaction."""
         assert self.writer is not None
         writer, max_side = self.writer, self.cfg.store.map_max_side
         if writer.failing is not None:
@@ -787,7 +798,16 @@ class Daemon:
                 return
             writer.submit(lambda s: store.put_map(s, rec, m))
 
-        self._map_pool.submit(encode)
+        pool = self._map_pool
+
+        def start() -> None:
+            try:
+                pool.submit(encode)
+            except RuntimeError:  # shut down: stopping took longer than the writer
+                log.info("layer %s/%d: no defect map, the daemon is stopping", rec.build,
+                         rec.layer)
+
+        writer.then(start)
 
     def _ensure_restored(self, key: BuildKey) -> None:
         """A build seen for the first time since start: adopt its alarm state from the DB."""

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from monitor import store
 from monitor.errors import MonitorError
+from monitor.stats import NO_DEFECT
 
 
 def parse_layers(text: str) -> range:
@@ -114,7 +115,7 @@ def to_csv(report: dict[str, Any]) -> str:
 
 
 def to_table(report: dict[str, Any]) -> Table:
-    names = [c for c in class_names(report) if c != "no_defect"]
+    names = [c for c in class_names(report) if c != NO_DEFECT]
     t = Table(title=f"build {report['build']}: {len(report['layers'])} layers")
     t.add_column("layer", justify="right")
     t.add_column("status")

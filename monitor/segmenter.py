@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -23,7 +23,7 @@ from monitor.config import DEFAULT_TILE_SIZE, Config
 from monitor.errors import ConfigError, DeviceError
 from monitor.imaging import normalize
 from monitor.model import DEPTH, ModelInfo, UNet, load_weights, read_info
-from monitor.stats import label_components
+from monitor.stats import Found, label_components, per_class
 
 log = logging.getLogger(__name__)
 MULTIPLE = 2**DEPTH
@@ -65,6 +65,8 @@ class Segmentation:
     probs: np.ndarray | None  # (C, H, W) float32 in [0, 1]; None when not asked for
     masks: np.ndarray  # (C, H, W) bool
     infer_ms: float
+    # Per filtered class index, the components the filter kept (statistics reuse them).
+    found: dict[int, Found] = field(default_factory=dict)
 
 
 class Segmenter:
@@ -211,7 +213,8 @@ class Segmenter:
         work: list[tuple[int, tuple[int, int, int, int, int, int], np.ndarray]] = []
         n_classes = len(self.class_names)
         masks, prob_maps = [], []
-        cut = self.logit_thresholds[:, None, None]
+        # Read once: a reload (SIGHUP) swaps them from another thread.
+        cut, filters = self.logit_thresholds[:, None, None], self.min_component_px
         for n, gray in enumerate(grays):
             h, w = gray.shape
             x = normalize(gray.astype(np.float32, copy=False), self.info.mean, self.info.std)
@@ -248,10 +251,15 @@ class Segmenter:
         total_px = sum(g.size for g in grays) or 1
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         for k, (gray, mask) in enumerate(zip(grays, masks, strict=True)):
-            for i, min_px in self.min_component_px:
-                mask[i] = drop_small_components(mask[i], min_px)
+
+            def drop(j: int, mask: np.ndarray = mask) -> tuple[int, Found | None]:
+                i, min_px = filters[j]
+                mask[i], found = drop_small_components(mask[i], min_px)
+                return i, found
+
+            found = {i: f for i, f in per_class(drop, len(filters), gray.size) if f is not None}
             results.append(Segmentation(prob_maps[k] if probs else None, mask,
-                                        elapsed_ms * gray.size / total_px))
+                                        elapsed_ms * gray.size / total_px, found))
         return results
 
 
@@ -268,14 +276,17 @@ def min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:
     return {c: math.ceil(a / px_mm2) for c, a in wanted.items()}
 
 
-def drop_small_components(mask: np.ndarray, min_px: int) -> np.ndarray:
-    """The mask without its 8-connected components smaller than min_px pixels."""
+def drop_small_components(mask: np.ndarray, min_px: int) -> tuple[np.ndarray, Found | None]:
+    """The mask without its 8-connected components smaller than min_px pixels, and the
+    components it keeps (None for an empty mask)."""
     if not mask.any():
-        return mask
+        return mask, None
     lab = label_components(mask)
     keep = lab.stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False  # the background
+    if keep[1:].all():
+        return mask, lab.found()
     x, y, w, h = lab.box
     out = np.zeros_like(mask, dtype=bool)
     out[y:y + h, x:x + w] = keep[lab.labels]
-    return out
+    return out, lab.found(keep)

@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
+
+T = TypeVar("T")
+
+# The class that is not a defect. It covers the bed around and between the defects, one
+# component about the size of the layer, so only its area is counted: labelling it took half
+# the statistics time of a 2048 px layer and told nothing.
+NO_DEFECT = "no_defect"
+AREA_ONLY_METRICS = ("area_fraction", "area_mm2")
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def per_class(fn: Callable[[int], T], n: int, pixels: int) -> list[T]:
+    """[fn(0), ..., fn(n - 1)]. On large masks (`pixels` each) the calls run on a shared pool
+    of threads: OpenCV's labelling releases the GIL, so classes are labelled in parallel."""
+    global _pool
+    workers = min(n, os.cpu_count() or 1)
+    if workers < 2 or pixels < 1 << 20:
+        return [fn(i) for i in range(n)]
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                       thread_name_prefix="stats")
+    return list(_pool.map(fn, range(n)))
 
 
 @dataclass(frozen=True)
@@ -31,7 +57,7 @@ class ClassStats:
     pixel_count: int
     area_fraction: float
     area_mm2: float
-    components: int  # all of them, even if only the largest are listed
+    components: int  # all of them, even if only the largest are listed; 0 for no_defect
     largest_component_px: int
     largest_component_mm2: float
     component_list: tuple[Component, ...] = field(default=(), repr=False)
@@ -68,6 +94,24 @@ class Labels:
     centroids: np.ndarray  # per-label (x, y), in image coordinates
     box: tuple[int, int, int, int]  # x, y, w, h of the box in the image
 
+    def found(self, keep: np.ndarray | None = None) -> Found:
+        """The components (those where `keep`, a bool per label, is True), for statistics."""
+        if keep is None:
+            return Found(self.stats, self.centroids)
+        rows = keep.copy()
+        rows[0] = True
+        return Found(self.stats[rows], self.centroids[rows])
+
+
+@dataclass(frozen=True)
+class Found:
+    """A mask's components as OpenCV reports them, the background's row first: what class
+    statistics need. The small-component filter hands on what its labelling found, so the
+    mask it leaves is not labelled twice."""
+
+    stats: np.ndarray  # per component x, y, w, h, area, in image coordinates
+    centroids: np.ndarray  # per component (x, y), in image coordinates
+
 
 def label_components(mask: np.ndarray) -> Labels:
     """Label a (H, W) bool mask. Only the box around its pixels is labelled: defect masks
@@ -82,19 +126,27 @@ def label_components(mask: np.ndarray) -> Labels:
 
 
 def class_stats(
-    name: str, mask: np.ndarray, *, pixel_size_mm: float, max_components: int = 200
+    name: str, mask: np.ndarray, *, pixel_size_mm: float, max_components: int = 200,
+    components: bool = True, found: Found | None = None,
 ) -> ClassStats:
-    """Statistics of one (H, W) bool mask; lists the max_components largest components."""
+    """Statistics of one (H, W) bool mask; lists the max_components largest components
+    (none are counted when `components` is False: the area only). `found`: the mask's
+    components if they are already known."""
     px_mm2 = pixel_size_mm * pixel_size_mm
     total = int(mask.size)
     count = int(np.count_nonzero(mask))
-    if count == 0:
-        return ClassStats(name, 0, 0.0, 0.0, 0, 0, 0.0)
-    lab = label_components(mask)
-    n, boxes, centroids = lab.count, lab.stats, lab.centroids
+    if count == 0 or not components:
+        return ClassStats(name, count, count / total, count * px_mm2, 0, 0, 0.0)
+    if found is None:
+        found = label_components(mask).found()
+    boxes, centroids = found.stats, found.centroids
+    n = len(boxes)
     # Label 0 is the background.
     areas = boxes[1:, cv2.CC_STAT_AREA]
-    order = np.argsort(-areas, kind="stable")[:max_components]
+    # Largest first; ties top-left first, so the list does not depend on how OpenCV numbered
+    # the labels (its numbering changes with the box labelled and its threads).
+    order = np.lexsort((boxes[1:, cv2.CC_STAT_LEFT], boxes[1:, cv2.CC_STAT_TOP], -areas)
+                       )[:max_components]
     comps = tuple(
         Component(
             x=int(boxes[i + 1, cv2.CC_STAT_LEFT]),
@@ -126,20 +178,19 @@ def layer_stats(
     *,
     pixel_size_mm: float,
     max_components: int = 200,
+    found: Mapping[int, Found] | None = None,
 ) -> LayerStats:
-    """(C, H, W) bool masks -> statistics for every class, keyed by class name."""
+    """(C, H, W) bool masks -> statistics for every class, keyed by class name (area only
+    for no_defect). `found`: per class index, components already known."""
     if masks.ndim != 3 or masks.shape[0] != len(class_names):
         raise ValueError(f"masks of shape {masks.shape} do not match {len(class_names)} classes")
+
     def one(i: int) -> ClassStats:
         return class_stats(class_names[i], masks[i], pixel_size_mm=pixel_size_mm,
-                           max_components=max_components)
+                           max_components=max_components,
+                           components=class_names[i] != NO_DEFECT,
+                           found=(found or {}).get(i))
 
-    workers = min(len(class_names), os.cpu_count() or 1)
-    if workers > 1 and masks[0].size >= 1 << 20:
-        # OpenCV releases the GIL: on large layers the classes are labelled in parallel.
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stats") as pool:
-            results = list(pool.map(one, range(len(class_names))))
-    else:
-        results = [one(i) for i in range(len(class_names))]
+    results = per_class(one, len(class_names), masks[0].size)
     return LayerStats(width=int(masks.shape[2]), height=int(masks.shape[1]),
                       classes={c.name: c for c in results})

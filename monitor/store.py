@@ -518,6 +518,11 @@ class StoreWriter:
         place (then done gets its result)."""
         self._q.put((job, done, fallback))
 
+    def then(self, fn: Callable[[], object]) -> None:
+        """Run fn on the writer thread once every job submitted before it is done (and
+        its done callback has run)."""
+        self._q.put((None, fn, None))
+
     def call(self, job: Callable[[Session], T], timeout: float = 60.0) -> T:
         """Run a job and wait for its result (for start-up and tests)."""
         box: queue.Queue[T] = queue.Queue(maxsize=1)
@@ -539,6 +544,12 @@ class StoreWriter:
                 if item is _STOP:
                     return
                 job, done, fallback = item
+                if job is None:  # then(fn)
+                    try:
+                        done()
+                    except Exception:
+                        log.exception("store callback failed")
+                    continue
                 result = self._run_job(session, job, fallback)
                 if result is not _STOP and done is not None:
                     try:

@@ -38,12 +38,12 @@ from monitor.evaluate import Counts, ThresholdSweep, metrics_json
 from monitor.imaging import normalize
 from monitor.model import DEPTH, ModelInfo, UNet, file_sha256, save_weights
 from monitor.segmenter import Segmenter, resolve_device
+from monitor.stats import NO_DEFECT
 
 log = logging.getLogger(__name__)
 
 CKPT_FORMAT = "pbf-monitor-checkpoint/1"
 MULTIPLE = 2**DEPTH
-NO_DEFECT = "no_defect"
 
 
 class TrainError(MonitorError):

@@ -131,6 +131,12 @@ def test_unknown_class_or_region_in_rules() -> None:
         engine(rules=[{**RULE, "region": "nowhere"}])
     with pytest.raises(ConfigError, match=r"alarms\.tracks\.classes"):
         engine(tracks={"classes": ["crack"]})
+    # no_defect has area statistics only: a rule on its components could never fire.
+    with pytest.raises(ConfigError, match=r"alarms\.rules\[0\]\.metric: no_defect has area"):
+        engine(rules=[{**RULE, "class": "no_defect", "metric": "components"}])
+    engine(rules=[{**RULE, "class": "no_defect", "metric": "area_fraction"}])
+    with pytest.raises(ConfigError, match=r"alarms\.tracks\.classes: no_defect"):
+        engine(tracks={"classes": ["no_defect"]})
 
 
 # --- tracks ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_small_components_dropped_per_class(tmp_path: Path) -> None:
     mask = np.zeros((20, 20), bool)
     mask[1:3, 1:3] = True  # 4 px
     mask[10:15, 10:15] = True  # 25 px
-    kept = drop_small_components(mask, 5)
+    kept, _ = drop_small_components(mask, 5)
     assert kept[10:15, 10:15].all() and kept.sum() == 25
     w = make_threshold_weights(tmp_path / "w.safetensors")  # swelling where bright
     gray = np.full((64, 64), 0.4, np.float32)
@@ -152,10 +153,12 @@ def test_batched_prediction_matches_one_at_a_time(tiny_weights: Path) -> None:
 
 
 def test_dropping_small_components_matches_labelling_the_whole_mask() -> None:
-    """Labelling only the box around the mask drops exactly what labelling it all drops."""
+    """Labelling only the box around the mask drops exactly what labelling it all drops, and
+    the components it hands on give the statistics of the mask it leaves."""
     import cv2
 
     from monitor.segmenter import drop_small_components
+    from monitor.stats import class_stats
 
     rng = np.random.default_rng(2)
     for _ in range(300):
@@ -169,4 +172,15 @@ def test_dropping_small_components_matches_labelling_the_whole_mask() -> None:
             keep = st[:, cv2.CC_STAT_AREA] >= min_px
             keep[0] = False
             want = keep[labels]
-        assert (drop_small_components(mask, min_px) == want).all()
+        got, found = drop_small_components(mask, min_px)
+        assert (got == want).all()
+        assert (found is None) == (not mask.any())
+        fresh = class_stats("x", got, pixel_size_mm=0.1, max_components=10**6)
+        reused = class_stats("x", got, pixel_size_mm=0.1, max_components=10**6, found=found)
+        # Centroids are shifted from different boxes: equal up to float rounding.
+        assert dataclasses.replace(reused, component_list=()) == dataclasses.replace(
+            fresh, component_list=())
+        assert [(c.x, c.y, c.w, c.h, c.area_px) for c in reused.component_list] == [
+            (c.x, c.y, c.w, c.h, c.area_px) for c in fresh.component_list]
+        assert [v for c in reused.component_list for v in (c.cx, c.cy)] == pytest.approx(
+            [v for c in fresh.component_list for v in (c.cx, c.cy)])

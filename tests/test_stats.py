@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.stats import class_stats, layer_stats
+from monitor.stats import NO_DEFECT, class_stats, layer_stats
 
 
 def test_empty_mask() -> None:
@@ -77,3 +77,18 @@ def test_components_match_labelling_the_whole_image() -> None:
         have = sorted((c.x, c.y, c.w, c.h, c.area_px, round(c.cx, 6), round(c.cy, 6))
                       for c in got.component_list)
         assert have == want and got.components == n - 1, trial
+
+
+@pytest.mark.parametrize("side", [64, 1100])  # below and above the size labelled in parallel
+def test_no_defect_counts_area_only_and_classes_agree_in_parallel(side: int) -> None:
+    rng = np.random.default_rng(side)
+    masks = rng.random((4, side, side)) < np.array([0.97, 0.01, 0.002, 0.3])[:, None, None]
+    names = [NO_DEFECT, "spatter", "swelling", "misprint"]
+    st = layer_stats(masks, names, pixel_size_mm=0.1)
+    nd = st.classes[NO_DEFECT]
+    assert nd.pixel_count == np.count_nonzero(masks[0]) > 0
+    assert nd.area_mm2 == pytest.approx(nd.pixel_count * 0.01)
+    assert (nd.components, nd.largest_component_px, nd.component_list) == (0, 0, ())
+    for i, name in enumerate(names[1:], start=1):
+        assert st.classes[name] == class_stats(name, masks[i], pixel_size_mm=0.1)
+        assert st.classes[name].components > 0
