@@ -286,7 +286,4 @@ def drop_small_components(mask: np.ndarray, min_px: int) -> tuple[np.ndarray, Fo
     keep[0] = False  # the background
     if keep[1:].all():
         return mask, lab.found()
-    x, y, w, h = lab.box
-    out = np.zeros_like(mask, dtype=bool)
-    out[y:y + h, x:x + w] = keep[lab.labels]
-    return out, lab.found(keep)
+    return lab.keeping(mask, keep), lab.found(keep)

@@ -93,6 +93,24 @@ class Labels:
     stats: np.ndarray  # OpenCV's per-label x, y, w, h, area, in image coordinates
     centroids: np.ndarray  # per-label (x, y), in image coordinates
     box: tuple[int, int, int, int]  # x, y, w, h of the box in the image
+    # For a sparse mask, its set pixels: x, y (in the box) and label, each (N,).
+    pixels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def keeping(self, mask: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """A copy of `mask` (the mask labelled) with only the components where `keep`, a
+        bool per label, is True."""
+        x, y, w, h = self.box
+        if self.pixels is not None:  # sparse: clear just the pixels of dropped components
+            xs, ys, lab = self.pixels
+            gone = ~keep[lab]
+            out = mask.copy()
+            out[ys[gone] + y, xs[gone] + x] = False
+            return out
+        keep = keep.copy()
+        keep[0] = False  # the background
+        out = np.zeros_like(mask, dtype=bool)
+        out[y:y + h, x:x + w] = keep[self.labels]
+        return out
 
     def found(self, keep: np.ndarray | None = None) -> Found:
         """The components (those where `keep`, a bool per label, is True), for statistics."""
@@ -118,11 +136,51 @@ def label_components(mask: np.ndarray) -> Labels:
     are sparse, and labelling is a pass over every pixel it is given."""
     u8 = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
     x, y, w, h = cv2.boundingRect(u8)
-    n, labels, st, centroids = cv2.connectedComponentsWithStats(
-        np.ascontiguousarray(u8[y:y + h, x:x + w]), connectivity=8, ltype=cv2.CV_32S)
+    box = np.ascontiguousarray(u8[y:y + h, x:x + w])
+    pixels = None
+    if cv2.countNonZero(box) * 50 < box.size:
+        n, labels, st, centroids, pixels = _label_sparse(box)
+    else:
+        n, labels, st, centroids = cv2.connectedComponentsWithStats(
+            box, connectivity=8, ltype=cv2.CV_32S)
     st[:, cv2.CC_STAT_LEFT] += x
     st[:, cv2.CC_STAT_TOP] += y
-    return Labels(int(n), labels, st, centroids + np.array([x, y]), (x, y, w, h))
+    return Labels(int(n), labels, st, centroids + np.array([x, y]), (x, y, w, h), pixels)
+
+
+def _label_sparse(box: np.ndarray) -> tuple[
+        int, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """connectedComponentsWithStats for a box that is mostly background (under 2% set).
+
+    OpenCV's statistics visit every pixel, background included: a 1600 px box of spatter
+    specks took 8 ms, of which labelling alone is 1 ms. Here they are gathered from the set
+    pixels only (3 ms in all). Row 0 (the background) holds the box and its unset area.
+    """
+    n, labels = cv2.connectedComponents(box, connectivity=8, ltype=cv2.CV_32S)
+    points = cv2.findNonZero(box)
+    st = np.zeros((n, 5), np.int32)
+    centroids = np.zeros((n, 2), np.float64)
+    st[0] = (0, 0, box.shape[1], box.shape[0], box.size)
+    if points is None:
+        empty = np.zeros(0, np.int32)
+        return n, labels, st, centroids, (empty, empty, empty)
+    xy = points.reshape(-1, 2)  # (N, 1, 2) in OpenCV 4, (N, 2) in 5
+    xs, ys = xy[:, 0], xy[:, 1]
+    lab = labels[ys, xs]
+    order = np.argsort(lab, kind="stable")
+    lab, xs, ys = lab[order], xs[order], ys[order]
+    # Labels are 1..n-1 and every one has a pixel: each run of equal labels is a component.
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    area = np.diff(np.r_[starts, len(lab)])
+    x0, y0 = np.minimum.reduceat(xs, starts), np.minimum.reduceat(ys, starts)
+    st[1:, cv2.CC_STAT_LEFT], st[1:, cv2.CC_STAT_TOP] = x0, y0
+    st[1:, cv2.CC_STAT_WIDTH] = np.maximum.reduceat(xs, starts) - x0 + 1
+    st[1:, cv2.CC_STAT_HEIGHT] = np.maximum.reduceat(ys, starts) - y0 + 1
+    st[1:, cv2.CC_STAT_AREA] = area
+    st[0, cv2.CC_STAT_AREA] -= len(lab)
+    centroids[1:, 0] = np.add.reduceat(xs, starts, dtype=np.float64) / area
+    centroids[1:, 1] = np.add.reduceat(ys, starts, dtype=np.float64) / area
+    return n, labels, st, centroids, (xs, ys, lab)
 
 
 def class_stats(
