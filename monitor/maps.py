@@ -37,10 +37,13 @@ def _reduce_any(mask: np.ndarray, scale: int) -> np.ndarray:
     # zero is "any": some fifteen times faster than numpy's any() over a reshaped view. In
     # 8 bits, one pixel of 255 in a block of up to 15x15 still averages to at least 1.
     small = scale <= 15
-    padded = np.zeros((oh * scale, ow * scale), np.uint8 if small else np.float32)
-    padded[:h, :w] = mask
-    if small:
-        padded *= 255
+    if small and (oh * scale, ow * scale) == (h, w):
+        padded = mask.view(np.uint8) * np.uint8(255)  # no padding: one pass
+    else:
+        padded = np.zeros((oh * scale, ow * scale), np.uint8 if small else np.float32)
+        padded[:h, :w] = mask
+        if small:
+            padded *= 255
     out: np.ndarray = cv2.resize(padded, (ow, oh), interpolation=cv2.INTER_AREA) > 0
     return out
 
