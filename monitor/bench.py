@@ -10,6 +10,7 @@ moment a layer file is closed in the watch folder to the moment a subscriber rec
 
 from __future__ import annotations
 
+import functools
 import resource
 import statistics
 import tempfile
@@ -131,13 +132,16 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
         got: dict[int, tuple[float, float]] = {}
         beat = threading.Event()
         stop = threading.Event()
+        arrived = threading.Condition()  # waited on, not polled: the daemon has the CPU
 
         def listen() -> None:
             for topic, msg in subscribe(cfg.publish.endpoint, stop=stop):
                 if topic == "heartbeat":
                     beat.set()
                 elif topic == "layer":
-                    got[msg["layer"]] = (time.time(), float(msg.get("infer_ms") or 0))
+                    with arrived:
+                        got[msg["layer"]] = (time.time(), float(msg.get("infer_ms") or 0))
+                        arrived.notify_all()
 
         daemon = Daemon(cfg)
         daemon.start()
@@ -150,9 +154,8 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
                 img = gen.layer(i).image
                 write_layer_file(build / f"layer_{i + 1:05d}.png", img)
                 closed[i + 1] = time.time()
-                deadline = time.monotonic() + 120
-                while i + 1 not in got and time.monotonic() < deadline:
-                    time.sleep(0.002)
+                with arrived:
+                    arrived.wait_for(functools.partial(got.__contains__, i + 1), timeout=120)
             lat = sorted((got[n][0] - closed[n]) * 1000 for n in closed if n in got)
             infer = statistics.median(got[n][1] for n in closed if n in got)
         finally:
@@ -163,9 +166,8 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
         daemon = Daemon(cfg)
         daemon.start()
         try:
-            deadline = time.monotonic() + 600
-            while len(got) < layers + backlog and time.monotonic() < deadline:
-                time.sleep(0.01)
+            with arrived:
+                arrived.wait_for(lambda: len(got) >= layers + backlog, timeout=600)
             # The steady rate, first message to last: not the start-up (model load, warm-up).
             done = sorted(got[n][0] for n in range(layers + 1, layers + backlog + 1) if n in got)
             rate = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else float("nan")
