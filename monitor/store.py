@@ -664,18 +664,30 @@ def put_rule_states(s: Session, build_id: int, states: dict[str, dict[str, Any]]
 def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
     """Insert or update tracks (touched or ended by a layer)."""
     tracks = list(tracks)
-    existing = {r.number: r for r in s.scalars(select(TrackRow).where(
-        TrackRow.build_id == build_id, TrackRow.number.in_([t.number for t in tracks])))}
+    if not tracks:
+        return
+    # Bulk statements rather than ORM objects: a layer touches dozens of tracks, and the
+    # unit of work made this the costliest part of the layer's transaction.
+    ids: dict[int, int] = {number: id_ for number, id_ in s.execute(
+        select(TrackRow.number, TrackRow.id).where(
+            TrackRow.build_id == build_id, TrackRow.number.in_([t.number for t in tracks])))}
+    new, changed = [], []
     for t in tracks:
-        row = existing.get(t.number)
-        if row is None:
-            row = TrackRow(build_id=build_id, number=t.number, class_name=t.class_name)
-            s.add(row)
-        row.first_layer, row.last_layer, row.layers = t.first_layer, t.last_layer, t.layers
-        row.volume_mm3, row.max_area_mm2 = t.volume_mm3, t.max_area_mm2
-        row.x0, row.y0, row.x1, row.y1 = t.x0, t.y0, t.x1, t.y1
-        row.alarmed, row.ended, row.boxes = t.alarmed, t.ended, json.dumps(t.boxes)
-    s.flush()
+        values = {
+            "first_layer": t.first_layer, "last_layer": t.last_layer, "layers": t.layers,
+            "volume_mm3": t.volume_mm3, "max_area_mm2": t.max_area_mm2,
+            "x0": t.x0, "y0": t.y0, "x1": t.x1, "y1": t.y1,
+            "alarmed": t.alarmed, "ended": t.ended, "boxes": json.dumps(t.boxes),
+        }
+        if t.number in ids:
+            changed.append({"id": ids[t.number], **values})
+        else:
+            new.append({"build_id": build_id, "number": t.number, "class_name": t.class_name,
+                        **values})
+    if new:
+        s.execute(insert(TrackRow), new)
+    if changed:
+        s.execute(update(TrackRow), changed)  # by primary key, one executemany
 
 
 def build_id_of(s: Session, printer: str, name: str) -> int | None:
