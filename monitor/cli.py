@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -393,7 +394,6 @@ def test_alarm(severity: str, run_hook: bool, config_path: Path | None,
 def dashboard(config_path: Path | None, port: int, address: str) -> None:
     """The live dashboard (Streamlit, the 'dashboard' extra); reads the database read-only."""
     import importlib.util
-    import subprocess
 
     if importlib.util.find_spec("streamlit") is None:
         raise MonitorError("the dashboard needs Streamlit: pip install 'pbf-monitor[dashboard]'")
@@ -405,7 +405,10 @@ def dashboard(config_path: Path | None, port: int, address: str) -> None:
     if cfg.source is not None:
         args += ["--config", str(cfg.source.resolve())]
     click.echo(f"dashboard on http://{address}:{port} (database {cfg.store_url})")
-    raise SystemExit(subprocess.call(args))
+    sys.stdout.flush()
+    # Become Streamlit rather than wait for it: a SIGTERM to this command (a service stop, a
+    # test's cleanup) then reaches the server instead of leaving it running as an orphan.
+    os.execv(sys.executable, args)
 
 
 @main.command()

@@ -98,3 +98,6 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
     finally:
         proc.terminate()
         proc.wait(20)
+    # The command is the server: stopping it stops serving (no Streamlit left orphaned).
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
