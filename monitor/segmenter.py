@@ -282,8 +282,7 @@ def drop_small_components(mask: np.ndarray, min_px: int) -> tuple[np.ndarray, Fo
     if not mask.any():
         return mask, None
     lab = label_components(mask)
-    keep = lab.stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False  # the background
+    keep = lab.stats[:, cv2.CC_STAT_AREA] >= min_px  # the background's row is ignored
     if keep[1:].all():
         return mask, lab.found()
     return lab.keeping(mask, keep), lab.found(keep)

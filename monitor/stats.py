@@ -88,7 +88,6 @@ class LayerStats:
 class Labels:
     """8-connected components of a mask, labelled inside the box around it."""
 
-    count: int  # components, background (label 0) included
     labels: np.ndarray  # (h, w) int32 labels of the box
     stats: np.ndarray  # OpenCV's per-label x, y, w, h, area, in image coordinates
     centroids: np.ndarray  # per-label (x, y), in image coordinates
@@ -139,17 +138,17 @@ def label_components(mask: np.ndarray) -> Labels:
     box = np.ascontiguousarray(u8[y:y + h, x:x + w])
     pixels = None
     if cv2.countNonZero(box) * 50 < box.size:
-        n, labels, st, centroids, pixels = _label_sparse(box)
+        labels, st, centroids, pixels = _label_sparse(box)
     else:
-        n, labels, st, centroids = cv2.connectedComponentsWithStats(
+        _, labels, st, centroids = cv2.connectedComponentsWithStats(
             box, connectivity=8, ltype=cv2.CV_32S)
     st[:, cv2.CC_STAT_LEFT] += x
     st[:, cv2.CC_STAT_TOP] += y
-    return Labels(int(n), labels, st, centroids + np.array([x, y]), (x, y, w, h), pixels)
+    return Labels(labels, st, centroids + np.array([x, y]), (x, y, w, h), pixels)
 
 
 def _label_sparse(box: np.ndarray) -> tuple[
-        int, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """connectedComponentsWithStats for a box that is mostly background (under 2% set).
 
     OpenCV's statistics visit every pixel, background included: a 1600 px box of spatter
@@ -163,7 +162,7 @@ def _label_sparse(box: np.ndarray) -> tuple[
     st[0] = (0, 0, box.shape[1], box.shape[0], box.size)
     if points is None:
         empty = np.zeros(0, np.int32)
-        return n, labels, st, centroids, (empty, empty, empty)
+        return labels, st, centroids, (empty, empty, empty)
     xy = points.reshape(-1, 2)  # (N, 1, 2) in OpenCV 4, (N, 2) in 5
     xs, ys = xy[:, 0], xy[:, 1]
     lab = labels[ys, xs]
@@ -180,7 +179,7 @@ def _label_sparse(box: np.ndarray) -> tuple[
     st[0, cv2.CC_STAT_AREA] -= len(lab)
     centroids[1:, 0] = np.add.reduceat(xs, starts, dtype=np.float64) / area
     centroids[1:, 1] = np.add.reduceat(ys, starts, dtype=np.float64) / area
-    return n, labels, st, centroids, (xs, ys, lab)
+    return labels, st, centroids, (xs, ys, lab)
 
 
 def class_stats(
