@@ -102,6 +102,12 @@ class ModelInfo:
         return UNet(self.in_channels, self.out_channels, self.base_channels)
 
 
+def file_signature(path: Path) -> tuple[int, int, int]:
+    """(inode, size, mtime) of a file: changes when it is replaced or rewritten."""
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -188,17 +194,16 @@ def load_weights(path: Path, *, expected_sha256: str = "") -> tuple[UNet, ModelI
     even if it is replaced meanwhile; one that changes while being read is refused.
     """
     try:
-        before = path.stat()
+        before = file_signature(path)
         data = path.read_bytes()
-        after = path.stat()
+        after = file_signature(path)
     except FileNotFoundError as e:
         raise WeightsError(f"{path}: weights file not found") from e
     except IsADirectoryError as e:
         raise WeightsError(f"{path}: is a folder, not a weights file") from e
     except OSError as e:
         raise WeightsError(f"{path}: cannot read weights ({e.strerror or e})") from e
-    if ((before.st_ino, before.st_size, before.st_mtime_ns)
-            != (after.st_ino, after.st_size, after.st_mtime_ns) or len(data) != after.st_size):
+    if before != after or len(data) != after[1]:
         raise WeightsError(f"{path}: changed while being read (still being copied?); "
                            f"replace it atomically (write elsewhere, then rename)")
     sha = hashlib.sha256(data).hexdigest()

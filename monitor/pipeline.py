@@ -35,6 +35,7 @@ from monitor.hook import HookRunner
 from monitor.imaging import decode
 from monitor.maps import encode_map
 from monitor.metrics import Metrics
+from monitor.model import file_sha256, file_signature
 from monitor.publisher import Publisher, alarm_message, layer_message
 from monitor.regions import Regions, apply_ignore, region_stats
 from monitor.segmenter import Segmentation, Segmenter
@@ -73,11 +74,6 @@ class _Segmented(NamedTuple):
 
 
 _Outcome = Callable[[], None]  # a layer's result decided before the model (an error record)
-
-
-def _file_signature(path: os.PathLike[str] | str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class Daemon:
@@ -165,7 +161,7 @@ class Daemon:
 
     def _init_segmenter(self) -> None:
         with contextlib.suppress(OSError):  # from_config names the problem
-            self._weights_sig = _file_signature(self.cfg.model.weights)
+            self._weights_sig = file_signature(self.cfg.model.weights)
         self.segmenter = Segmenter.from_config(self.cfg)
         self.segmenter.warm_up()
 
@@ -384,13 +380,11 @@ class Daemon:
         """A Segmenter for the weights `cfg` names, if they are not the ones being served:
         loaded, checked and warmed up beside the running one, which the worker keeps using
         meanwhile. WeightsError if the file is incomplete or does not fit the daemon."""
-        from monitor.model import file_sha256
-
         assert self.segmenter is not None
         m = cfg.model
         sig = None
         try:
-            sig = _file_signature(m.weights)
+            sig = file_signature(m.weights)
             if file_sha256(m.weights) == self.segmenter.info.sha256:
                 self._weights_sig = sig
                 return None
@@ -415,7 +409,7 @@ class Daemon:
         served: a new model is taken only on reload, never half-way through a copy. Checked
         with each layer (one stat)."""
         try:
-            sig = _file_signature(self.cfg.model.weights)
+            sig = file_signature(self.cfg.model.weights)
         except OSError:
             sig = None
         if sig != self._weights_sig and sig != self._weights_warned:
