@@ -66,8 +66,8 @@ def run(config_path: Path | None) -> None:
     Under systemd (Type=notify) it reports READY=1 once everything is up, and WATCHDOG=1
     only while the worker keeps making progress.
     """
-    from monitor import sdnotify
-    from monitor.pipeline import Daemon
+    from monitor.daemon import sdnotify
+    from monitor.daemon.pipeline import Daemon
 
     cfg = _load(config_path)
     _setup_logging(cfg.log.level)
@@ -102,7 +102,7 @@ def run(config_path: Path | None) -> None:
 
 def _reload(daemon: Any, config_path: Path | None, log: logging.Logger) -> None:
     """SIGHUP: re-read the config; a bad one is logged and the running one kept."""
-    from monitor import sdnotify
+    from monitor.daemon import sdnotify
 
     sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
@@ -120,9 +120,9 @@ def _reload(daemon: Any, config_path: Path | None, log: logging.Logger) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 def validate_config(file: Path) -> None:
     """Check a config file and the weights it names."""
-    from monitor.alarms import AlarmEngine
+    from monitor.alarms.engine import AlarmEngine
     from monitor.errors import ConfigError
-    from monitor.model import read_info
+    from monitor.vision.model import read_info
 
     cfg = load_config(file)
     info = read_info(cfg.model.weights)
@@ -152,9 +152,9 @@ def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path
     from rich.table import Table
 
     from monitor.errors import ImageError
-    from monitor.imaging import decode, overlay
-    from monitor.segmenter import Segmenter
-    from monitor.stats import layer_stats
+    from monitor.vision.imaging import decode, overlay
+    from monitor.vision.segmenter import Segmenter
+    from monitor.vision.stats import layer_stats
 
     cfg = _load(config_path)
     seg = Segmenter.from_config(cfg, weights)
@@ -192,7 +192,7 @@ def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path
 
 def _client_curve(cfg: Config, server_key: Path | None, client_secret: Path | None) -> Any:
     """CURVE for a client: both files given, or none (plain)."""
-    from monitor.security import CurveClient
+    from monitor.daemon.security import CurveClient
 
     if (server_key is None) != (client_secret is None):
         raise MonitorError("--server-key and --client-secret go together (CURVE on), or "
@@ -219,7 +219,7 @@ def curve_options(f: Any) -> Any:
 def _control(cfg: Config, msg: dict[str, Any], *, endpoint: str | None = None,
              server_key: Path | None = None, client_secret: Path | None = None,
              timeout_s: float = 5.0) -> dict[str, Any]:
-    from monitor.control import request
+    from monitor.daemon.control import request
 
     return request(endpoint or cfg.publish.state_endpoint, msg, timeout_s=timeout_s,
                    curve=_client_curve(cfg, server_key, client_secret))
@@ -246,8 +246,8 @@ def subscribe_cmd(config_path: Path | None, endpoint: str | None, state_endpoint
     """
     import queue as queue_mod
 
-    from monitor.control import ControlError
-    from monitor.publisher import subscribe
+    from monitor.daemon.control import ControlError
+    from monitor.daemon.publisher import subscribe
 
     cfg = _load(config_path)
     endpoint = endpoint or cfg.publish.endpoint
@@ -315,8 +315,8 @@ def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
     from rich.table import Table
     from sqlalchemy.orm import Session
 
-    from monitor.publisher import alarm_message
-    from monitor.store import list_alarms
+    from monitor.daemon.publisher import alarm_message
+    from monitor.store.db import list_alarms
 
     cfg = _load(config_path)
     engine = _reader(cfg)
@@ -398,7 +398,7 @@ def dashboard(config_path: Path | None, port: int, address: str) -> None:
     if importlib.util.find_spec("streamlit") is None:
         raise MonitorError("the dashboard needs Streamlit: pip install 'pbf-monitor[dashboard]'")
     cfg = _load(config_path)  # fail here, in one line, rather than inside Streamlit
-    app = Path(__file__).with_name("dashboard_app.py")
+    app = Path(__file__).parent / "reports" / "dashboard_app.py"
     args = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
             "--server.address", address, "--server.headless", "true",
             "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--"]
@@ -430,8 +430,8 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int, memory_size: 
     Prints a table, then one JSON line."""
     from rich.table import Table
 
-    from monitor.bench import run_bench
     from monitor.config import DEFAULT_WEIGHTS
+    from monitor.tools.bench import run_bench
 
     _setup_logging("WARNING")
     console = Console(stderr=True)
@@ -478,7 +478,7 @@ def soak(layers: int, size: int, warmup: int, every: int, max_growth_mb: float,
     a target is missed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from monitor.soak import run_soak
+    from monitor.tools.soak import run_soak
 
     with Progress(TextColumn("soak"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rss]}"), console=Console(stderr=True)) as bar:
@@ -508,8 +508,8 @@ def db() -> None:
 def db_upgrade(config_path: Path | None) -> None:
     """Upgrade the schema to this version's (the daemon also does it at start); a SQLite
     file is copied aside first."""
-    from monitor import migrate
-    from monitor.store import make_engine
+    from monitor.store import migrate
+    from monitor.store.db import make_engine
 
     cfg = _load(config_path)
     engine = make_engine(cfg.store_url, writer=True)
@@ -533,14 +533,14 @@ def keys() -> None:
               help="Key name: NAME.key (public) and NAME.key_secret (secret, mode 0600).")
 def keys_generate(directory: Path, name: str) -> None:
     """Generate a CURVE key pair (the daemon's, or a client's)."""
-    from monitor.security import generate_keys
+    from monitor.daemon.security import generate_keys
 
     public, secret = generate_keys(directory, name)
     click.echo(f"public key {public}\nsecret key {secret}")
 
 
 def _reader(cfg: Config) -> Any:
-    from monitor.store import open_db
+    from monitor.store.db import open_db
 
     return open_db(cfg.store_url, writer=False)
 
@@ -553,7 +553,7 @@ def builds(config_path: Path | None, as_json: bool) -> None:
     from rich.table import Table
     from sqlalchemy.orm import Session
 
-    from monitor.store import list_builds
+    from monitor.store.db import list_builds
 
     engine = _reader(_load(config_path))
     with Session(engine) as s:
@@ -583,13 +583,13 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
     """Report of one build: a table, JSON, CSV, or a self-contained HTML file with plots."""
     from sqlalchemy.orm import Session
 
-    from monitor import report as rep
+    from monitor.reports import report as rep
 
     span = rep.parse_layers(layer_range) if layer_range else None
     engine = _reader(_load(config_path))
     with Session(engine) as s:
         if fmt == "html":
-            from monitor.html_report import render_html
+            from monitor.reports.html import render_html
 
             html = render_html(s, build, layers=span, printer=printer)
             if out is None:
@@ -621,7 +621,7 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
 def demo(layers: int, size: int, interval_s: float, seed: int, workdir: Path | None,
          weights: Path | None) -> None:
     """Run the daemon on a synthetic build and print what a subscriber receives."""
-    from monitor.demo import run_demo
+    from monitor.tools.demo import run_demo
 
     _setup_logging("WARNING")
     report = run_demo(layers=layers, size=size, interval_s=interval_s, seed=seed,
@@ -639,7 +639,7 @@ def synth(out: Path, layers: int, size: int, seed: int) -> None:
     """Write a synthetic build (images, masks, manifest) in the dataset format."""
     from rich.progress import Progress
 
-    from monitor.synth import write_dataset
+    from monitor.training.synth import write_dataset
 
     with Progress() as progress:
         task = progress.add_task(f"synth {out}", total=layers)
@@ -681,8 +681,8 @@ def train(datasets: tuple[Path, ...], out: Path, width: int, epochs: int,
     """Train a U-Net on dataset folders; keeps the best epoch by validation defect IoU."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from monitor.train import TrainOptions
-    from monitor.train import train as run_training
+    from monitor.training.train import TrainOptions
+    from monitor.training.train import train as run_training
 
     _setup_logging("INFO")
     opts = TrainOptions(width=width, epochs=epochs, steps_per_epoch=steps_per_epoch, tile=tile,
@@ -723,10 +723,10 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
     """
     from rich.progress import Progress
 
-    from monitor.dataset import open_dataset
-    from monitor.evaluate import ThresholdSweep, metrics_json, metrics_table
-    from monitor.evaluate import evaluate as run_eval
-    from monitor.segmenter import Segmenter
+    from monitor.training.dataset import open_dataset
+    from monitor.training.evaluate import ThresholdSweep, metrics_json, metrics_table
+    from monitor.training.evaluate import evaluate as run_eval
+    from monitor.vision.segmenter import Segmenter
 
     cfg = _load(config_path)
     ds = open_dataset(dataset)
@@ -763,8 +763,8 @@ def calibrate(dataset: Path, weights: Path, out: Path | None, config_path: Path 
     labelled dataset (config's model.thresholds still override them)."""
     from rich.progress import Progress
 
-    from monitor.dataset import open_dataset
-    from monitor.evaluate import calibrate as run_calibration
+    from monitor.training.dataset import open_dataset
+    from monitor.training.evaluate import calibrate as run_calibration
 
     cfg = _load(config_path)
     ds = open_dataset(dataset)
@@ -797,7 +797,7 @@ def import_peregrine_cmd(hdf5: Path, out: Path, class_ids: str, class_names: str
     """Convert an ORNL Peregrine v2023 HDF5 build into a dataset folder."""
     from rich.progress import Progress
 
-    from monitor.dataset import DatasetError, import_peregrine, parse_layer_range
+    from monitor.training.dataset import DatasetError, import_peregrine, parse_layer_range
 
     try:
         ids = [int(v) for v in class_ids.split(",") if v.strip()]
@@ -820,6 +820,6 @@ def import_peregrine_cmd(hdf5: Path, out: Path, class_ids: str, class_names: str
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 def clean_frames_cmd(sources: tuple[Path, ...], out: Path) -> None:
     """Frames known to hold no defect -> a dataset of hard negatives (no defect masks)."""
-    from monitor.dataset import import_clean_frames
+    from monitor.training.dataset import import_clean_frames
 
     click.echo(f"wrote {import_clean_frames(list(sources), out)}")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.model import DEFAULT_CLASS_NAMES, ModelInfo, save_weights
+from monitor.vision.model import DEFAULT_CLASS_NAMES, ModelInfo, save_weights
 
 
 @pytest.fixture(autouse=True)

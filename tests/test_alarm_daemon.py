@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from monitor.cli import main
 from monitor.config import load_config
-from monitor.control import ControlError, request
-from monitor.pipeline import Daemon
-from monitor.security import CurveClient, generate_keys
+from monitor.daemon.control import ControlError, request
+from monitor.daemon.pipeline import Daemon
+from monitor.daemon.security import CurveClient, generate_keys
 from tests.conftest import free_endpoint, make_threshold_weights, write_config
 from tests.test_daemon_e2e import Listener
 
@@ -251,7 +251,7 @@ def test_curve_unauthenticated_clients_get_nothing(rig: Callable[..., Rig],
     stranger = CurveClient(keys / "server.key", tmp_path / "stranger" / "stranger.key_secret")
     got: dict[str, list[bytes]] = {"good": [], "plain": [], "stranger": []}
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    from monitor.security import subscriber_socket
+    from monitor.daemon.security import subscriber_socket
 
     socks = {"good": subscriber_socket(ctx, r.pub, [""], good),
              "plain": subscriber_socket(ctx, r.pub, [""], None),

@@ -9,13 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.alarms import AlarmEngine, AlarmEvent, BuildKey
+from monitor.alarms.engine import AlarmEngine, AlarmEvent, BuildKey
+from monitor.alarms.regions import Regions, apply_ignore, region_stats
+from monitor.alarms.tracks import BuildTracks
 from monitor.config import AlarmsConfig, RegionConfig, TracksConfig
 from monitor.errors import ConfigError
-from monitor.model import DEFAULT_CLASS_NAMES
-from monitor.regions import Regions, apply_ignore, region_stats
-from monitor.stats import LayerStats, layer_stats
-from monitor.tracks import BuildTracks
+from monitor.vision.model import DEFAULT_CLASS_NAMES
+from monitor.vision.stats import LayerStats, layer_stats
 
 SWELLING = 1
 KEY = BuildKey("", "B1")

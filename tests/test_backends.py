@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.backends import choose, installed
 from monitor.config import DEFAULT_WEIGHTS
 from monitor.errors import ConfigError
-from monitor.segmenter import Segmenter
-from monitor.synth import BuildGenerator
+from monitor.training.synth import BuildGenerator
+from monitor.vision.backends import choose, installed
+from monitor.vision.segmenter import Segmenter
 
 OTHERS = [b for b in ("openvino", "onnxruntime") if installed(b)]
 

@@ -8,9 +8,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from monitor.bench import model_gflop
 from monitor.cli import main
-from monitor.model import ModelInfo
+from monitor.tools.bench import model_gflop
+from monitor.vision.model import ModelInfo
 
 
 def test_flops_scale_with_area_and_width() -> None:

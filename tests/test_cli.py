@@ -99,9 +99,9 @@ def test_infer_corrupt_image(tmp_path: Path, tiny_weights: Path) -> None:
 def test_builds_and_report_formats(tmp_path: Path, tiny_weights: Path) -> None:
     from sqlalchemy.orm import Session
 
-    from monitor import store
     from monitor.config import load_config
-    from monitor.stats import layer_stats
+    from monitor.store import db as store
+    from monitor.vision.stats import layer_stats
 
     cfg_path = write_config(tmp_path / "c.toml", '[store]\nstate_dir = "st"\n')
     cfg = load_config(cfg_path)

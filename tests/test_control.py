@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import zmq
 
-from monitor.control import ControlError, ControlServer, request
+from monitor.daemon.control import ControlError, ControlServer, request
+from monitor.daemon.security import CurveClient, CurveServer, ServerAuth, generate_keys
 from monitor.errors import ConfigError
-from monitor.security import CurveClient, CurveServer, ServerAuth, generate_keys
 from tests.conftest import free_endpoint
 
 

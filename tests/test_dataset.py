@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from monitor.dataset import (
+from monitor.training.dataset import (
     DatasetError,
     import_clean_frames,
     import_peregrine,
@@ -19,8 +19,8 @@ from monitor.dataset import (
     parse_layer_range,
     split_by_layer,
 )
-from monitor.model import DEFAULT_CLASS_NAMES
-from monitor.synth import BuildGenerator, write_dataset
+from monitor.training.synth import BuildGenerator, write_dataset
+from monitor.vision.model import DEFAULT_CLASS_NAMES
 from tests.conftest import encode, layer_image
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from monitor.config import DEFAULT_WEIGHTS, parse_config
-from monitor.dataset import import_clean_frames, open_dataset
-from monitor.evaluate import evaluate, metrics_json
-from monitor.segmenter import Segmenter
-from monitor.synth import write_dataset
+from monitor.training.dataset import import_clean_frames, open_dataset
+from monitor.training.evaluate import evaluate, metrics_json
+from monitor.training.synth import write_dataset
+from monitor.vision.segmenter import Segmenter
 
 # PBLM No_Defect frames 0008-0014; frames 0000-0006 were training negatives
 # (weights/default.json), these were not.

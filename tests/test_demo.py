@@ -4,7 +4,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from monitor.demo import run_demo
+from monitor.tools.demo import run_demo
 
 
 def test_demo_processes_every_layer(tmp_path: Path, tiny_weights: Path) -> None:

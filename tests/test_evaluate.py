@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from monitor.cli import main
-from monitor.dataset import DatasetError, open_dataset
-from monitor.evaluate import Counts, ThresholdSweep, channel_map, evaluate, metrics_json
-from monitor.model import DEFAULT_CLASS_NAMES
-from monitor.segmenter import Segmenter
-from monitor.synth import write_dataset
+from monitor.training.dataset import DatasetError, open_dataset
+from monitor.training.evaluate import Counts, ThresholdSweep, channel_map, evaluate, metrics_json
+from monitor.training.synth import write_dataset
+from monitor.vision.model import DEFAULT_CLASS_NAMES
+from monitor.vision.segmenter import Segmenter
 from tests.conftest import make_weights
 
 

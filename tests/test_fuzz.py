@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitor.errors import ImageError
-from monitor.imaging import decode
-from monitor.model import DEFAULT_CLASS_NAMES
-from monitor.stats import layer_stats
+from monitor.vision.imaging import decode
+from monitor.vision.model import DEFAULT_CLASS_NAMES
+from monitor.vision.stats import layer_stats
 from tests.conftest import encode, layer_image
 
 SEEDS = {ext: encode(layer_image(3, 48), ext) for ext in (".png", ".jpg", ".tif", ".bmp")}

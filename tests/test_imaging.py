@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from monitor.errors import ImageError
-from monitor.imaging import decode, normalize, overlay
+from monitor.vision.imaging import decode, normalize, overlay
 from tests.conftest import encode, layer_image
 
 

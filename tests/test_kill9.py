@@ -1,5 +1,5 @@
 """kill -9 while a build arrives, at random moments and at each stage of a layer's life
-(monitor.failpoints): after restarts, every layer is stored exactly once with the statistics
+(monitor.daemon.failpoints): after restarts, every layer is stored exactly once with the statistics
 an undisturbed run gives, and has exactly one message (re-sent, if at all, with its seq)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from monitor.config import load_config
-from monitor.failpoints import POINTS
+from monitor.daemon.failpoints import POINTS
 from tests.conftest import (
     daemon_toml,
     encode,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.maps import decode_masks, decode_thumb, encode_map
+from monitor.reports.maps import decode_masks, decode_thumb, encode_map
 
 
 def test_round_trip_keeps_small_defects() -> None:
@@ -38,7 +38,7 @@ def test_reduce_any_keeps_every_speck_at_any_size_and_scale() -> None:
     row and column of blocks padded) on random masks of odd sizes and scales."""
     import math
 
-    from monitor.maps import _reduce_any
+    from monitor.reports.maps import _reduce_any
 
     rng = np.random.default_rng(0)
     for _ in range(200):

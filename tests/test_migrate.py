@@ -10,8 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 
-from monitor import migrate, store
 from monitor.cli import main
+from monitor.store import db as store
+from monitor.store import migrate
 
 
 def test_new_database_is_at_head_and_matches_the_models(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from monitor.errors import WeightsError
-from monitor.model import UNet, file_sha256, load_weights, read_info
+from monitor.vision.model import UNet, file_sha256, load_weights, read_info
 from tests.conftest import make_weights
 
 

@@ -14,8 +14,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
-from monitor import migrate, store
 from monitor.cli import main
+from monitor.store import db as store
+from monitor.store import migrate
 from tests.test_alarm_daemon import RULE, Rig, bright_weights, rig  # noqa: F401 (fixtures)
 
 URL = os.environ.get("PBF_TEST_POSTGRES_URL", "")

@@ -8,9 +8,9 @@ import time
 import pytest
 import zmq
 
+from monitor.daemon.publisher import Publisher, subscribe
 from monitor.errors import ConfigError
-from monitor.publisher import Publisher, subscribe
-from monitor.store import Outgoing
+from monitor.store.db import Outgoing
 from tests.conftest import free_endpoint
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from monitor.errors import ConfigError
-from monitor.security import (
+from monitor.daemon.security import (
     CurveClient,
     CurveServer,
     ServerAuth,
@@ -19,6 +18,7 @@ from monitor.security import (
     generate_keys,
     subscriber_socket,
 )
+from monitor.errors import ConfigError
 from tests.conftest import free_endpoint
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monitor.errors import ConfigError, DeviceError
-from monitor.segmenter import Segmenter, tile_spans
+from monitor.vision.segmenter import Segmenter, tile_spans
 from tests.conftest import make_weights
 
 
@@ -113,7 +113,7 @@ def test_auto_device_logs_what_it_uses(tiny_weights: Path,
 
 def test_small_components_dropped_per_class(tmp_path: Path) -> None:
     from monitor.config import parse_config
-    from monitor.segmenter import drop_small_components
+    from monitor.vision.segmenter import drop_small_components
     from tests.conftest import make_threshold_weights
 
     mask = np.zeros((20, 20), bool)
@@ -157,8 +157,8 @@ def test_dropping_small_components_matches_labelling_the_whole_mask() -> None:
     the components it hands on give the statistics of the mask it leaves."""
     import cv2
 
-    from monitor.segmenter import drop_small_components
-    from monitor.stats import class_stats
+    from monitor.vision.segmenter import drop_small_components
+    from monitor.vision.stats import class_stats
 
     rng = np.random.default_rng(2)
     for _ in range(300):

@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from monitor.cli import main
-from monitor.soak import Sample, SoakResult, run_soak
+from monitor.tools.soak import Sample, SoakResult, run_soak
 
 
 def test_short_soak(tiny_weights: Path) -> None:

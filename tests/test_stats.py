@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.stats import NO_DEFECT, class_stats, layer_stats
+from monitor.vision.stats import NO_DEFECT, class_stats, layer_stats
 
 
 def test_empty_mask() -> None:

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from monitor import store
 from monitor.errors import StoreError
-from monitor.stats import layer_stats
-from monitor.store import ClassStat, ComponentRow, Layer, LayerRecord, StoreWriter
+from monitor.store import db as store
+from monitor.store.db import ClassStat, ComponentRow, Layer, LayerRecord, StoreWriter
+from monitor.vision.stats import layer_stats
 
 
 def record(layer: int, *, status: str = "ok", spots: int = 1) -> LayerRecord:
@@ -121,7 +121,7 @@ def test_older_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
 def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from monitor.maps import encode_map
+    from monitor.reports.maps import encode_map
 
     masks = np.zeros((6, 64, 64), bool)
     masks[2, 10:20, 10:20] = True
@@ -144,7 +144,7 @@ def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # t
 def test_oldest_maps_go_first_when_space_is_short(engine) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from monitor.maps import encode_map
+    from monitor.reports.maps import encode_map
 
     m = encode_map(np.zeros((32, 32), np.float32), np.zeros((6, 32, 32), bool))
     with Session(engine) as s, s.begin():

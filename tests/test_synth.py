@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from monitor.synth import CLASS_NAMES, BuildGenerator, SynthLayer, write_dataset
+from monitor.training.synth import CLASS_NAMES, BuildGenerator, SynthLayer, write_dataset
 
 NO_DEFECT, SWELLING, SPATTER, MISPRINT, OVER, UNDER = range(6)
 DEFECTS = [SWELLING, SPATTER, MISPRINT, OVER, UNDER]

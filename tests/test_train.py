@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from monitor.cli import main
-from monitor.dataset import DatasetError, open_dataset
-from monitor.model import ModelInfo, load_weights
-from monitor.train import LayerRef, TileSampler, TrainError, TrainOptions, train
+from monitor.training.dataset import DatasetError, open_dataset
+from monitor.training.train import LayerRef, TileSampler, TrainError, TrainOptions, train
+from monitor.vision.model import ModelInfo, load_weights
 
 CLASSES = ("no_defect", "spot")
 

@@ -13,7 +13,7 @@ from pathlib import Path, PurePath
 import pytest
 
 from monitor.config import WatchConfig
-from monitor.watcher import Candidate, LayerKey, Settler, parse_layer_path
+from monitor.daemon.watcher import Candidate, LayerKey, Settler, parse_layer_path
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,12 @@ from rich.console import Console
 from sqlalchemy.orm import Session
 
 from monitor.config import Config, parse_config
-from monitor.pipeline import Daemon
-from monitor.publisher import subscribe
-from monitor.report import build_report, to_table
-from monitor.stats import NO_DEFECT
-from monitor.store import open_db
-from monitor.synth import BuildGenerator
+from monitor.daemon.pipeline import Daemon
+from monitor.daemon.publisher import subscribe
+from monitor.reports.report import build_report, to_table
+from monitor.store.db import open_db
+from monitor.training.synth import BuildGenerator
+from monitor.vision.stats import NO_DEFECT
 
 
 def free_tcp_endpoint() -> str:

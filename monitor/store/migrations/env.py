@@ -1,10 +1,10 @@
-"""Alembic environment: run by monitor.migrate with a connection already open."""
+"""Alembic environment: run by monitor.store.migrate with a connection already open."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from monitor.store import Base
+from monitor.store.db import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from monitor.errors import ConfigError
-from monitor.model import ModelInfo, UNet
+from monitor.vision.model import ModelInfo, UNet
 
 log = logging.getLogger(__name__)
 

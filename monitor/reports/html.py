@@ -2,7 +2,7 @@
 alarms and regions, with every image embedded (one file to mail or archive with the part).
 
 Plots are drawn with matplotlib (Agg) from the database alone: statistics, tracks, alarms
-and the stored per-layer defect maps and thumbnails (monitor.maps); the original camera
+and the stored per-layer defect maps and thumbnails (monitor.reports.maps); the original camera
 images are not needed.
 """
 
@@ -20,11 +20,11 @@ import jinja2
 import numpy as np
 from sqlalchemy.orm import Session
 
-from monitor import store
-from monitor.imaging import CLASS_COLOURS, overlay
-from monitor.maps import decode_masks, decode_thumb
-from monitor.report import build_report, class_names
-from monitor.stats import NO_DEFECT
+from monitor.reports.maps import decode_masks, decode_thumb
+from monitor.reports.report import build_report, class_names
+from monitor.store import db as store
+from monitor.vision.imaging import CLASS_COLOURS, overlay
+from monitor.vision.stats import NO_DEFECT
 
 WORST_LAYERS = 6
 
@@ -199,7 +199,7 @@ def render_html(s: Session, build: str, *, layers: range | None = None,
         "tracks_alarmed": sum(t["alarmed"] for t in report["tracks"]),
         "maps": len(maps),
     }
-    env = jinja2.Environment(loader=jinja2.PackageLoader("monitor", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("monitor.reports", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     return env.get_template("report.html.j2").render(
         build=build, summary=summary, defects=defects, rows=rows, alarms=alarms,

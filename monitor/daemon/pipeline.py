@@ -27,21 +27,22 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from monitor import failpoints, store
-from monitor.alarms import RULE_TEST, AlarmEngine, AlarmEvent, BuildKey, LayerAlarms
+from monitor.alarms.engine import RULE_TEST, AlarmEngine, AlarmEvent, BuildKey, LayerAlarms
+from monitor.alarms.regions import Regions, apply_ignore, region_stats
 from monitor.config import Config
+from monitor.daemon import failpoints
+from monitor.daemon.hook import HookRunner
+from monitor.daemon.metrics import Metrics
+from monitor.daemon.publisher import Publisher, alarm_message, layer_message
+from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import ImageError, MonitorError, StoreError, WeightsError
-from monitor.hook import HookRunner
-from monitor.imaging import decode
-from monitor.maps import encode_map
-from monitor.metrics import Metrics
-from monitor.model import file_sha256, file_signature
-from monitor.publisher import Publisher, alarm_message, layer_message
-from monitor.regions import Regions, apply_ignore, region_stats
-from monitor.segmenter import Segmentation, Segmenter
-from monitor.stats import layer_stats
-from monitor.store import LayerRecord, Outgoing, StoreWriter
-from monitor.watcher import Candidate, Settler
+from monitor.reports.maps import encode_map
+from monitor.store import db as store
+from monitor.store.db import LayerRecord, Outgoing, StoreWriter
+from monitor.vision.imaging import decode
+from monitor.vision.model import file_sha256, file_signature
+from monitor.vision.segmenter import Segmentation, Segmenter
+from monitor.vision.stats import layer_stats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -204,7 +205,7 @@ class Daemon:
             self._stack.append(self.hook.stop)
 
     def _curve_server(self) -> Any:
-        from monitor.security import CurveServer
+        from monitor.daemon.security import CurveServer
 
         p = self.cfg.publish
         if p.curve_secret_key is None or p.curve_authorized_dir is None:
@@ -218,7 +219,7 @@ class Daemon:
             return
         import zmq
 
-        from monitor.security import ServerAuth
+        from monitor.daemon.security import ServerAuth
 
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._zmq_context = ctx
@@ -247,7 +248,7 @@ class Daemon:
                                      "device": str(self.segmenter.device)})
 
     def _start_control(self) -> None:
-        from monitor.control import ControlServer
+        from monitor.daemon.control import ControlServer
 
         p = self.cfg.publish
         self.control = ControlServer(p.state_endpoint, self.handle_request,
@@ -347,7 +348,7 @@ class Daemon:
         hand finishes with the old ones. Nothing changes unless all of it is valid (a weights
         file still being copied is refused). Returns the changed settings that need a
         restart."""
-        from monitor.segmenter import min_component_px
+        from monitor.vision.segmenter import min_component_px
 
         assert self.alarms is not None and self.segmenter is not None
         m = cfg.model
@@ -463,7 +464,7 @@ class Daemon:
     def _state(self) -> dict[str, Any]:
         """Open alarms and the last layer of each active build, with the seq they reflect:
         a subscriber that connected first and asks this is consistent from seq + 1 on."""
-        from monitor.report import layer_entry
+        from monitor.reports.report import layer_entry
 
         assert self.reader is not None
         since = time.time() - self.cfg.alarms.stall.active_s

@@ -32,13 +32,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from monitor.dataset import Dataset, DatasetError, open_dataset, split_by_layer
 from monitor.errors import MonitorError
-from monitor.evaluate import Counts, ThresholdSweep, metrics_json
-from monitor.imaging import normalize
-from monitor.model import DEPTH, ModelInfo, UNet, file_sha256, save_weights
-from monitor.segmenter import Segmenter, resolve_device
-from monitor.stats import NO_DEFECT
+from monitor.training.dataset import Dataset, DatasetError, open_dataset, split_by_layer
+from monitor.training.evaluate import Counts, ThresholdSweep, metrics_json
+from monitor.vision.imaging import normalize
+from monitor.vision.model import DEPTH, ModelInfo, UNet, file_sha256, save_weights
+from monitor.vision.segmenter import Segmenter, resolve_device
+from monitor.vision.stats import NO_DEFECT
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from monitor.errors import ImageError
-from monitor.stats import NO_DEFECT
+from monitor.vision.stats import NO_DEFECT
 
 MIN_SIDE = 16
 # PIL only reads headers here; the pixel limit is ours (watch.max_pixels), not PIL's.

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from monitor.config import DEFAULT_TILE_SIZE
-from monitor.dataset import Dataset, DatasetError
-from monitor.model import ModelInfo, load_weights, save_weights
-from monitor.segmenter import Segmenter
-from monitor.stats import NO_DEFECT
+from monitor.training.dataset import Dataset, DatasetError
+from monitor.vision.model import ModelInfo, load_weights, save_weights
+from monitor.vision.segmenter import Segmenter
+from monitor.vision.stats import NO_DEFECT
 
 # Thresholds tried when recommending a per-class threshold.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(2, 19))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from monitor.config import TracksConfig
-from monitor.stats import Component, LayerStats
+from monitor.vision.stats import Component, LayerStats
 
 
 @dataclass

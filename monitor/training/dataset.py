@@ -1,6 +1,6 @@
 """Reading and checking datasets; the deterministic train/validation split; Peregrine import.
 
-The dataset format (written by :func:`monitor.synth.write_dataset` and
+The dataset format (written by :func:`monitor.training.synth.write_dataset` and
 :func:`import_peregrine`)::
 
     DIR/manifest.json            {"format": "pbf-monitor-dataset/1", "classes": [...],
@@ -8,7 +8,7 @@ The dataset format (written by :func:`monitor.synth.write_dataset` and
     DIR/images/<name>.png        8- or 16-bit grayscale
     DIR/masks/<class>/<name>.png one per class and image, nonzero = the class is present
 
-Images are decoded with :func:`monitor.imaging.decode`, exactly as the daemon decodes camera
+Images are decoded with :func:`monitor.vision.imaging.decode`, exactly as the daemon decodes camera
 files, so training, evaluation and serving see the same pixel values.
 """
 
@@ -30,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from monitor.errors import ImageError, MonitorError
-from monitor.imaging import decode
-from monitor.model import DEFAULT_CLASS_NAMES, DEFAULT_PEREGRINE_IDS
-from monitor.synth import DATASET_FORMAT
+from monitor.training.synth import DATASET_FORMAT
+from monitor.vision.imaging import decode
+from monitor.vision.model import DEFAULT_CLASS_NAMES, DEFAULT_PEREGRINE_IDS
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import torch
 
-from monitor.backends import Backend, make_backend
 from monitor.config import DEFAULT_TILE_SIZE, Config
 from monitor.errors import ConfigError, DeviceError
-from monitor.imaging import normalize
-from monitor.model import DEPTH, ModelInfo, UNet, load_weights, read_info
-from monitor.stats import Found, label_components, per_class
+from monitor.vision.backends import Backend, make_backend
+from monitor.vision.imaging import normalize
+from monitor.vision.model import DEPTH, ModelInfo, UNet, load_weights, read_info
+from monitor.vision.stats import Found, label_components, per_class
 
 log = logging.getLogger(__name__)
 MULTIPLE = 2**DEPTH

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.backends import BACKENDS, cpu_threads, installed
 from monitor.config import DEFAULT_TILE_SIZE
-from monitor.model import ModelInfo, load_weights
-from monitor.segmenter import Segmenter, resolve_device
-from monitor.synth import BuildGenerator
+from monitor.training.synth import BuildGenerator
+from monitor.vision.backends import BACKENDS, cpu_threads, installed
+from monitor.vision.model import ModelInfo, load_weights
+from monitor.vision.segmenter import Segmenter, resolve_device
 
 
 @dataclass
@@ -113,9 +113,9 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
     """Latency from a closed file to a received message on the real daemon, and the rate at
     which it clears a backlog of layers written while it was down."""
     from monitor.config import parse_config
-    from monitor.demo import free_tcp_endpoint, write_layer_file
-    from monitor.pipeline import Daemon
-    from monitor.publisher import subscribe
+    from monitor.daemon.pipeline import Daemon
+    from monitor.daemon.publisher import subscribe
+    from monitor.tools.demo import free_tcp_endpoint, write_layer_file
 
     gen = BuildGenerator(size=size, layers=layers + backlog, seed=5)
     with tempfile.TemporaryDirectory(prefix="pbf-bench-") as tmp:
@@ -189,8 +189,8 @@ _PEAK_SCRIPT = """
 import sys, tempfile
 from pathlib import Path
 from monitor.config import parse_config
-from monitor.imaging import decode
-from monitor.segmenter import Segmenter
+from monitor.vision.imaging import decode
+from monitor.vision.segmenter import Segmenter
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -270,7 +270,7 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
         if seed_size and device.type == "cpu":
             progress(f"seed-width model (64) at {seed_size} px")
             seed_w = Path(cache) / "seed.safetensors"
-            from monitor.model import save_weights
+            from monitor.vision.model import save_weights
 
             seed_info = ModelInfo(class_names=info.class_names, base_channels=64)
             save_weights(seed_w, seed_info.build(), seed_info)
@@ -306,6 +306,6 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
 
 
 def _default_backend(device: torch.device) -> str:
-    from monitor.backends import choose
+    from monitor.vision.backends import choose
 
     return choose("auto", device)

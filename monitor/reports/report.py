@@ -9,9 +9,9 @@ from typing import Any
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from monitor import store
 from monitor.errors import MonitorError
-from monitor.stats import NO_DEFECT
+from monitor.store import db as store
+from monitor.vision.stats import NO_DEFECT
 
 
 def parse_layers(text: str) -> range:

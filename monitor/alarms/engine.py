@@ -27,10 +27,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from monitor.alarms.tracks import BuildTracks, Track, TrackChange
 from monitor.config import AlarmRule, AlarmsConfig
 from monitor.errors import ConfigError
-from monitor.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
-from monitor.tracks import BuildTracks, Track, TrackChange
+from monitor.vision.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
 
 RULE_STALL = "stall"
 RULE_TEST = "test"

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 
 from monitor.config import RegionConfig
-from monitor.stats import ClassStats, LayerStats, layer_stats
+from monitor.vision.stats import ClassStats, LayerStats, layer_stats
 
 log = logging.getLogger(__name__)
 

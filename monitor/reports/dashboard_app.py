@@ -17,13 +17,13 @@ import streamlit as st
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from monitor import store
 from monitor.config import Config, load_config
-from monitor.html_report import alarm_plot, area_plot, heatmaps, track_plot
-from monitor.imaging import overlay
-from monitor.maps import decode_masks, decode_thumb
-from monitor.report import build_report, class_names
-from monitor.stats import NO_DEFECT
+from monitor.reports.html import alarm_plot, area_plot, heatmaps, track_plot
+from monitor.reports.maps import decode_masks, decode_thumb
+from monitor.reports.report import build_report, class_names
+from monitor.store import db as store
+from monitor.vision.imaging import overlay
+from monitor.vision.stats import NO_DEFECT
 
 REFRESH_S = 5
 
@@ -101,7 +101,7 @@ def _layer_view(report: dict[str, Any], maps: dict[int, store.LayerMap],
 
 
 def _alarms(cfg: Config, engine: Engine, report: dict[str, Any]) -> None:
-    from monitor.control import ControlError, request
+    from monitor.daemon.control import ControlError, request
 
     with Session(engine) as s:
         rows = store.list_alarms(s, build_id=report["build_id"], open_only=True)

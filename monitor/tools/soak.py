@@ -26,11 +26,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from monitor.demo import free_tcp_endpoint, write_layer_file
+from monitor.daemon.publisher import subscribe
 from monitor.errors import MonitorError
-from monitor.publisher import subscribe
-from monitor.store import Layer, open_db
-from monitor.synth import BuildGenerator
+from monitor.store.db import Layer, open_db
+from monitor.tools.demo import free_tcp_endpoint, write_layer_file
+from monitor.training.synth import BuildGenerator
 
 DISTINCT_LAYERS = 100  # rendered once and cycled: the soak measures the daemon, not synth
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import zmq
 
-from monitor import failpoints
+from monitor.daemon import failpoints
+from monitor.daemon.security import CurveClient, CurveServer, apply_server, subscriber_socket
 from monitor.errors import ConfigError
-from monitor.security import CurveClient, CurveServer, apply_server, subscriber_socket
-from monitor.store import Alarm, LayerRecord, Outgoing
+from monitor.store.db import Alarm, LayerRecord, Outgoing
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from monitor.alarms import AlarmEvent
+from monitor.alarms.engine import AlarmEvent
+from monitor.alarms.tracks import Track
 from monitor.errors import StoreError
-from monitor.maps import EncodedMap
-from monitor.stats import ClassStats, LayerStats
-from monitor.tracks import Track
+from monitor.reports.maps import EncodedMap
+from monitor.vision.stats import ClassStats, LayerStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -197,7 +197,7 @@ class RuleStateRow(Base):
 
 
 class LayerMap(Base):
-    """A layer's defect map and camera thumbnail (see monitor.maps); pruned by age."""
+    """A layer's defect map and camera thumbnail (see monitor.reports.maps); pruned by age."""
 
     __tablename__ = "layer_maps"
 
@@ -334,7 +334,7 @@ def open_db(url: str, *, writer: bool = True) -> Engine:
     engine = make_engine(url, writer=writer)
     try:
         if writer:
-            from monitor.migrate import upgrade
+            from monitor.store.migrate import upgrade
 
             upgrade(engine, url)
         else:

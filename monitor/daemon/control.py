@@ -14,8 +14,8 @@ from typing import Any
 
 import zmq
 
+from monitor.daemon.security import CurveClient, CurveServer, ServerAuth, apply_client, apply_server
 from monitor.errors import ConfigError, MonitorError
-from monitor.security import CurveClient, CurveServer, ServerAuth, apply_client, apply_server
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Alarm rules, lifecycle, stacking-defect tracks and regions."""

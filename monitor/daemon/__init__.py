@@ -1,0 +1,1 @@
+"""The running daemon: watcher, pipeline stages, publisher and endpoints."""

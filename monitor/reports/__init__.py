@@ -1,0 +1,1 @@
+"""Per-build reports, defect maps and the dashboard."""

@@ -1,0 +1,1 @@
+"""Benchmarks, the soak test and the demo."""

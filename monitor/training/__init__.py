@@ -1,0 +1,1 @@
+"""Synthetic builds, datasets, training and evaluation."""

@@ -1,0 +1,1 @@
+"""The model and everything that turns an image into masks and statistics."""
