@@ -1,0 +1,75 @@
+"""One daemon per state folder and database: an exclusive lock held for the daemon's life."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from monitor.errors import StoreError
+
+LOCK_NAME = "pbf-monitor.lock"
+
+
+class InstanceLocked(StoreError):
+    """Another daemon holds the state folder or the database."""
+
+
+def lock_paths(state_dir: Path, store_url: str) -> list[Path]:
+    """The lock files: the state folder's, and one beside a SQLite database kept elsewhere."""
+    paths = [state_dir / LOCK_NAME]
+    if store_url.startswith("sqlite:///"):
+        db = Path(store_url.removeprefix("sqlite:///"))
+        beside = db.with_name(db.name + ".lock")
+        if db.parent.resolve() != state_dir.resolve():
+            paths.append(beside)
+    return paths
+
+
+class InstanceLock:
+    """flock(2) on each path, taken at start and released at exit (or by the kernel on a crash).
+
+    flock and not a pid file: a kill -9 leaves no stale lock, so a restart never needs a
+    hand to clean up. The holder's pid and host are written into the file to name it.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._fds: list[int] = []
+
+    def acquire(self) -> None:
+        try:
+            for path in self._paths:
+                self._fds.append(self._take(path))
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Idempotent; closing the descriptor drops the lock."""
+        while self._fds:
+            os.close(self._fds.pop())
+
+    @staticmethod
+    def _take(path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StoreError(f"{path}: cannot create the instance lock: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(fd)
+            raise InstanceLocked(
+                f"{path}: another pbf-monitor daemon holds this lock ({holder}); stop it, or "
+                "give this one its own store.state_dir and database") from None
+        except OSError as e:
+            os.close(fd)
+            raise StoreError(f"{path}: cannot lock: {e.strerror}") from e
+        with contextlib.suppress(OSError):  # the name is a courtesy; the flock is the lock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return fd
