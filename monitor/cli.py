@@ -797,7 +797,8 @@ def import_peregrine_cmd(hdf5: Path, out: Path, class_ids: str, class_names: str
     """Convert an ORNL Peregrine v2023 HDF5 build into a dataset folder."""
     from rich.progress import Progress
 
-    from monitor.training.dataset import DatasetError, import_peregrine, parse_layer_range
+    from monitor.training.dataset import DatasetError
+    from monitor.training.peregrine import import_peregrine, parse_layer_range
 
     try:
         ids = [int(v) for v in class_ids.split(",") if v.strip()]
