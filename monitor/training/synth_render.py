@@ -43,7 +43,6 @@ class SynthLayer:
     masks: Bool  # (6, H, W), channel order = DEFAULT_CLASS_NAMES
 
 
-
 class LayerRenderer:
     """Draws one layer; holds its scene, part map and masks while they are built."""
 
