@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.vision.model import DEFAULT_CLASS_NAMES, ModelInfo, save_weights
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
+from monitor.vision.model import ModelInfo, save_weights
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from monitor.alarms.regions import Regions, apply_ignore, region_stats
 from monitor.alarms.tracks import BuildTracks
 from monitor.config import AlarmsConfig, RegionConfig, TracksConfig
 from monitor.errors import ConfigError
-from monitor.vision.model import DEFAULT_CLASS_NAMES
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from monitor.vision.stats import LayerStats, layer_stats
 
 SWELLING = 1

@@ -13,14 +13,13 @@ import pytest
 from monitor.training.dataset import (
     DatasetError,
     import_clean_frames,
-    import_peregrine,
     layer_number,
     open_dataset,
-    parse_layer_range,
     split_by_layer,
 )
+from monitor.training.peregrine import import_peregrine, parse_layer_range
 from monitor.training.synth import BuildGenerator, write_dataset
-from monitor.vision.model import DEFAULT_CLASS_NAMES
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from tests.conftest import encode, layer_image
 
 

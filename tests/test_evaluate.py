@@ -13,7 +13,7 @@ from monitor.cli import main
 from monitor.training.dataset import DatasetError, open_dataset
 from monitor.training.evaluate import Counts, ThresholdSweep, channel_map, evaluate, metrics_json
 from monitor.training.synth import write_dataset
-from monitor.vision.model import DEFAULT_CLASS_NAMES
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from monitor.vision.segmenter import Segmenter
 from tests.conftest import make_weights
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monitor.errors import ImageError
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from monitor.vision.imaging import decode
-from monitor.vision.model import DEFAULT_CLASS_NAMES
 from monitor.vision.stats import layer_stats
 from tests.conftest import encode, layer_image
 

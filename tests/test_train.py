@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from monitor.cli import main
 from monitor.training.dataset import DatasetError, open_dataset
-from monitor.training.train import LayerRef, TileSampler, TrainError, TrainOptions, train
+from monitor.training.tiles import LayerRef, TileSampler
+from monitor.training.train import TrainError, TrainOptions, train
 from monitor.vision.model import ModelInfo, load_weights
 
 CLASSES = ("no_defect", "spot")

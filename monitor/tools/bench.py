@@ -10,6 +10,7 @@ moment a layer file is closed in the watch folder to the moment a subscriber rec
 
 from __future__ import annotations
 
+import copy
 import functools
 import resource
 import statistics
@@ -27,7 +28,7 @@ import torch
 from monitor.config import DEFAULT_TILE_SIZE
 from monitor.training.synth import BuildGenerator
 from monitor.vision.backends import BACKENDS, cpu_threads, installed
-from monitor.vision.model import ModelInfo, load_weights
+from monitor.vision.model import ModelInfo, UNet, load_weights
 from monitor.vision.segmenter import Segmenter, resolve_device
 
 
@@ -71,13 +72,33 @@ def _median_predict(seg: Segmenter, images: list[np.ndarray]) -> float:
     return statistics.median(times)
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """A weights file read once; each in-process measurement serves its own copy of the model
+    (the torch backend turns its model to channels_last in place)."""
+
+    model: UNet
+    info: ModelInfo
+
+    @classmethod
+    def read(cls, weights: Path) -> _Loaded:
+        return cls(*load_weights(weights))
+
+    def copy(self) -> UNet:
+        return copy.deepcopy(self.model)
+
+    def segmenter(self, **options: Any) -> Segmenter:
+        return Segmenter.from_model(self.copy(), self.info, device=torch.device("cpu"),
+                                    **options)
+
+
 class _EagerFp32:
     """The baseline backend: eager fp32 PyTorch, default (contiguous) memory format."""
 
     name = "eager-fp32"
 
-    def __init__(self, weights: Path) -> None:
-        self.model, _ = load_weights(weights)
+    def __init__(self, model: UNet) -> None:
+        self.model = model
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -85,25 +106,23 @@ class _EagerFp32:
         return out
 
 
-def _eager_fp32(weights: Path, images: list[np.ndarray], tile: int | None = None) -> float:
+def _eager_fp32(loaded: _Loaded, images: list[np.ndarray], tile: int | None = None) -> float:
     """Eager fp32 PyTorch one image at a time: the whole image in one call (the baseline), or
     cut into tiles of at most `tile` px as serving does."""
     torch.set_num_threads(cpu_threads())
     overlap = 64
     if tile is None:
         tile, overlap = -(-max(max(im.shape) for im in images) // 16) * 16, 0
-    model, info = load_weights(weights)
-    seg = Segmenter.from_model(model, info, device=torch.device("cpu"), tile_size=tile,
-                               tile_overlap=overlap)
-    seg.backend = _EagerFp32(weights)
+    seg = loaded.segmenter(tile_size=tile, tile_overlap=overlap)
+    seg.backend = _EagerFp32(loaded.copy())
     seg.predict(images[0][:64, :64])
     return _median_predict(seg, images)
 
 
-def _backend_time(weights: Path, backend: str, images: list[np.ndarray], tile: int,
+def _backend_time(loaded: _Loaded, backend: str, images: list[np.ndarray], tile: int,
                   cache: Path, precision: str = "f32") -> float:
-    seg = Segmenter(weights, device="cpu", backend=backend, cache_dir=cache, tile_size=tile,
-                    precision=precision)
+    seg = loaded.segmenter(backend=backend, cache_dir=cache, tile_size=tile,
+                           precision=precision)
     seg.predict(images[0])  # warm-up (compilation, allocation)
     return _median_predict(seg, images)
 
@@ -238,17 +257,19 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
     res = BenchResult()
     gen = BuildGenerator(size=size, layers=layers + 2, seed=3)
     images = [gen.layer(i + 2).image.astype(np.float32) / 255 for i in range(layers)]
-    _, info = load_weights(weights)
+    # Read once for every measurement here; the daemon and the fresh process read their own.
+    loaded = _Loaded.read(weights)
+    info = loaded.info
     tile = DEFAULT_TILE_SIZE
     progress(f"matmul and FLOPs ({cpu_threads()} threads)")
     mm = matmul_gflops()
     gflop = model_gflop(info, size)
     progress(f"baseline: eager fp32 PyTorch on {layers} layers of {size} px")
-    base = _eager_fp32(weights, images)
+    base = _eager_fp32(loaded, images)
     # Eager PyTorch is faster in cache-sized tiles (its activations stay in cache): shown
     # beside the baseline so the gain from tiling and the gain from the engine are apart.
     progress("eager fp32 PyTorch in 1024 px tiles")
-    base_tiled = _eager_fp32(weights, images, 1024)
+    base_tiled = _eager_fp32(loaded, images, 1024)
     default = None
     with tempfile.TemporaryDirectory(prefix="pbf-bench-cache-") as cache:
         variants = [(b, "f32") for b in BACKENDS if installed(b)]
@@ -260,7 +281,7 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
                          "speedup": base / base_tiled, "gflops": gflop / base_tiled})
         for backend, precision in variants:
             progress(f"{backend} {precision}")
-            t = _backend_time(weights, backend, images, tile, Path(cache), precision)
+            t = _backend_time(loaded, backend, images, tile, Path(cache), precision)
             label = f"{backend}" + (" (channels_last)" if backend == "torch" else "") + (
                 " bf16" if precision == "bf16" else "")
             res.rows.append({"what": label, "ms": t * 1e3, "speedup": base / t,
@@ -275,8 +296,9 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
             seed_info = ModelInfo(class_names=info.class_names, base_channels=64)
             save_weights(seed_w, seed_info.build(), seed_info)
             seed_imgs = [im[:seed_size, :seed_size] for im in images]
-            sb = _eager_fp32(seed_w, seed_imgs)
-            sd = _backend_time(seed_w, _default_backend(device), seed_imgs, tile, Path(cache))
+            seed = _Loaded.read(seed_w)
+            sb = _eager_fp32(seed, seed_imgs)
+            sd = _backend_time(seed, _default_backend(device), seed_imgs, tile, Path(cache))
             sg = model_gflop(seed_info, seed_size)
             res.rows.append({"what": f"seed width 64 eager fp32 @ {seed_size}", "ms": sb * 1e3,
                              "speedup": 1.0, "gflops": sg / sb})

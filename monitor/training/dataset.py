@@ -1,12 +1,18 @@
-"""Reading and checking datasets; the deterministic train/validation split; Peregrine import.
+"""The dataset format: reading and checking a dataset folder, its one writer, the
+deterministic train/validation split, and datasets of frames known to be clean.
 
-The dataset format (written by :func:`monitor.training.synth.write_dataset` and
-:func:`import_peregrine`)::
+The format (written only by :class:`DatasetWriter`: ``pbf-monitor synth``, the Peregrine
+import and clean frames all go through it)::
 
     DIR/manifest.json            {"format": "pbf-monitor-dataset/1", "classes": [...],
                                   "images": ["layer_00001", ...], "source": {...}}
     DIR/images/<name>.png        8- or 16-bit grayscale
     DIR/masks/<class>/<name>.png one per class and image, nonzero = the class is present
+                                 (written as 0 or 255)
+
+Every file is written to a hidden temporary name in its own folder and renamed into place,
+and a layer's masks are written before its image, so a watcher that reacts to a new image
+finds complete files and the masks already there. The manifest is written last.
 
 Images are decoded with :func:`monitor.vision.imaging.decode`, exactly as the daemon decodes camera
 files, so training, evaluation and serving see the same pixel values.
@@ -15,12 +21,13 @@ files, so training, evaluation and serving see the same pixel values.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,33 +36,15 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from monitor.config import IMAGE_EXTENSIONS
 from monitor.errors import ImageError, MonitorError
-from monitor.training.synth import DATASET_FORMAT
+from monitor.vision.classes import DEFAULT_CLASS_NAMES, NO_DEFECT
 from monitor.vision.imaging import decode
-from monitor.vision.model import DEFAULT_CLASS_NAMES, DEFAULT_PEREGRINE_IDS
 
-log = logging.getLogger(__name__)
-
-# ORNL Peregrine v2023 class ids -> names in this project's style. Id 0 ("Powder") is this
-# project's "no_defect". Older releases number the classes differently: pass explicit names.
-PEREGRINE_2023_NAMES: dict[int, str] = {
-    0: "no_defect",
-    1: "printed",
-    2: "recoater_hopping",
-    3: "recoater_streaking",
-    4: "incomplete_spreading",
-    5: "swelling",
-    6: "debris",
-    7: "super_elevation",
-    8: "spatter",
-    9: "misprint",
-    10: "over_melting",
-    11: "under_melting",
-}
-_PEREGRINE_IMAGES = "slices/camera_data/visible/0"
-_PEREGRINE_MASKS = "slices/segmentation_results"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-
+DATASET_FORMAT = "pbf-monitor-dataset/1"
+MANIFEST = "manifest.json"
+SYNTH_GENERATOR = "pbf-monitor synth"  # the manifest's source.generator of synthetic builds
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 class DatasetError(MonitorError):
     """A dataset folder or a file to import is missing, malformed or inconsistent."""
@@ -71,10 +60,10 @@ class Dataset:
     source: dict[str, Any] = field(default_factory=dict)
 
     def image_path(self, name: str) -> Path:
-        return self.root / "images" / f"{name}.png"
+        return image_path(self.root, name)
 
     def mask_path(self, cls: str, name: str) -> Path:
-        return self.root / "masks" / cls / f"{name}.png"
+        return mask_path(self.root, cls, name)
 
     def image(self, name: str) -> np.ndarray:
         """(H, W) float32 gray in [0, 1], decoded like a camera file."""
@@ -117,10 +106,18 @@ class Dataset:
     def synth_command(self) -> str | None:
         """The `pbf-monitor synth` command that regenerates this dataset, if it was generated."""
         s = self.source
-        if s.get("generator") != "pbf-monitor synth":
+        if s.get("generator") != SYNTH_GENERATOR:
             return None
         return (f"pbf-monitor synth {self.root} --layers {s.get('layers')} "
                 f"--size {s.get('size')} --seed {s.get('seed')}")
+
+
+def image_path(root: Path, name: str) -> Path:
+    return root / "images" / f"{name}.png"
+
+
+def mask_path(root: Path, cls: str, name: str) -> Path:
+    return root / "masks" / cls / f"{name}.png"
 
 
 def layer_number(name: str) -> int:
@@ -151,7 +148,7 @@ def open_dataset(root: Path, *, check_files: bool = True) -> Dataset:
             (reads file headers only).
     """
     root = Path(root)
-    manifest = root / "manifest.json"
+    manifest = root / MANIFEST
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found")
     try:
@@ -172,7 +169,7 @@ def open_dataset(root: Path, *, check_files: bool = True) -> Dataset:
     classes, names = data.get("classes"), data.get("images")
     for key, value in (("classes", classes), ("images", names)):
         if (not isinstance(value, list) or not value
-                or not all(isinstance(v, str) and _NAME_RE.match(v) for v in value)):
+                or not all(isinstance(v, str) and NAME_RE.match(v) for v in value)):
             raise DatasetError(f"{manifest}: '{key}' must be a non-empty list of names "
                                f"(letters, digits, '_', '-', '.')")
         if len(set(value)) != len(value):
@@ -235,241 +232,83 @@ def split_by_layer(
     return train, val
 
 
-# --- ORNL Peregrine v2023 import ---------------------------------------------------------
+# --- writing -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PeregrineImport:
-    """What :func:`import_peregrine` wrote."""
+class DatasetWriter:
+    """The one writer of the dataset format: folders, each layer's files, the manifest last."""
 
-    manifest: Path
-    layers: int
-    classes: tuple[str, ...]
-    warnings: tuple[str, ...]
+    def __init__(self, root: Path, classes: Sequence[str]) -> None:
+        self.root, self.classes = Path(root), tuple(classes)
+        self.names: list[str] = []
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        for cls in self.classes:
+            (self.root / "masks" / cls).mkdir(parents=True, exist_ok=True)
 
+    def add(self, name: str, image: np.ndarray, masks: Iterable[np.ndarray]) -> None:
+        """One layer: `image` (H, W) uint8 or uint16, stored as it is; `masks` (H, W) bool,
+        one per class in the writer's order."""
+        for cls, mask in zip(self.classes, masks, strict=True):
+            _write_png(mask_path(self.root, cls, name), mask.view(np.uint8) * np.uint8(255))
+        # The image goes last: its arrival tells a watcher that the whole layer is there.
+        _write_png(image_path(self.root, name), image)
+        self.names.append(name)
 
-def parse_layer_range(text: str) -> range:
-    """'A:B' (B exclusive; either may be omitted) or 'A' -> range; open ends use -1 markers."""
-    m = re.fullmatch(r"\s*(\d*)\s*(?::\s*(\d*)\s*)?", text)
-    if not m or (m.group(1) == "" and m.group(2) in (None, "")):
-        raise DatasetError(f"--layers {text!r}: expected A:B (0-based, B exclusive), A: or :B")
-    start = int(m.group(1)) if m.group(1) else 0
-    if m.group(2) is None:
-        return range(start, start + 1)
-    stop = int(m.group(2)) if m.group(2) else -1
-    if stop != -1 and stop <= start:
-        raise DatasetError(f"--layers {text!r}: the range is empty")
-    return range(start, stop)
-
-
-def _to_png_range(layer: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """A layer of any numeric type -> uint8 or uint16 for PNG, keeping the full range."""
-    if layer.dtype == np.bool_:
-        return layer.astype(np.uint8) * np.uint8(255)
-    if layer.dtype in (np.uint8, np.uint16):
-        return layer
-    x = np.nan_to_num(layer.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
-    scaled = np.clip((x - lo) / max(hi - lo, 1e-12), 0.0, 1.0) * 65535.0
-    return np.round(scaled).astype(np.uint16)
+    def finish(self, source: Mapping[str, Any]) -> Path:
+        """Write the manifest (what made the dataset goes in `source`); returns its path."""
+        manifest = {"format": DATASET_FORMAT, "classes": list(self.classes),
+                    "images": list(self.names), "source": dict(source)}
+        path = self.root / MANIFEST
+        _write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+        return path
 
 
-def _decode_names(raw: Any) -> list[str]:
-    out = []
-    for v in np.asarray(raw).reshape(-1).tolist():
-        out.append(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-    return out
-
-
-def _snake(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
-
-
-def import_peregrine(
-    hdf5: Path,
-    out: Path,
-    *,
-    class_ids: Sequence[int] = DEFAULT_PEREGRINE_IDS,
-    class_names: Sequence[str] | None = None,
-    layers: range | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> PeregrineImport:
-    """Convert an ORNL Peregrine v2023 HDF5 build into a dataset folder.
-
-    After-melt images come from ``slices/camera_data/visible/0`` (one 2-D image per layer).
-    8- and 16-bit images are written unchanged; other types (float, wider integers) are mapped
-    linearly onto 16 bits with one scale for the whole build (floats: [min(0, lo), max(1, hi)]),
-    recorded in the manifest. Masks come from ``slices/segmentation_results/<class id>``; a
-    class id missing from the file gives all-zero masks and a warning.
-
-    Everything is written into a hidden sibling folder that is renamed to `out` at the end, so
-    `out` either does not exist or is complete.
-
-    Args:
-        hdf5: the Peregrine build file.
-        out: new dataset folder (must not exist or be empty).
-        class_ids: Peregrine class ids, in the order of the dataset's channels.
-        class_names: channel names; default: the v2023 names of the ids (0 = no_defect).
-        layers: 0-based layer indices to import (a stop of -1 means to the end); default all.
-        progress: called with (done, total) after each layer.
-
-    Returns:
-        What was written, including the warnings (also logged).
-    """
-    import h5py  # type: ignore[import-untyped]
-
-    ids = [int(i) for i in class_ids]
-    if not ids:
-        raise DatasetError("class_ids is empty; give at least one Peregrine class id")
-    if len(set(ids)) != len(ids):
-        raise DatasetError(f"class_ids {ids} lists an id twice")
-    if class_names is not None:
-        names = [str(n) for n in class_names]
-        if len(names) != len(ids):
-            raise DatasetError(f"{len(names)} class names for {len(ids)} class ids {ids}")
-    elif ids == list(DEFAULT_PEREGRINE_IDS):
-        names = list(DEFAULT_CLASS_NAMES)
-    else:
-        names = [PEREGRINE_2023_NAMES.get(i, f"class_{i}") for i in ids]
-    bad = [n for n in names if not _NAME_RE.match(n)]
-    if bad or len(set(names)) != len(names):
-        raise DatasetError(f"class names must be unique words of letters, digits, '_', '-', "
-                           f"'.'; got {names}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(f"{out}: already exists and is not an empty folder; choose a new "
-                           f"output folder")
-    messages: list[str] = []
-
-    def warn(msg: str) -> None:
-        messages.append(msg)
-        log.warning("%s", msg)
-
-    try:
-        f = h5py.File(hdf5, "r")
-    except FileNotFoundError as e:
-        raise DatasetError(f"{hdf5}: file not found") from e
-    except OSError as e:
-        raise DatasetError(f"{hdf5}: not a readable HDF5 file ({e})") from e
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden sibling folder to write a new dataset into, renamed to `out` (new, or an
+    empty folder the caller checked) when the block succeeds and removed when it fails, so
+    `out` either does not exist or is complete."""
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
     try:
-        with f:
-            if _PEREGRINE_IMAGES not in f:
-                raise DatasetError(f"{hdf5}: no dataset {_PEREGRINE_IMAGES!r} (after-melt "
-                                   f"images); is this a Peregrine v2023 build file?")
-            images = f[_PEREGRINE_IMAGES]
-            if len(images.shape) != 3:
-                raise DatasetError(f"{hdf5}: {_PEREGRINE_IMAGES} has shape {images.shape}; "
-                                   f"expected (layers, height, width)")
-            n_layers, h, w = (int(s) for s in images.shape)
-            sel = _select_layers(layers, n_layers, hdf5)
-            file_names: list[str] = []
-            group = f.get(_PEREGRINE_MASKS)
-            if group is not None and "class_names" in group:
-                file_names = _decode_names(group["class_names"][()])
-            masks: list[Any] = []
-            for cid, cname in zip(ids, names, strict=True):
-                ds = group.get(str(cid)) if group is not None else None
-                if ds is None:
-                    warn(f"{hdf5}: no {_PEREGRINE_MASKS}/{cid}; class {cname!r} gets all-zero "
-                         f"masks")
-                elif ds.shape != images.shape:
-                    raise DatasetError(f"{hdf5}: {_PEREGRINE_MASKS}/{cid} has shape "
-                                       f"{ds.shape}, the images {images.shape}")
-                if (class_names is None and cid < len(file_names)
-                        and _snake(file_names[cid]) not in (cname, "powder")):
-                    warn(f"{hdf5}: the file calls class id {cid} {file_names[cid]!r}, not "
-                         f"{cname!r}; older releases number classes differently, so pass "
-                         f"--class-ids/--class-names explicitly")
-                masks.append(ds)
-            lo, hi = _value_range(images, sel)
-            for cname in names:
-                (tmp / "masks" / cname).mkdir(parents=True, exist_ok=True)
-            (tmp / "images").mkdir(parents=True, exist_ok=True)
-            written: list[str] = []
-            for done, i in enumerate(sel, start=1):
-                name = f"layer_{i:05d}"
-                _write_png(tmp / "images" / f"{name}.png", _to_png_range(images[i], lo, hi))
-                for cname, ds in zip(names, masks, strict=True):
-                    m = (np.zeros((h, w), np.uint8) if ds is None
-                         else (np.asarray(ds[i]) != 0).astype(np.uint8) * np.uint8(255))
-                    _write_png(tmp / "masks" / cname / f"{name}.png", m)
-                written.append(name)
-                if progress is not None:
-                    progress(done, len(sel))
-            manifest = {
-                "format": DATASET_FORMAT,
-                "classes": names,
-                "images": written,
-                "source": {
-                    "generator": "pbf-monitor dataset import-peregrine",
-                    "file": str(Path(hdf5).resolve()),
-                    "class_ids": ids,
-                    "file_class_names": file_names,
-                    "layers": [sel[0], sel[-1] + 1] if sel else [],
-                    "image_dtype": str(images.dtype),
-                    "image_range": [lo, hi],
-                    "warnings": messages,
-                },
-            }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n",
-                                              encoding="utf-8")
+        yield tmp
         if out.exists():
-            out.rmdir()  # empty, checked above
+            out.rmdir()  # empty, checked by the caller
         tmp.replace(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PeregrineImport(manifest=out / "manifest.json", layers=len(written),
-                           classes=tuple(names), warnings=tuple(messages))
 
 
-def _select_layers(layers: range | None, n_layers: int, hdf5: Path) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    stop = n_layers if layers.stop == -1 else layers.stop
-    if layers.start >= n_layers or stop > n_layers or layers.start < 0:
-        raise DatasetError(f"{hdf5}: layers {layers.start}:{stop} outside the file's "
-                           f"{n_layers} layers (0:{n_layers})")
-    return list(range(layers.start, stop, layers.step))
-
-
-def _value_range(images: Any, sel: list[int]) -> tuple[float, float]:
-    """One linear scale for the whole import when the pixel type needs mapping to 16 bits."""
-    dtype = np.dtype(images.dtype)
-    if dtype in (np.uint8, np.uint16, np.bool_):
-        return 0.0, float(np.iinfo(dtype).max) if dtype != np.bool_ else 1.0
-    lo, hi = math.inf, -math.inf
-    for i in sel:
-        a = np.asarray(images[i], dtype=np.float64)
-        finite = a[np.isfinite(a)]
-        if finite.size:
-            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
-    if not math.isfinite(lo):
-        lo, hi = 0.0, 1.0
-    if dtype.kind == "f":
-        return min(lo, 0.0), max(hi, 1.0)
-    return min(lo, 0.0), max(hi, lo + 1.0)
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a hidden temp file in the same folder, then rename over `path`."""
+    # Not tempfile.mkstemp: its 0600 mode would hide the files from a daemon running as
+    # another user; os.open with 0o666 honours the umask like an ordinary write.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
     if not ok:
         raise DatasetError(f"{path}: could not encode PNG")
-    path.write_bytes(buf.tobytes())
-
+    _write_atomic(path, buf.tobytes())
 
 
 # --- frames known to be clean -----------------------------------------------------------
-
-_IMAGE_SUFFIXES = {".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"}
-
 
 def import_clean_frames(
     sources: Sequence[Path],
     out: Path,
     *,
     classes: Sequence[str] = DEFAULT_CLASS_NAMES,
-    background: str = "no_defect",
+    background: str = NO_DEFECT,
 ) -> Path:
     """Make a dataset of camera frames known to hold no defect (hard negatives).
 
@@ -488,7 +327,7 @@ def import_clean_frames(
         src = Path(src)
         if src.is_dir():
             files += sorted(p for p in src.iterdir()
-                            if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith("."))
+                            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         elif src.is_file():
             files.append(src)
         else:
@@ -498,36 +337,15 @@ def import_clean_frames(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"{out}: already exists and is not an empty folder")
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
-    try:
-        for cls in classes:
-            (tmp / "masks" / cls).mkdir(parents=True, exist_ok=True)
-        (tmp / "images").mkdir(parents=True, exist_ok=True)
-        names = []
+    with staged_folder(out) as tmp:
+        writer = DatasetWriter(tmp, classes)
         for i, path in enumerate(files, start=1):
             try:
                 gray = decode(path.read_bytes())
             except (OSError, ImageError) as e:
                 raise DatasetError(f"{path}: {e}") from e
-            name = f"frame_{i:05d}"
-            _write_png(tmp / "images" / f"{name}.png",
-                       np.round(gray * 65535.0).astype(np.uint16))
-            for cls in classes:
-                fill = 255 if cls == background else 0
-                _write_png(tmp / "masks" / cls / f"{name}.png",
-                           np.full(gray.shape, fill, dtype=np.uint8))
-            names.append(name)
-        manifest = {
-            "format": DATASET_FORMAT, "classes": list(classes), "images": names,
-            "source": {"generator": "pbf-monitor dataset clean-frames",
-                       "files": [str(f) for f in files], "background": background},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n",
-                                           encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        tmp.replace(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out / "manifest.json"
+            writer.add(f"frame_{i:05d}", np.round(gray * 65535.0).astype(np.uint16),
+                       (np.full(gray.shape, cls == background) for cls in classes))
+        writer.finish({"generator": "pbf-monitor dataset clean-frames",
+                       "files": [str(f) for f in files], "background": background})
+    return out / MANIFEST

@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -35,10 +34,9 @@ from torch import nn
 from monitor.errors import MonitorError
 from monitor.training.dataset import Dataset, DatasetError, open_dataset, split_by_layer
 from monitor.training.evaluate import Counts, ThresholdSweep, metrics_json
-from monitor.vision.imaging import normalize
+from monitor.training.tiles import LayerCache, LayerRef, TileSampler, positive_weights
 from monitor.vision.model import DEPTH, ModelInfo, UNet, file_sha256, save_weights
 from monitor.vision.segmenter import Segmenter, resolve_device
-from monitor.vision.stats import NO_DEFECT
 
 log = logging.getLogger(__name__)
 
@@ -95,108 +93,6 @@ class TrainOptions:
 # --- data ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerRef:
-    dataset: Dataset
-    name: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.dataset.root.name}/{self.name}"
-
-
-class LayerCache:
-    """Decoded layers kept in memory up to a budget, loaded again when evicted."""
-
-    def __init__(self, classes: Sequence[str], budget_mb: int) -> None:
-        self.classes = tuple(classes)
-        self.budget = budget_mb * 2**20
-        self.used = 0
-        self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
-
-    def get(self, ref: LayerRef) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Image (H, W) float32, masks (C, H, W) bool in training class order, and per class
-        the flat indices of its pixels (for sampling tiles around defects)."""
-        key = (str(ref.dataset.root), ref.name)
-        hit = self._items.get(key)
-        if hit is not None:
-            return hit
-        gray, masks = ref.dataset.sample(ref.name)
-        order = [ref.dataset.classes.index(c) for c in self.classes]
-        masks = masks[order]
-        where = [np.flatnonzero(m) for m in masks]
-        item = (gray, masks, where)
-        size = gray.nbytes + masks.nbytes + sum(w.nbytes for w in where)
-        while self._items and self.used + size > self.budget:
-            old = self._items.pop(next(iter(self._items)))
-            self.used -= old[0].nbytes + old[1].nbytes + sum(w.nbytes for w in old[2])
-        self._items[key] = item
-        self.used += size
-        return item
-
-
-def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """A random rotation/flip of the square tile, and brightness, contrast and gamma jitter."""
-    k = int(rng.integers(4))
-    gray, masks = np.rot90(gray, k), np.rot90(masks, k, axes=(1, 2))
-    if rng.random() < 0.5:
-        gray, masks = gray[:, ::-1], masks[:, :, ::-1]
-    gain = rng.uniform(0.8, 1.2)
-    offset = rng.uniform(-0.06, 0.06)
-    gamma = rng.uniform(0.8, 1.25)
-    out = np.clip(gray, 0.0, 1.0) ** gamma * gain + offset
-    return np.clip(out, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(masks)
-
-
-class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Random tiles, reproducible from (seed, epoch, index) so workers need no shared state."""
-
-    def __init__(self, refs: Sequence[LayerRef], classes: Sequence[str], info: ModelInfo,
-                 opts: TrainOptions) -> None:
-        self.refs = list(refs)
-        self.classes = tuple(classes)
-        self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
-        self.info = info
-        self.opts = opts
-        self.cache = LayerCache(classes, opts.cache_mb)
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.opts.steps_per_epoch * self.opts.batch
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.opts.seed, self.epoch, index))
-        ref = self.refs[int(rng.integers(len(self.refs)))]
-        gray, masks, where = self.cache.get(ref)
-        t = self.opts.tile
-        h, w = gray.shape
-        present = [c for c in self.defect_ids if where[c].size]
-        if present and rng.random() < self.opts.defect_bias:
-            # Pick the class first, then one of its pixels: rare classes are seen as often as
-            # common ones, and a defect lands anywhere in the tile, not only in its centre.
-            cls = present[int(rng.integers(len(present)))]
-            flat = int(where[cls][int(rng.integers(where[cls].size))])
-            cy, cx = divmod(flat, w)
-            y0 = cy - int(rng.integers(t // 8, t - t // 8))
-            x0 = cx - int(rng.integers(t // 8, t - t // 8))
-        else:
-            y0, x0 = int(rng.integers(max(h - t, 0) + 1)), int(rng.integers(max(w - t, 0) + 1))
-        y0, x0 = min(max(y0, 0), max(h - t, 0)), min(max(x0, 0), max(w - t, 0))
-        g = gray[y0:y0 + t, x0:x0 + t]
-        m = masks[:, y0:y0 + t, x0:x0 + t]
-        if g.shape != (t, t):  # a layer smaller than the tile: reflect-pad like serving
-            ph, pw = t - g.shape[0], t - g.shape[1]
-            g = np.pad(g, ((0, ph), (0, pw)), mode="reflect")
-            m = np.pad(m, ((0, 0), (0, ph), (0, pw)), mode="reflect")
-        g, m = augment(g, m, rng)
-        x = normalize(g, self.info.mean, self.info.std)[None]
-        return torch.from_numpy(x.copy()), torch.from_numpy(m.astype(np.float32))
-
-
-# --- the loop --------------------------------------------------------------------------
-
-
 @dataclass
 class EpochResult:
     epoch: int
@@ -217,24 +113,6 @@ class TrainResult:
     card: Path
     best_epoch: int
     history: list[EpochResult] = field(default_factory=list)
-
-
-def _pos_weight(sampler: TileSampler, opts: TrainOptions, n_batches: int = 16) -> torch.Tensor:
-    """Per-class weight of positive pixels: sqrt(neg/pos) over tiles as training sees them."""
-    c = len(sampler.classes)
-    if opts.pos_weight == "none":
-        return torch.ones(c)
-    if opts.pos_weight != "auto":
-        return torch.full((c,), float(opts.pos_weight))
-    pos = np.zeros(c)
-    total = 0
-    for i in range(min(n_batches * opts.batch, len(sampler))):
-        _, m = sampler[i]
-        pos += m.sum(dim=(1, 2)).numpy()
-        total += m[0].numel()
-    neg = total - pos
-    w = np.sqrt(neg / np.maximum(pos, 1.0))
-    return torch.tensor(np.clip(w, 1.0, opts.pos_weight_max), dtype=torch.float32)
 
 
 def _schedule(opts: TrainOptions) -> Callable[[int], float]:
@@ -337,6 +215,49 @@ def train(
     opts.check()
     if out.suffix != ".safetensors":
         raise TrainError(f"--out {out}: use a .safetensors file name")
+    opened = _open_datasets(datasets)
+    train_refs, val_refs = _split(opened, opts)
+    run = _Run.start(opened[0].classes, train_refs, opts)
+    ckpt = _ckpt_path(out)
+    state = _resume(ckpt, run, opts) if resume and ckpt.is_file() else _State()
+    log.info("training width %d on %s: %d train / %d validation layers, pos_weight %s",
+             opts.width, run.device, len(train_refs), len(val_refs),
+             [round(float(w), 2) for w in run.pos_weight])
+    t_start = time.perf_counter()
+    for epoch in range(state.start_epoch, opts.epochs + 1):
+        t0 = time.perf_counter()
+        result = run.epoch(epoch, on_progress)
+        sweep_best: dict[str, Any] = {}
+        if val_refs:
+            counts, sweep = validate(run.model, run.info, val_refs, run.device, opts,
+                                     run.sampler.cache)
+            result.val = metrics_json(counts)
+            sweep_best = sweep.best()
+        result.seconds = time.perf_counter() - t0
+        state.history.append(result)
+        improved = state.best.epoch == 0 or not val_refs or result.score > state.best.score
+        if improved:
+            state.best, state.best_sweep = result, sweep_best
+            _write_weights(out, run.model, run.info, opts, opened, state.best, state.best_sweep)
+        _save_checkpoint(ckpt, run.model, run.optim, {
+            "epoch": epoch, "step": epoch * opts.steps_per_epoch, "options": asdict(opts),
+            "history": [asdict(h) for h in state.history], "best_sweep": state.best_sweep,
+            "seconds": state.elapsed_before + time.perf_counter() - t_start,
+        })
+        _report_epoch(result, improved, opts, on_progress)
+
+    if not out.is_file():  # deleted since the checkpoint's best epoch: keep the last one
+        state.best = state.history[-1]
+        _write_weights(out, run.model, run.info, opts, opened, state.best, state.best_sweep)
+    card = write_card(out, opts, opened, train_refs, val_refs, state.best, state.history,
+                      state.best_sweep, run.device, command,
+                      state.elapsed_before + time.perf_counter() - t_start)
+    return TrainResult(weights=out, card=card, best_epoch=state.best.epoch,
+                       history=state.history)
+
+
+def _open_datasets(datasets: Sequence[Path]) -> list[Dataset]:
+    """The datasets, opened and checked; all must list the same classes."""
     opened = [open_dataset(Path(d)) for d in datasets]
     if not opened:
         raise TrainError("give at least one dataset folder")
@@ -345,6 +266,12 @@ def train(
         if set(ds.classes) != set(classes):
             raise DatasetError(f"{ds.root}: classes {list(ds.classes)} differ from "
                                f"{opened[0].root}'s {list(classes)}")
+    return opened
+
+
+def _split(opened: Sequence[Dataset], opts: TrainOptions
+           ) -> tuple[list[LayerRef], list[LayerRef]]:
+    """Training and validation layers of every dataset, held out by blocks of layers."""
     train_refs: list[LayerRef] = []
     val_refs: list[LayerRef] = []
     for ds in opened:
@@ -353,108 +280,125 @@ def train(
         val_refs += [LayerRef(ds, n) for n in va]
     if not train_refs:
         raise TrainError("no training layers after the validation split")
+    return train_refs, val_refs
 
-    torch.manual_seed(opts.seed)
-    device = resolve_device(opts.device)
-    cuda = device.type == "cuda"
-    if not cuda:
-        torch.set_num_threads(max(torch.get_num_threads(), 1))
-    info = ModelInfo(class_names=classes, base_channels=opts.width)
-    model = info.build().to(device)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, _schedule(opts))
-    sampler = TileSampler(train_refs, classes, info, opts)
-    pos_weight = _pos_weight(sampler, opts).to(device)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight[:, None, None])
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
 
-    history: list[EpochResult] = []
-    best = EpochResult(epoch=0, loss=math.inf, seconds=0.0)
-    best_sweep: dict[str, Any] = {}
-    start_epoch = 1
-    ckpt = _ckpt_path(out)
-    elapsed_before = 0.0
-    if resume and ckpt.is_file():
-        meta = _load_checkpoint(ckpt, model, optim)
-        if meta.get("options", {}).get("width") != opts.width:
-            raise TrainError(f"{ckpt}: trained with --width {meta['options'].get('width')}")
-        start_epoch = int(meta["epoch"]) + 1
-        if start_epoch > opts.epochs:
-            raise TrainError(f"{ckpt}: no epoch was trained; the checkpoint is already at "
-                             f"epoch {start_epoch - 1} of {opts.epochs} (raise --epochs)")
-        # Continue the schedule at the restored step (the factor depends on --epochs).
-        sched.last_epoch = int(meta["step"])
-        for group, base in zip(optim.param_groups, sched.base_lrs, strict=True):
-            group["lr"] = base * _schedule(opts)(sched.last_epoch)
-        history = [EpochResult(**h) for h in meta["history"]]
-        best = max(history, key=lambda r: r.score, default=best)
-        best_sweep = meta.get("best_sweep", {})
-        elapsed_before = float(meta.get("seconds", 0.0))
-        log.info("resuming %s after epoch %d", ckpt, start_epoch - 1)
+@dataclass
+class _State:
+    """Where a run stands: the epochs so far, the best one, and the time already spent."""
 
-    log.info("training width %d on %s: %d train / %d validation layers, pos_weight %s",
-             opts.width, device, len(train_refs), len(val_refs),
-             [round(float(w), 2) for w in pos_weight])
-    t_start = time.perf_counter()
-    for epoch in range(start_epoch, opts.epochs + 1):
-        t0 = time.perf_counter()
-        sampler.epoch = epoch
+    history: list[EpochResult] = field(default_factory=list)
+    best: EpochResult = field(
+        default_factory=lambda: EpochResult(epoch=0, loss=math.inf, seconds=0.0))
+    best_sweep: dict[str, Any] = field(default_factory=dict)
+    start_epoch: int = 1
+    elapsed_before: float = 0.0
+
+
+@dataclass
+class _Run:
+    """The model and everything that steps it: optimizer, schedule, loss, sampler, precision."""
+
+    opts: TrainOptions
+    info: ModelInfo
+    device: torch.device
+    model: UNet
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    sampler: TileSampler
+    pos_weight: torch.Tensor
+    loss_fn: nn.Module
+    amp_dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def start(cls, classes: tuple[str, ...], train_refs: Sequence[LayerRef],
+              opts: TrainOptions) -> _Run:
+        torch.manual_seed(opts.seed)
+        device = resolve_device(opts.device)
+        cuda = device.type == "cuda"
+        if not cuda:
+            torch.set_num_threads(max(torch.get_num_threads(), 1))
+        info = ModelInfo(class_names=classes, base_channels=opts.width)
+        model = info.build().to(device)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        optim = torch.optim.AdamW(model.parameters(), lr=opts.lr,
+                                  weight_decay=opts.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, _schedule(opts))
+        sampler = TileSampler(train_refs, classes, info, opts)
+        pos_weight = positive_weights(sampler, opts).to(device)
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight[:, None, None])
+        amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
+        return cls(opts, info, device, model, optim, sched, sampler, pos_weight, loss_fn,
+                   amp_dtype, scaler)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def epoch(self, epoch: int,
+              on_progress: Callable[[str, int, int, dict[str, Any]], None] | None
+              ) -> EpochResult:
+        """One epoch of optimizer steps; the result has its mean loss (no validation yet)."""
+        opts, device, cuda = self.opts, self.device, self.cuda
+        self.sampler.epoch = epoch
         loader = torch.utils.data.DataLoader(
-            sampler, batch_size=opts.batch, shuffle=False, num_workers=opts.workers,
+            self.sampler, batch_size=opts.batch, shuffle=False, num_workers=opts.workers,
             pin_memory=cuda, persistent_workers=False)
-        model.train()
+        self.model.train()
         total, n = 0.0, 0
         for step, (x, y) in enumerate(loader, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if cuda:
                 x = x.to(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=cuda):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            optim.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optim)
-            scaler.update()
-            sched.step()
+            with torch.autocast(device.type, dtype=self.amp_dtype, enabled=cuda):
+                logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
+            self.optim.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optim)
+            self.scaler.update()
+            self.sched.step()
             total += float(loss.detach())
             n += 1
             if on_progress is not None:
                 on_progress("step", step, opts.steps_per_epoch, {"loss": total / n})
-        result = EpochResult(epoch=epoch, loss=total / max(n, 1), seconds=0.0)
-        sweep_best: dict[str, Any] = {}
-        if val_refs:
-            counts, sweep = validate(model, info, val_refs, device, opts, sampler.cache)
-            result.val = metrics_json(counts)
-            sweep_best = sweep.best()
-        result.seconds = time.perf_counter() - t0
-        history.append(result)
-        improved = best.epoch == 0 or not val_refs or result.score > best.score
-        if improved:
-            best, best_sweep = result, sweep_best
-            _write_weights(out, model, info, opts, opened, best, best_sweep)
-        _save_checkpoint(ckpt, model, optim, {
-            "epoch": epoch, "step": epoch * opts.steps_per_epoch, "options": asdict(opts),
-            "history": [asdict(h) for h in history], "best_sweep": best_sweep,
-            "seconds": elapsed_before + time.perf_counter() - t_start,
-        })
-        mean = (result.val or {}).get("mean_iou_defects")
-        log.info("epoch %d/%d: loss %.4f, val mean defect IoU %s%s (%.0f s)", epoch,
-                 opts.epochs, result.loss, "-" if mean is None else f"{mean:.3f}",
-                 " (best)" if improved else "", result.seconds)
-        if on_progress is not None:
-            on_progress("epoch", epoch, opts.epochs,
-                        {"loss": result.loss, "mean_iou_defects": mean, "best": improved})
+        return EpochResult(epoch=epoch, loss=total / max(n, 1), seconds=0.0)
 
-    if not out.is_file():  # deleted since the checkpoint's best epoch: keep the last one
-        best = history[-1]
-        _write_weights(out, model, info, opts, opened, best, best_sweep)
-    card = write_card(out, opts, opened, train_refs, val_refs, best, history, best_sweep,
-                      device, command, elapsed_before + time.perf_counter() - t_start)
-    return TrainResult(weights=out, card=card, best_epoch=best.epoch, history=history)
+
+def _resume(ckpt: Path, run: _Run, opts: TrainOptions) -> _State:
+    """Restore the model, optimizer and schedule from the checkpoint; the run's history."""
+    meta = _load_checkpoint(ckpt, run.model, run.optim)
+    if meta.get("options", {}).get("width") != opts.width:
+        raise TrainError(f"{ckpt}: trained with --width {meta['options'].get('width')}")
+    state = _State(start_epoch=int(meta["epoch"]) + 1)
+    if state.start_epoch > opts.epochs:
+        raise TrainError(f"{ckpt}: no epoch was trained; the checkpoint is already at "
+                         f"epoch {state.start_epoch - 1} of {opts.epochs} (raise --epochs)")
+    # Continue the schedule at the restored step (the factor depends on --epochs).
+    run.sched.last_epoch = int(meta["step"])
+    for group, base in zip(run.optim.param_groups, run.sched.base_lrs, strict=True):
+        group["lr"] = base * _schedule(opts)(run.sched.last_epoch)
+    state.history = [EpochResult(**h) for h in meta["history"]]
+    state.best = max(state.history, key=lambda r: r.score, default=state.best)
+    state.best_sweep = meta.get("best_sweep", {})
+    state.elapsed_before = float(meta.get("seconds", 0.0))
+    log.info("resuming %s after epoch %d", ckpt, state.start_epoch - 1)
+    return state
+
+
+def _report_epoch(result: EpochResult, improved: bool, opts: TrainOptions,
+                  on_progress: Callable[[str, int, int, dict[str, Any]], None] | None) -> None:
+    mean = (result.val or {}).get("mean_iou_defects")
+    log.info("epoch %d/%d: loss %.4f, val mean defect IoU %s%s (%.0f s)", result.epoch,
+             opts.epochs, result.loss, "-" if mean is None else f"{mean:.3f}",
+             " (best)" if improved else "", result.seconds)
+    if on_progress is not None:
+        on_progress("epoch", result.epoch, opts.epochs,
+                    {"loss": result.loss, "mean_iou_defects": mean, "best": improved})
 
 
 def _training_facts(opts: TrainOptions, datasets: Sequence[Dataset], best: EpochResult

@@ -21,11 +21,6 @@ from torch import nn
 from monitor.errors import WeightsError
 
 FORMAT = "pbf-monitor-unet/1"
-DEFAULT_CLASS_NAMES = (
-    "no_defect", "swelling", "spatter", "misprint", "over_melting", "under_melting",
-)
-# ORNL Peregrine v2023 class ids of the default channels.
-DEFAULT_PEREGRINE_IDS = (0, 5, 8, 9, 10, 11)
 DEPTH = 4  # down-sampling steps: inputs are padded to a multiple of 2**DEPTH
 
 

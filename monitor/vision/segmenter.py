@@ -11,8 +11,9 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -69,30 +70,41 @@ class Segmentation:
     found: dict[int, Found] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SegmenterOptions:
+    """How a Segmenter serves its model: the one list of the options and their defaults."""
+
+    device: str = "auto"  # 'auto' | 'cpu' | 'cuda' (or a torch device's name, e.g. 'cuda:1')
+    tile_size: int = DEFAULT_TILE_SIZE
+    tile_overlap: int = 64
+    threshold: float = 0.5  # for classes without their own (below) or a calibrated one
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    min_component_px: Mapping[str, int] = field(default_factory=dict)  # per class
+    backend: str = "torch"
+    cache_dir: Path | None = None  # where the backends' exports are kept
+    precision: str = "f32"  # the CPU engines' precision
+    batch_size: int = 0  # tiles per model call; 0 = 8 on a GPU, 1 on a CPU
+
+    @classmethod
+    def from_config(cls, cfg: Config, weights: Path | None = None) -> SegmenterOptions:
+        """The options [model] sets; `weights` are other weights given on the command line."""
+        m = cfg.model
+        return cls(device=m.device, tile_size=m.tile_size, tile_overlap=m.tile_overlap,
+                   threshold=m.threshold, thresholds=m.thresholds,
+                   min_component_px=min_component_px(cfg, weights), backend=m.backend,
+                   cache_dir=cfg.state_dir / "cache", precision=m.cpu_precision,
+                   batch_size=m.batch_size)
+
+
 class Segmenter:
     """Owns the model: one instance, used from one thread."""
 
-    def __init__(
-        self,
-        weights: Path,
-        *,
-        device: str = "auto",
-        tile_size: int = DEFAULT_TILE_SIZE,
-        tile_overlap: int = 64,
-        threshold: float = 0.5,
-        thresholds: Mapping[str, float] | None = None,
-        expected_sha256: str = "",
-        min_component_px: Mapping[str, int] | None = None,
-        backend: str = "torch",
-        cache_dir: Path | None = None,
-        precision: str = "f32",
-        batch_size: int = 0,
-    ) -> None:
+    def __init__(self, weights: Path, options: SegmenterOptions | None = None, *,
+                 expected_sha256: str = "", **overrides: Any) -> None:
+        """Load `weights` and serve them with `options`; keyword `overrides` replace single
+        options (``Segmenter(weights, device="cpu")``)."""
         model, info = load_weights(weights, expected_sha256=expected_sha256)
-        self._setup(model, info, device=resolve_device(device), tile_size=tile_size,
-                    tile_overlap=tile_overlap, threshold=threshold, thresholds=thresholds,
-                    min_component_px=min_component_px, backend=backend, cache_dir=cache_dir,
-                    precision=precision, batch_size=batch_size)
+        self._serve(model, info, replace(options or SegmenterOptions(), **overrides))
         name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
         log.info("model %s (width %d, classes %s) on %s with the %s backend%s",
                  self.info.sha256[:12], self.info.base_channels, ",".join(self.info.class_names),
@@ -102,63 +114,34 @@ class Segmenter:
     def from_config(cls, cfg: Config, weights: Path | None = None) -> Segmenter:
         """The Segmenter the daemon, `infer` and `evaluate` use; `weights` overrides the
         config's (then model.sha256 is not checked)."""
-        m = cfg.model
-        return cls(weights or m.weights, device=m.device, tile_size=m.tile_size,
-                   tile_overlap=m.tile_overlap, threshold=m.threshold, thresholds=m.thresholds,
-                   expected_sha256="" if weights else m.sha256,
-                   min_component_px=min_component_px(cfg, weights), backend=m.backend,
-                   cache_dir=cfg.state_dir / "cache", precision=m.cpu_precision,
-                   batch_size=m.batch_size)
+        return cls(weights or cfg.model.weights, SegmenterOptions.from_config(cfg, weights),
+                   expected_sha256="" if weights else cfg.model.sha256)
 
     @classmethod
-    def from_model(
-        cls,
-        model: UNet,
-        info: ModelInfo,
-        *,
-        device: torch.device,
-        tile_size: int = DEFAULT_TILE_SIZE,
-        tile_overlap: int = 64,
-        threshold: float = 0.5,
-        thresholds: Mapping[str, float] | None = None,
-    ) -> Segmenter:
-        """Serve a model already in memory (training's validation): same tiling and thresholds
-        as the daemon. The caller puts the model in eval mode."""
+    def from_model(cls, model: UNet, info: ModelInfo, *, device: torch.device,
+                   options: SegmenterOptions | None = None, **overrides: Any) -> Segmenter:
+        """Serve a model already in memory (training's validation, the benchmark): same
+        tiling and thresholds as the daemon. The caller puts the model in eval mode."""
         self = cls.__new__(cls)
-        self._setup(model, info, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
-                    threshold=threshold, thresholds=thresholds)
+        self._serve(model, info,
+                    replace(options or SegmenterOptions(), **overrides, device=str(device)))
         return self
 
-    def _setup(
-        self,
-        model: UNet,
-        info: ModelInfo,
-        *,
-        device: torch.device,
-        tile_size: int,
-        tile_overlap: int,
-        threshold: float,
-        thresholds: Mapping[str, float] | None,
-        min_component_px: Mapping[str, int] | None = None,
-        backend: str = "torch",
-        cache_dir: Path | None = None,
-        precision: str = "f32",
-        batch_size: int = 0,
-    ) -> None:
-        if tile_overlap >= tile_size // 2:
-            raise ConfigError(f"model.tile_overlap ({tile_overlap}) must be less than half of "
-                              f"model.tile_size ({tile_size})")
-        self.device = device
+    def _serve(self, model: UNet, info: ModelInfo, opts: SegmenterOptions) -> None:
+        self.device = resolve_device(opts.device)
+        if opts.tile_overlap >= opts.tile_size // 2:
+            raise ConfigError(f"model.tile_overlap ({opts.tile_overlap}) must be less than "
+                              f"half of model.tile_size ({opts.tile_size})")
         self.info = info
-        self.set_thresholds(threshold, thresholds, min_component_px)
-        self.tile_size = tile_size
-        self.tile_overlap = tile_overlap
+        self.set_thresholds(opts.threshold, opts.thresholds, opts.min_component_px)
+        self.tile_size = opts.tile_size
+        self.tile_overlap = opts.tile_overlap
         self.cuda = self.device.type == "cuda"
         # 0 = auto: a GPU gains from several tiles per call; a CPU engine already uses every
         # core on one, and a batch would only multiply the memory.
-        self.batch_size = batch_size or (8 if self.cuda else 1)
-        self.backend: Backend = make_backend(backend, model, info, device, cache_dir=cache_dir,
-                                             precision=precision)
+        self.batch_size = opts.batch_size or (8 if self.cuda else 1)
+        self.backend: Backend = make_backend(opts.backend, model, info, self.device,
+                                             cache_dir=opts.cache_dir, precision=opts.precision)
 
     def set_thresholds(self, threshold: float, thresholds: Mapping[str, float] | None,
                        min_component_px: Mapping[str, int] | None = None) -> None:

@@ -12,12 +12,13 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
+from monitor.vision.classes import NO_DEFECT as NO_DEFECT  # re-exported: stats treat it apart
+
 T = TypeVar("T")
 
-# The class that is not a defect. It covers the bed around and between the defects, one
-# component about the size of the layer, so only its area is counted: labelling it took half
-# the statistics time of a 2048 px layer and told nothing.
-NO_DEFECT = "no_defect"
+# NO_DEFECT covers the bed around and between the defects, one component about the size of
+# the layer, so only its area is counted: labelling it took half the statistics time of a
+# 2048 px layer and told nothing.
 AREA_ONLY_METRICS = ("area_fraction", "area_mm2")
 
 _pool: ThreadPoolExecutor | None = None

@@ -1,0 +1,201 @@
+"""Commands that read results: builds, report, alarms, the dashboard, and infer on one image."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+
+from monitor.cli.options import CONFIG_OPTION, find_config
+from monitor.config import Config
+from monitor.errors import MonitorError
+
+
+def _reader(cfg: Config) -> Any:
+    from monitor.store.db import open_db
+
+    return open_db(cfg.store_url, writer=False)
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def builds(config_path: Path | None, as_json: bool) -> None:
+    """List the builds in the database."""
+    from rich.table import Table
+    from sqlalchemy.orm import Session
+
+    from monitor.store.db import list_builds
+
+    engine = _reader(find_config(config_path))
+    with Session(engine) as s:
+        rows = list_builds(s)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    t = Table(title="builds")
+    for col in ("build", "layers", "first", "last", "errors"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["build"], str(r["layers"]), str(r["first_layer"]), str(r["last_layer"]),
+                  str(r["errors"]))
+    Console().print(t)
+
+
+@click.command()
+@click.argument("build")
+@CONFIG_OPTION
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]),
+              default="table")
+@click.option("--out", type=click.Path(path_type=Path), help="Write to a file, not stdout.")
+@click.option("--layers", "layer_range", help="Only layers A:B (inclusive), A: or :B.")
+@click.option("--printer", default=None, help="Printer of the build (fleets).")
+def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
+           layer_range: str | None, printer: str | None) -> None:
+    """Report of one build: a table, JSON, CSV, or a self-contained HTML file with plots."""
+    from sqlalchemy.orm import Session
+
+    from monitor.reports import report as rep
+
+    span = rep.parse_layers(layer_range) if layer_range else None
+    engine = _reader(find_config(config_path))
+    with Session(engine) as s:
+        if fmt == "html":
+            from monitor.reports.html import render_html
+
+            html = render_html(s, build, layers=span, printer=printer)
+            if out is None:
+                raise MonitorError("--format html needs --out FILE.html")
+            out.write_text(html, encoding="utf-8")
+            click.echo(f"wrote {out} ({len(html) / 1e6:.1f} MB)")
+            return
+        data = rep.build_report(s, build, layers=span, printer=printer)
+    if fmt == "table":
+        console = Console(file=out.open("w", encoding="utf-8") if out else None)
+        console.print(rep.to_table(data))
+        return
+    text = json.dumps(data, indent=1) if fmt == "json" else rep.to_csv(data)
+    if out:
+        out.write_text(text, encoding="utf-8")
+    else:
+        click.echo(text)
+
+
+@click.command("alarms")
+@CONFIG_OPTION
+@click.option("--build", help="Only this build.")
+@click.option("--open", "open_only", is_flag=True, help="Only open or acknowledged alarms.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
+               as_json: bool) -> None:
+    """List alarms from the database, newest first."""
+    from rich.table import Table
+    from sqlalchemy.orm import Session
+
+    from monitor.daemon.publisher import alarm_message
+    from monitor.store.db import list_alarms
+
+    cfg = find_config(config_path)
+    engine = _reader(cfg)
+    try:
+        with Session(engine) as s:
+            rows = [alarm_message(a, printer=p, build=b)
+                    for a, p, b in list_alarms(s, build=build, open_only=open_only)]
+    finally:
+        engine.dispose()
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    t = Table(title=f"{len(rows)} alarm(s)")
+    for col in ("id", "build", "layer", "class", "rule", "severity", "state", "value"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["id"]), r["build"], str(r["layer"]), r["class"], r["rule"],
+                  r["severity"], r["state"], f"{r['value']:.4g}")
+    Console().print(t)
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--port", type=click.IntRange(1, 65535), default=8501, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to serve on (loopback by default).")
+def dashboard(config_path: Path | None, port: int, address: str) -> None:
+    """The live dashboard (Streamlit, the 'dashboard' extra); reads the database read-only."""
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        raise MonitorError("the dashboard needs Streamlit: pip install 'pbf-monitor[dashboard]'")
+    cfg = find_config(config_path)  # fail here, in one line, rather than inside Streamlit
+    app = Path(__file__).parent.parent / "reports" / "dashboard_app.py"
+    args = [sys.executable, "-m", "streamlit", "run", str(app), "--server.port", str(port),
+            "--server.address", address, "--server.headless", "true",
+            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer", "--"]
+    if cfg.source is not None:
+        args += ["--config", str(cfg.source.resolve())]
+    click.echo(f"dashboard on http://{address}:{port} (database {cfg.store_url})")
+    sys.stdout.flush()
+    # Become Streamlit rather than wait for it: a SIGTERM to this command (a service stop, a
+    # test's cleanup) then reaches the server instead of leaving it running as an orphan.
+    os.execv(sys.executable, args)
+
+
+@click.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@CONFIG_OPTION
+@click.option("--weights", type=click.Path(path_type=Path), help="Override model.weights.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write a colour overlay PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path | None,
+          as_json: bool) -> None:
+    """Segment one image and print its per-class statistics."""
+    import cv2
+    from rich.table import Table
+
+    from monitor.errors import ImageError
+    from monitor.vision.imaging import decode, overlay
+    from monitor.vision.segmenter import Segmenter
+    from monitor.vision.stats import layer_stats
+
+    cfg = find_config(config_path)
+    seg = Segmenter.from_config(cfg, weights)
+    try:
+        data = image.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{image}: cannot read ({e.strerror or e})") from e
+    try:
+        gray = decode(data, max_pixels=cfg.watch.max_pixels)
+    except ImageError as e:
+        raise ImageError(f"{image}: {e}") from e
+    result = seg.predict(gray, probs=False)
+    stats = layer_stats(result.masks, seg.class_names, pixel_size_mm=cfg.camera.pixel_size_mm,
+                        max_components=cfg.store.max_components)
+    if out is not None:
+        ok, buf = cv2.imencode(".png", overlay(gray, result.masks, seg.class_names))
+        if ok:
+            out.write_bytes(buf.tobytes())
+    if as_json:
+        click.echo(json.dumps({
+            "image": str(image), "width": stats.width, "height": stats.height,
+            "model_sha256": seg.info.sha256, "device": str(seg.device),
+            "infer_ms": result.infer_ms, "classes": stats.summary(),
+        }))
+        return
+    t = Table(title=f"{image.name}: {stats.width}x{stats.height}, {result.infer_ms:.0f} ms on "
+                    f"{seg.device}")
+    for col in ("class", "area %", "area mm²", "components", "largest px"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for c in stats.classes.values():
+        t.add_row(c.name, f"{100 * c.area_fraction:.3f}", f"{c.area_mm2:.2f}",
+                  str(c.components), str(c.largest_component_px))
+    Console().print(t)
+
+
+# Registered on the `pbf-monitor` group by monitor.cli.
+COMMANDS: list[click.Command] = [builds, report, alarms_cmd, dashboard, infer]

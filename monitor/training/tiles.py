@@ -1,0 +1,139 @@
+"""Training tiles: held-out-aware layer references, the decoded-layer cache, augmentation, and
+the defect-biased sampler of native-resolution tiles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from monitor.training.dataset import Dataset
+from monitor.vision.classes import NO_DEFECT
+from monitor.vision.imaging import normalize
+from monitor.vision.model import ModelInfo
+
+if TYPE_CHECKING:
+    from monitor.training.train import TrainOptions
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    dataset: Dataset
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset.root.name}/{self.name}"
+
+
+class LayerCache:
+    """Decoded layers kept in memory up to a budget, loaded again when evicted."""
+
+    def __init__(self, classes: Sequence[str], budget_mb: int) -> None:
+        self.classes = tuple(classes)
+        self.budget = budget_mb * 2**20
+        self.used = 0
+        self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
+
+    def get(self, ref: LayerRef) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Image (H, W) float32, masks (C, H, W) bool in training class order, and per class
+        the flat indices of its pixels (for sampling tiles around defects)."""
+        key = (str(ref.dataset.root), ref.name)
+        hit = self._items.get(key)
+        if hit is not None:
+            return hit
+        gray, masks = ref.dataset.sample(ref.name)
+        order = [ref.dataset.classes.index(c) for c in self.classes]
+        masks = masks[order]
+        where = [np.flatnonzero(m) for m in masks]
+        item = (gray, masks, where)
+        size = gray.nbytes + masks.nbytes + sum(w.nbytes for w in where)
+        while self._items and self.used + size > self.budget:
+            old = self._items.pop(next(iter(self._items)))
+            self.used -= old[0].nbytes + old[1].nbytes + sum(w.nbytes for w in old[2])
+        self._items[key] = item
+        self.used += size
+        return item
+
+
+def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A random rotation/flip of the square tile, and brightness, contrast and gamma jitter."""
+    k = int(rng.integers(4))
+    gray, masks = np.rot90(gray, k), np.rot90(masks, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        gray, masks = gray[:, ::-1], masks[:, :, ::-1]
+    gain = rng.uniform(0.8, 1.2)
+    offset = rng.uniform(-0.06, 0.06)
+    gamma = rng.uniform(0.8, 1.25)
+    out = np.clip(gray, 0.0, 1.0) ** gamma * gain + offset
+    return np.clip(out, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(masks)
+
+
+class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Random tiles, reproducible from (seed, epoch, index) so workers need no shared state."""
+
+    def __init__(self, refs: Sequence[LayerRef], classes: Sequence[str], info: ModelInfo,
+                 opts: TrainOptions) -> None:
+        self.refs = list(refs)
+        self.classes = tuple(classes)
+        self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
+        self.info = info
+        self.opts = opts
+        self.cache = LayerCache(classes, opts.cache_mb)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.opts.steps_per_epoch * self.opts.batch
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.opts.seed, self.epoch, index))
+        ref = self.refs[int(rng.integers(len(self.refs)))]
+        gray, masks, where = self.cache.get(ref)
+        t = self.opts.tile
+        h, w = gray.shape
+        present = [c for c in self.defect_ids if where[c].size]
+        if present and rng.random() < self.opts.defect_bias:
+            # Pick the class first, then one of its pixels: rare classes are seen as often as
+            # common ones, and a defect lands anywhere in the tile, not only in its centre.
+            cls = present[int(rng.integers(len(present)))]
+            flat = int(where[cls][int(rng.integers(where[cls].size))])
+            cy, cx = divmod(flat, w)
+            y0 = cy - int(rng.integers(t // 8, t - t // 8))
+            x0 = cx - int(rng.integers(t // 8, t - t // 8))
+        else:
+            y0, x0 = int(rng.integers(max(h - t, 0) + 1)), int(rng.integers(max(w - t, 0) + 1))
+        y0, x0 = min(max(y0, 0), max(h - t, 0)), min(max(x0, 0), max(w - t, 0))
+        g = gray[y0:y0 + t, x0:x0 + t]
+        m = masks[:, y0:y0 + t, x0:x0 + t]
+        if g.shape != (t, t):  # a layer smaller than the tile: reflect-pad like serving
+            ph, pw = t - g.shape[0], t - g.shape[1]
+            g = np.pad(g, ((0, ph), (0, pw)), mode="reflect")
+            m = np.pad(m, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+        g, m = augment(g, m, rng)
+        x = normalize(g, self.info.mean, self.info.std)[None]
+        return torch.from_numpy(x.copy()), torch.from_numpy(m.astype(np.float32))
+
+
+# --- the loop --------------------------------------------------------------------------
+
+
+def positive_weights(sampler: TileSampler, opts: TrainOptions, n_batches: int = 16) -> torch.Tensor:
+    """Per-class weight of positive pixels: sqrt(neg/pos) over tiles as training sees them."""
+    c = len(sampler.classes)
+    if opts.pos_weight == "none":
+        return torch.ones(c)
+    if opts.pos_weight != "auto":
+        return torch.full((c,), float(opts.pos_weight))
+    pos = np.zeros(c)
+    total = 0
+    for i in range(min(n_batches * opts.batch, len(sampler))):
+        _, m = sampler[i]
+        pos += m.sum(dim=(1, 2)).numpy()
+        total += m[0].numel()
+    neg = total - pos
+    w = np.sqrt(neg / np.maximum(pos, 1.0))
+    return torch.tensor(np.clip(w, 1.0, opts.pos_weight_max), dtype=torch.float32)
