@@ -316,14 +316,14 @@ def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
     from sqlalchemy.orm import Session
 
     from monitor.daemon.publisher import alarm_message
-    from monitor.store.db import list_alarms
+    from monitor.store.queries import alarm_records
 
     cfg = _load(config_path)
     engine = _reader(cfg)
     try:
         with Session(engine) as s:
-            rows = [alarm_message(a, printer=p, build=b)
-                    for a, p, b in list_alarms(s, build=build, open_only=open_only)]
+            rows = [alarm_message(a)
+                    for a in alarm_records(s, build=build, open_only=open_only)]
     finally:
         engine.dispose()
     if as_json:
@@ -509,7 +509,7 @@ def db_upgrade(config_path: Path | None) -> None:
     """Upgrade the schema to this version's (the daemon also does it at start); a SQLite
     file is copied aside first."""
     from monitor.store import migrate
-    from monitor.store.db import make_engine
+    from monitor.store.connect import make_engine
 
     cfg = _load(config_path)
     engine = make_engine(cfg.store_url, writer=True)
@@ -540,7 +540,7 @@ def keys_generate(directory: Path, name: str) -> None:
 
 
 def _reader(cfg: Config) -> Any:
-    from monitor.store.db import open_db
+    from monitor.store.connect import open_db
 
     return open_db(cfg.store_url, writer=False)
 
@@ -553,7 +553,7 @@ def builds(config_path: Path | None, as_json: bool) -> None:
     from rich.table import Table
     from sqlalchemy.orm import Session
 
-    from monitor.store.db import list_builds
+    from monitor.store.queries import list_builds
 
     engine = _reader(_load(config_path))
     with Session(engine) as s:
