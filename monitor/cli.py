@@ -67,7 +67,7 @@ def run(config_path: Path | None) -> None:
     only while the worker keeps making progress.
     """
     from monitor.daemon import sdnotify
-    from monitor.daemon.pipeline import Daemon
+    from monitor.daemon.daemon import Daemon
 
     cfg = _load(config_path)
     _setup_logging(cfg.log.level)

@@ -12,9 +12,9 @@ import pytest
 from monitor.alarms.engine import AlarmEngine
 from monitor.alarms.regions import Regions, apply_ignore, region_stats
 from monitor.alarms.tracks import BuildTracks
-from monitor.records import AlarmEvent, BuildKey
 from monitor.config import AlarmsConfig, RegionConfig, TracksConfig
 from monitor.errors import ConfigError
+from monitor.records import AlarmEvent, BuildKey
 from monitor.vision.model import DEFAULT_CLASS_NAMES
 from monitor.vision.stats import LayerStats, layer_stats
 

@@ -11,9 +11,9 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 
 from monitor.cli import main
+from monitor.store import migrate
 from monitor.store.connect import open_db
 from monitor.store.schema import Base
-from monitor.store import migrate
 
 
 def test_new_database_is_at_head_and_matches_the_models(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from monitor.cli import main
-from monitor.store.connect import open_db
 from monitor.store import migrate
+from monitor.store.connect import open_db
 from tests.test_alarm_daemon import RULE, Rig, bright_weights, rig  # noqa: F401 (fixtures)
 
 URL = os.environ.get("PBF_TEST_POSTGRES_URL", "")

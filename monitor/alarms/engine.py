@@ -23,11 +23,11 @@ from __future__ import annotations
 import itertools
 import statistics
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from monitor.alarms.tracks import BuildTracks, TrackChange
+from monitor.alarms.tracks import BuildTracks
 from monitor.config import AlarmRule, AlarmsConfig
 from monitor.errors import ConfigError
 from monitor.records import (
@@ -36,6 +36,7 @@ from monitor.records import (
     EngineState,
     LayerAlarms,
     RuleState,
+    TrackChange,
 )
 from monitor.vision.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
 

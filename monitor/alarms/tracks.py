@@ -11,6 +11,7 @@ when the track stops (no continuation within the gap).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
 from monitor.config import TracksConfig
 from monitor.records import Track, TrackChange
 from monitor.vision.stats import Component, LayerStats

@@ -11,7 +11,16 @@ from sqlalchemy import Integer, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from monitor.records import AlarmRecord, EngineState, Outgoing, RuleState, Track
-from monitor.store.schema import Alarm, Build, Layer, LayerMap, Mute, OutboxRow, RuleStateRow, TrackRow
+from monitor.store.schema import (
+    Alarm,
+    Build,
+    Layer,
+    LayerMap,
+    Mute,
+    OutboxRow,
+    RuleStateRow,
+    TrackRow,
+)
 
 
 def pending_outbox(s: Session) -> list[Outgoing]:
@@ -140,3 +149,9 @@ def last_layer(s: Session, build_id: int) -> Layer | None:
          .options(selectinload(Layer.classes), selectinload(Layer.regions))
          .order_by(Layer.layer.desc()).limit(1))
     return s.scalar(q)
+
+
+def alarm_by_id(s: Session, alarm_id: int) -> AlarmRecord | None:
+    row = s.execute(select(Alarm, Build.printer, Build.name).join(Build)
+                    .where(Alarm.id == alarm_id)).first()
+    return None if row is None else row[0].record(row[1], row[2])

@@ -202,17 +202,21 @@ def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
         s.execute(update(TrackRow), changed)  # by primary key, one executemany
 
 
+def no_build(printer: str, name: str) -> StoreError:
+    return StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+
+
 def add_mute(s: Session, printer: str, name: str, class_name: str | None, now: float) -> None:
     bid = build_id_of(s, printer, name)
     if bid is None:
-        raise StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+        raise no_build(printer, name)
     s.add(Mute(build_id=bid, class_name=class_name, created_at=now))
 
 
 def remove_mutes(s: Session, printer: str, name: str, class_name: str | None) -> None:
     bid = build_id_of(s, printer, name)
     if bid is None:
-        raise StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+        raise no_build(printer, name)
     q = delete(Mute).where(Mute.build_id == bid)
     q = q.where(Mute.class_name.is_(None) if class_name is None else
                 Mute.class_name == class_name)
