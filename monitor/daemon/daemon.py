@@ -181,17 +181,9 @@ class Daemon:
         self._stack.append(hook.stop)
         return hook
 
-    def _curve_server(self) -> Any:
-        from monitor.daemon.security import CurveServer
-
-        p = self.cfg.publish
-        if p.curve_secret_key is None or p.curve_authorized_dir is None:
-            return None
-        return CurveServer(p.curve_secret_key, p.curve_authorized_dir)
-
     def _init_zmq(self) -> Any:
         """With CURVE, one context and one ZAP authenticator serve both endpoints."""
-        curve = self._curve_server()
+        curve = _curve_server(self.cfg)
         if curve is None:
             return None
         import zmq
@@ -212,7 +204,7 @@ class Daemon:
             p.endpoint, heartbeat_interval_s=p.heartbeat_interval_s, send_hwm=p.send_hwm,
             startup_grace_s=p.startup_grace_s, health=self.health,
             on_sent=lambda seqs: writer.submit(lambda s: writes.mark_published(s, seqs)),
-            curve=self._curve_server(), context=ctx,
+            curve=_curve_server(self.cfg), context=ctx,
         )
 
         def outbox(s: Session) -> tuple[int, list[Outgoing]]:
@@ -233,7 +225,7 @@ class Daemon:
         from monitor.daemon.control import ControlServer
 
         control = ControlServer(self.cfg.publish.state_endpoint, handler,
-                                curve=self._curve_server(), context=ctx)
+                                curve=_curve_server(self.cfg), context=ctx)
         control.start()
         self._stack.append(control.stop)
 
@@ -245,11 +237,7 @@ class Daemon:
 
     def _set_model_info(self, model: Segmenter) -> None:
         if self.metrics is not None:
-            info = model.info
-            self.metrics.model.info({"sha256": info.sha256,
-                                     "classes": ",".join(info.class_names),
-                                     "base_channels": str(info.base_channels),
-                                     "device": str(model.device)})
+            _model_info(self.metrics, model)
 
     def _start_stages(self, *stages: Stage) -> None:
         self._stages = stages
@@ -326,3 +314,18 @@ def _drain(writer: StoreWriter) -> None:
         except queue.Empty:
             log.error("database writer still busy at stop; unsent messages stay in the "
                       "outbox and go out on restart")
+
+
+def _curve_server(cfg: Config) -> Any:
+    from monitor.daemon.security import CurveServer
+
+    p = cfg.publish
+    if p.curve_secret_key is None or p.curve_authorized_dir is None:
+        return None
+    return CurveServer(p.curve_secret_key, p.curve_authorized_dir)
+
+
+def _model_info(metrics: Metrics, model: Segmenter) -> None:
+    info = model.info
+    metrics.model.info({"sha256": info.sha256, "classes": ",".join(info.class_names),
+                        "base_channels": str(info.base_channels), "device": str(model.device)})
