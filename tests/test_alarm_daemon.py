@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from monitor.cli import main
 from monitor.config import load_config
 from monitor.daemon.control import ControlError, request
-from monitor.daemon.pipeline import Daemon
+from monitor.daemon.daemon import Daemon
 from monitor.daemon.security import CurveClient, generate_keys
 from tests.conftest import free_endpoint, make_threshold_weights, write_config
 from tests.test_daemon_e2e import Listener

@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from monitor.alarms.engine import AlarmEngine, AlarmEvent, BuildKey
+from monitor.alarms.engine import AlarmEngine
 from monitor.alarms.regions import Regions, apply_ignore, region_stats
 from monitor.alarms.tracks import BuildTracks
 from monitor.config import AlarmsConfig, RegionConfig, TracksConfig
 from monitor.errors import ConfigError
+from monitor.records import AlarmEvent, BuildKey
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from monitor.vision.stats import LayerStats, layer_stats
 

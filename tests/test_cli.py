@@ -100,22 +100,24 @@ def test_builds_and_report_formats(tmp_path: Path, tiny_weights: Path) -> None:
     from sqlalchemy.orm import Session
 
     from monitor.config import load_config
-    from monitor.store import db as store
+    from monitor.records import LayerRecord
+    from monitor.store.connect import open_db
+    from monitor.store.writes import put_layer
     from monitor.vision.stats import layer_stats
 
     cfg_path = write_config(tmp_path / "c.toml", '[store]\nstate_dir = "st"\n')
     cfg = load_config(cfg_path)
-    engine = store.open_db(cfg.store_url)
+    engine = open_db(cfg.store_url)
     masks = np.zeros((2, 10, 10), bool)
     masks[1, :5, :5] = True
     with Session(engine) as s, s.begin():
         for n in (2, 1):
-            store.put_layer(s, store.LayerRecord(
+            put_layer(s, LayerRecord(
                 printer="", build="B", layer=n, status="ok", error=None, image_path="x",
                 image_size=1, image_mtime_ns=1, image_sha256="", model_sha256="m",
                 detected_at=0, processed_at=0,
                 stats=layer_stats(masks, ["no_defect", "spatter"], pixel_size_mm=0.1)))
-        store.put_layer(s, store.LayerRecord(
+        put_layer(s, LayerRecord(
             printer="", build="B", layer=3, status="error", error="empty file", image_path="y",
             image_size=0, image_mtime_ns=1, image_sha256=None, model_sha256="m",
             detected_at=0, processed_at=0))

@@ -170,7 +170,7 @@ def test_backlog_goes_through_the_model_in_batches(tmp_path: Path) -> None:
     stored exactly as one at a time would store them, in order."""
 
     from monitor.config import load_config
-    from monitor.daemon.pipeline import Daemon
+    from monitor.daemon.daemon import Daemon
     from tests.conftest import daemon_toml, make_threshold_weights, wait_for_rows
 
     weights = make_threshold_weights(tmp_path / "w.safetensors")

@@ -11,17 +11,18 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 
 from monitor.cli import main
-from monitor.store import db as store
 from monitor.store import migrate
+from monitor.store.connect import open_db
+from monitor.store.schema import Base
 
 
 def test_new_database_is_at_head_and_matches_the_models(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    engine = store.open_db(url)
+    engine = open_db(url)
     try:
         assert migrate.current(engine) == migrate.head()
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), store.Base.metadata)
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == []  # the migrations build exactly what the models describe
         assert migrate.upgrade(engine, url) is None  # at head: nothing to do, no backup
     finally:
@@ -30,7 +31,7 @@ def test_new_database_is_at_head_and_matches_the_models(tmp_path: Path) -> None:
 
 def test_backup_before_a_schema_change(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    engine = store.open_db(url)
+    engine = open_db(url)
     try:
         backup = migrate._backup(engine, url, "0001")
     finally:

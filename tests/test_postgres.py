@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from monitor.cli import main
-from monitor.store import db as store
 from monitor.store import migrate
+from monitor.store.connect import open_db
 from tests.test_alarm_daemon import RULE, Rig, bright_weights, rig  # noqa: F401 (fixtures)
 
 URL = os.environ.get("PBF_TEST_POSTGRES_URL", "")
@@ -40,7 +40,7 @@ def clean_db() -> Iterator[str]:
 
 
 def test_migrations_on_postgres(clean_db: str) -> None:
-    engine = store.open_db(clean_db)
+    engine = open_db(clean_db)
     try:
         assert migrate.current(engine) == migrate.head()
     finally:

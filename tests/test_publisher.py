@@ -10,7 +10,7 @@ import zmq
 
 from monitor.daemon.publisher import Publisher, subscribe
 from monitor.errors import ConfigError
-from monitor.store.db import Outgoing
+from monitor.records import Outgoing
 from tests.conftest import free_endpoint
 
 

@@ -144,7 +144,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
 def test_watchdog_only_while_the_worker_makes_progress(tmp_path: Path,
                                                        tiny_weights: Path) -> None:
     from monitor.config import load_config
-    from monitor.daemon.pipeline import Daemon
+    from monitor.daemon.daemon import Daemon
 
     cfg = load_config(write_config(tmp_path / "c.toml", daemon_toml(tiny_weights)))
     daemon = Daemon(cfg)

@@ -10,8 +10,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from monitor.errors import StoreError
-from monitor.store import db as store
-from monitor.store.db import ClassStat, ComponentRow, Layer, LayerRecord, StoreWriter
+from monitor.records import LayerRecord
+from monitor.store import queries, writes
+from monitor.store.connect import open_db
+from monitor.store.schema import Build, ClassStat, ComponentRow, Layer
+from monitor.store.writer import StoreWriter
 from monitor.vision.stats import layer_stats
 
 
@@ -30,7 +33,7 @@ def record(layer: int, *, status: str = "ok", spots: int = 1) -> LayerRecord:
 
 @pytest.fixture
 def engine(tmp_path: Path):  # type: ignore[no-untyped-def]
-    e = store.open_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    e = open_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
     yield e
     e.dispose()
 
@@ -45,9 +48,9 @@ def test_sqlite_settings(tmp_path: Path, engine) -> None:  # type: ignore[no-unt
 
 def test_same_layer_again_replaces_it(engine) -> None:  # type: ignore[no-untyped-def]
     with Session(engine) as s, s.begin():
-        assert store.put_layer(s, record(1, spots=3))[1] is False
+        assert writes.put_layer(s, record(1, spots=3))[1] is False
     with Session(engine) as s, s.begin():
-        assert store.put_layer(s, record(1, spots=2))[1] is True
+        assert writes.put_layer(s, record(1, spots=2))[1] is True
     with Session(engine) as s:
         layers = s.scalars(select(Layer)).all()
         assert [(r.layer, r.versions) for r in layers] == [(1, 2)]
@@ -57,25 +60,25 @@ def test_same_layer_again_replaces_it(engine) -> None:  # type: ignore[no-untype
 
 def test_outbox_seq_and_pending(engine) -> None:  # type: ignore[no-untyped-def]
     with Session(engine) as s, s.begin():
-        out = store.put_outbox(s, [("layer", {"a": 1}), ("alarm", {"b": 2})])
+        out = writes.put_outbox(s, [("layer", {"a": 1}), ("alarm", {"b": 2})])
     assert [o.seq for o in out] == [1, 2]
     with Session(engine) as s, s.begin():
-        store.mark_published(s, [1])
+        writes.mark_published(s, [1])
     with Session(engine) as s:
-        assert [o.seq for o in store.pending_outbox(s)] == [2]
-        assert store.last_seq(s) == 2
+        assert [o.seq for o in queries.pending_outbox(s)] == [2]
+        assert queries.last_seq(s) == 2
 
 
 def test_reader_reads_while_writer_holds_a_transaction(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]
     with Session(engine) as s, s.begin():
-        store.put_layer(s, record(1))
-    reader = store.open_db(f"sqlite:///{tmp_path / 'db.sqlite'}", writer=False)
+        writes.put_layer(s, record(1))
+    reader = open_db(f"sqlite:///{tmp_path / 'db.sqlite'}", writer=False)
     with Session(engine) as w, w.begin():
-        store.put_layer(w, record(2))  # uncommitted, write lock held
+        writes.put_layer(w, record(2))  # uncommitted, write lock held
         with Session(reader) as r:
-            assert [x.layer for x in store.build_layers(r, "B")] == [1]
+            assert [x.layer for x in queries.build_layers(r, "B")] == [1]
     with Session(reader) as r:
-        assert [x.layer for x in store.build_layers(r, "B")] == [1, 2]
+        assert [x.layer for x in queries.build_layers(r, "B")] == [1, 2]
         with pytest.raises(Exception, match="readonly"):
             r.execute(Layer.__table__.delete())
     reader.dispose()
@@ -89,7 +92,7 @@ def test_writer_retries_while_the_database_is_locked(tmp_path: Path, engine) -> 
     writer = StoreWriter(engine)
     writer.start()
     done = threading.Event()
-    writer.submit(lambda s: store.put_layer(s, record(7)), lambda _: done.set())
+    writer.submit(lambda s: writes.put_layer(s, record(7)), lambda _: done.set())
     try:
         assert not done.wait(1.0)  # waiting on the lock, not dropping the layer
         other.execute("COMMIT")
@@ -98,14 +101,14 @@ def test_writer_retries_while_the_database_is_locked(tmp_path: Path, engine) -> 
         other.close()
         writer.stop()
     with Session(engine) as s:
-        assert [x.layer for x in store.build_layers(s, "B")] == [7]
+        assert [x.layer for x in queries.build_layers(s, "B")] == [7]
 
 
 def test_unwritable_location(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(StoreError, match="state directory"):
-        store.open_db(f"sqlite:///{blocker / 'sub' / 'db.sqlite'}")
+        open_db(f"sqlite:///{blocker / 'sub' / 'db.sqlite'}")
 
 
 def test_older_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
@@ -115,7 +118,7 @@ def test_older_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
                      "class_name TEXT, x INTEGER, y INTEGER, w INTEGER, h INTEGER, "
                      "area_px INTEGER, cx REAL, cy REAL)")
     with pytest.raises(StoreError, match="tables but no schema revision"):
-        store.open_db(f"sqlite:///{db}")
+        open_db(f"sqlite:///{db}")
 
 
 def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # type: ignore[no-untyped-def]
@@ -130,14 +133,14 @@ def test_maps_are_stored_and_pruned_by_age_statistics_stay(engine) -> None:  # t
         for n, age_days in ((1, 200.0), (2, 1.0)):
             rec = replace(record(n), classes=("a",) * 6,
                           processed_at=1_000_000_000.0 - age_days * 86400)
-            store.put_layer(s, rec)
-            store.put_map(s, rec, m)
+            writes.put_layer(s, rec)
+            writes.put_map(s, rec, m)
     with Session(engine) as s, s.begin():
-        bid = s.scalar(select(store.Build.id))
-        assert sorted(store.layer_maps(s, bid)) == [1, 2]
-        assert store.prune_maps(s, older_than=1_000_000_000.0 - 180 * 86400) == 1
+        bid = s.scalar(select(Build.id))
+        assert sorted(queries.layer_maps(s, bid)) == [1, 2]
+        assert writes.prune_maps(s, older_than=1_000_000_000.0 - 180 * 86400) == 1
     with Session(engine) as s:
-        assert sorted(store.layer_maps(s, bid)) == [2]
+        assert sorted(queries.layer_maps(s, bid)) == [2]
         assert s.scalar(select(func.count(Layer.id))) == 2  # the layers themselves stay
 
 
@@ -150,9 +153,9 @@ def test_oldest_maps_go_first_when_space_is_short(engine) -> None:  # type: igno
     with Session(engine) as s, s.begin():
         for n in range(1, 21):
             rec = replace(record(n), classes=("a",) * 6, processed_at=float(n))
-            store.put_layer(s, rec)
-            store.put_map(s, rec, m)
+            writes.put_layer(s, rec)
+            writes.put_map(s, rec, m)
     with Session(engine) as s, s.begin():
-        assert store.prune_oldest_maps(s, fraction=0.1) == 2
-        bid = s.scalar(select(store.Build.id))
-        assert min(store.layer_maps(s, bid)) == 3
+        assert writes.prune_oldest_maps(s, fraction=0.1) == 2
+        bid = s.scalar(select(Build.id))
+        assert min(queries.layer_maps(s, bid)) == 3

@@ -13,62 +13,36 @@ Lifecycle of an alarm: open -> acknowledged -> cleared. Per build and rule:
 * A muted build (or class of a build) opens no alarms; open ones stay until cleared.
 
 Track alarms (a defect stacking through layers) and stall alarms (no new layer) follow the
-same lifecycle. The engine is shared by the worker (layers, stall checks) and the control
-endpoint (ack, mute), so it takes a lock; its state is persisted with each layer.
+same lifecycle. The engine has one owner, the daemon's analyser thread: layers, stall checks,
+acks, mutes and reloads reach it in order through the analyser's queue, so it takes no lock.
+Its state is persisted with each layer.
 """
 
 from __future__ import annotations
 
 import itertools
 import statistics
-import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from monitor.alarms.tracks import BuildTracks, Track, TrackChange
+from monitor.alarms.tracks import BuildTracks
 from monitor.config import AlarmRule, AlarmsConfig
 from monitor.errors import ConfigError
+from monitor.records import (
+    AlarmEvent,
+    BuildKey,
+    EngineState,
+    LayerAlarms,
+    RuleState,
+    TrackChange,
+)
 from monitor.vision.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
 
 RULE_STALL = "stall"
 RULE_TEST = "test"
 TRACK_PREFIX = "track."
-
-
-@dataclass(frozen=True)
-class BuildKey:
-    printer: str
-    build: str
-
-
-@dataclass(frozen=True)
-class AlarmEvent:
-    """An alarm to open, or the open/acknowledged alarms of a rule to clear."""
-
-    action: Literal["open", "clear"]
-    printer: str
-    build: str
-    layer: int
-    class_name: str
-    rule: str
-    severity: str
-    value: float
-    threshold: float
-    track: int | None = None  # track alarms: the track number in the build
-
-
-@dataclass
-class RuleState:
-    streak: int = 0
-    open: bool = False  # an unacknowledged alarm of the rule is open
-    active: bool = False  # an open or acknowledged alarm waits to be cleared
-    last_open_layer: int | None = None
-
-    def as_row(self) -> dict[str, Any]:
-        return {"streak": self.streak, "open": self.open, "active": self.active,
-                "last_open_layer": self.last_open_layer}
 
 
 @dataclass
@@ -83,17 +57,6 @@ class BuildState:
     finished: bool = False  # a newer build started on the printer
 
 
-@dataclass(frozen=True)
-class LayerAlarms:
-    """What evaluating one layer produced; persisted with the layer in one transaction."""
-
-    events: list[AlarmEvent]
-    rule_states: dict[str, dict[str, Any]]
-    first_layer: int | None
-    tracks: TrackChange | None
-    evaluated: bool  # False: a layer number already seen (a replaced image), not re-counted
-
-
 def metric_value(rule: AlarmRule, stats: LayerStats,
                  regions: Mapping[str, LayerStats]) -> float | None:
     st = regions.get(rule.region) if rule.region else stats
@@ -104,7 +67,7 @@ def metric_value(rule: AlarmRule, stats: LayerStats,
 
 
 class AlarmEngine:
-    """Rules, tracks and stall checks for every build; thread-safe."""
+    """Rules, tracks and stall checks for every build; used by one thread (no lock)."""
 
     def __init__(
         self,
@@ -124,7 +87,6 @@ class AlarmEngine:
         self.layer_thickness_mm = layer_thickness_mm
         # printer -> (pixel_size_mm, layer_thickness_mm) where a fleet's cameras differ
         self.cameras = dict(cameras or {})
-        self._lock = threading.Lock()
         self._builds: dict[BuildKey, BuildState] = {}
         self._mutes: set[tuple[BuildKey, str | None]] = set()
 
@@ -152,41 +114,32 @@ class AlarmEngine:
         """New rules and limits (SIGHUP); streaks of rules that keep their id carry on, and
         live tracks keep going under the new track limits."""
         self._check(cfg)
-        with self._lock:
-            self.cfg = cfg
-            for st in self._builds.values():
-                if st.tracks is not None:
-                    st.tracks.cfg = cfg.tracks
+        self.cfg = cfg
+        for st in self._builds.values():
+            if st.tracks is not None:
+                st.tracks.cfg = cfg.tracks
 
     # ------------------------------------------------------------ state
 
     def known(self, key: BuildKey) -> bool:
-        with self._lock:
-            return key in self._builds
+        return key in self._builds
 
-    def restore_build(
-        self, key: BuildKey, *, first_layer: int | None, last_layer: int | None,
-        rules: Mapping[str, Mapping[str, Any]], tracks: Iterable[Track], next_track: int,
-        arrivals: Sequence[float] = (), stall_open: bool = False,
-    ) -> None:
+    def restore_build(self, key: BuildKey, state: EngineState) -> None:
         """Adopt a build's state from the database (after a restart)."""
-        with self._lock:
-            b = BuildState(first_layer=first_layer, last_layer=last_layer,
-                           stall_open=stall_open)
-            b.rules = {k: RuleState(**dict(v)) for k, v in rules.items()}
-            b.tracks = self._new_tracks(key.printer, next_track)
-            b.tracks.adopt(tracks)
-            b.arrivals.extend(arrivals)
-            b.last_arrival_layer = last_layer
-            self._builds[key] = b
+        b = BuildState(first_layer=state.first_layer, last_layer=state.last_evaluated,
+                       stall_open=state.stall_open)
+        b.rules = {k: RuleState(**v.as_row()) for k, v in state.rules.items()}
+        b.tracks = self._new_tracks(key.printer, state.next_track)
+        b.tracks.adopt(state.tracks)
+        b.arrivals.extend(state.arrivals)
+        b.last_arrival_layer = state.last_evaluated
+        self._builds[key] = b
 
     def mute(self, key: BuildKey, class_name: str | None) -> None:
-        with self._lock:
-            self._mutes.add((key, class_name))
+        self._mutes.add((key, class_name))
 
     def unmute(self, key: BuildKey, class_name: str | None) -> None:
-        with self._lock:
-            self._mutes.discard((key, class_name))
+        self._mutes.discard((key, class_name))
 
     def muted(self, key: BuildKey, class_name: str | None) -> bool:
         return (key, None) in self._mutes or (class_name is not None
@@ -197,14 +150,13 @@ class AlarmEngine:
 
         Returns the rule's new state to persist (None for rules without state).
         """
-        with self._lock:
-            st = self._builds.get(key)
-            if st is None or rule not in st.rules:
-                return None
-            rs = st.rules[rule]
-            rs.open = False
-            rs.streak = 0
-            return rs.as_row()
+        st = self._builds.get(key)
+        if st is None or rule not in st.rules:
+            return None
+        rs = st.rules[rule]
+        rs.open = False
+        rs.streak = 0
+        return rs.as_row()
 
     def _new_tracks(self, printer: str, next_number: int = 1) -> BuildTracks:
         px, thickness = self.cameras.get(printer, (self.pixel_size_mm, self.layer_thickness_mm))
@@ -223,22 +175,21 @@ class AlarmEngine:
         """A layer file of the build arrived (ok or not): feeds the stall check and clears a
         stall alarm. A build newer than the printer's others finishes them."""
         events: list[AlarmEvent] = []
-        with self._lock:
-            st = self._build(key)
-            if st.last_arrival_layer is None or layer > st.last_arrival_layer:
-                st.arrivals.append(at)
-                st.last_arrival_layer = layer
-            st.finished = False
-            if st.stall_open:
-                st.stall_open = False
-                events.append(self._stall_event("clear", key, st, 0.0, 0.0))
-            for other, ost in self._builds.items():
-                newer = bool(ost.arrivals) and ost.arrivals[-1] < at
-                if other.printer == key.printer and other != key and not ost.finished and newer:
-                    ost.finished = True
-                    if ost.stall_open:
-                        ost.stall_open = False
-                        events.append(self._stall_event("clear", other, ost, 0.0, 0.0))
+        st = self._build(key)
+        if st.last_arrival_layer is None or layer > st.last_arrival_layer:
+            st.arrivals.append(at)
+            st.last_arrival_layer = layer
+        st.finished = False
+        if st.stall_open:
+            st.stall_open = False
+            events.append(self._stall_event("clear", key, st, 0.0, 0.0))
+        for other, ost in self._builds.items():
+            newer = bool(ost.arrivals) and ost.arrivals[-1] < at
+            if other.printer == key.printer and other != key and not ost.finished and newer:
+                ost.finished = True
+                if ost.stall_open:
+                    ost.stall_open = False
+                    events.append(self._stall_event("clear", other, ost, 0.0, 0.0))
         return events
 
     def evaluate(
@@ -247,23 +198,22 @@ class AlarmEngine:
     ) -> LayerAlarms:
         """Check the rules and tracks on one layer of a build."""
         regions = regions or {}
-        with self._lock:
-            st = self._build(key)
-            if st.last_layer is not None and layer <= st.last_layer:
-                return LayerAlarms([], {}, st.first_layer, None, evaluated=False)
-            if st.first_layer is None or layer < st.first_layer:
-                st.first_layer = layer
-            st.last_layer = layer
-            events: list[AlarmEvent] = []
-            for rule in self.cfg.rules:
-                events += self._check_rule(key, st, rule, layer, stats, regions)
-            change = None
-            if self.cfg.tracks.classes:
-                assert st.tracks is not None
-                change = st.tracks.update(layer, stats)
-                events += self._track_events(key, st, layer, change)
-            states = {r.rule_id: st.rules[r.rule_id].as_row() for r in self.cfg.rules}
-            return LayerAlarms(events, states, st.first_layer, change, evaluated=True)
+        st = self._build(key)
+        if st.last_layer is not None and layer <= st.last_layer:
+            return LayerAlarms([], {}, st.first_layer, None, evaluated=False)
+        if st.first_layer is None or layer < st.first_layer:
+            st.first_layer = layer
+        st.last_layer = layer
+        events: list[AlarmEvent] = []
+        for rule in self.cfg.rules:
+            events += self._check_rule(key, st, rule, layer, stats, regions)
+        change = None
+        if self.cfg.tracks.classes:
+            assert st.tracks is not None
+            change = st.tracks.update(layer, stats)
+            events += self._track_events(key, st, layer, change)
+        states = {r.rule_id: st.rules[r.rule_id].as_row() for r in self.cfg.rules}
+        return LayerAlarms(events, states, st.first_layer, change, evaluated=True)
 
     def _in_grace(self, st: BuildState, layer: int, grace: int | None) -> bool:
         g = self.cfg.grace_layers if grace is None else grace
@@ -321,9 +271,8 @@ class AlarmEngine:
     def last_arrivals(self) -> dict[str, float]:
         """When the last layer of each active build arrived ("printer/build" when a printer
         is named)."""
-        with self._lock:
-            return {(f"{k.printer}/{k.build}" if k.printer else k.build): st.arrivals[-1]
-                    for k, st in self._builds.items() if st.arrivals and not st.finished}
+        return {(f"{k.printer}/{k.build}" if k.printer else k.build): st.arrivals[-1]
+                for k, st in self._builds.items() if st.arrivals and not st.finished}
 
     # ------------------------------------------------------------ stall
 
@@ -347,16 +296,15 @@ class AlarmEngine:
         if not cfg.enabled:
             return []
         events: list[AlarmEvent] = []
-        with self._lock:
-            for key, st in self._builds.items():
-                if st.stall_open or st.finished or not st.arrivals:
-                    continue
-                idle = now - st.arrivals[-1]
-                limit = self.stall_limit(st)
-                if limit is None or idle <= limit or idle > cfg.active_s:
-                    continue
-                if self.muted(key, None):
-                    continue
-                st.stall_open = True
-                events.append(self._stall_event("open", key, st, idle, limit))
+        for key, st in self._builds.items():
+            if st.stall_open or st.finished or not st.arrivals:
+                continue
+            idle = now - st.arrivals[-1]
+            limit = self.stall_limit(st)
+            if limit is None or idle <= limit or idle > cfg.active_s:
+                continue
+            if self.muted(key, None):
+                continue
+            st.stall_open = True
+            events.append(self._stall_event("open", key, st, idle, limit))
         return events

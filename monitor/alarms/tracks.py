@@ -11,42 +11,10 @@ when the track stops (no continuation within the gap).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 from monitor.config import TracksConfig
+from monitor.records import Track, TrackChange
 from monitor.vision.stats import Component, LayerStats
-
-
-@dataclass
-class Track:
-    """One defect followed through layers."""
-
-    number: int  # unique per build
-    class_name: str
-    first_layer: int
-    last_layer: int
-    layers: int
-    volume_mm3: float
-    max_area_mm2: float
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-    alarmed: bool = False
-    ended: bool = False
-    # The boxes of its components in its last layer, for linking the next one.
-    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class TrackChange:
-    """What one layer did to the tracks of a build."""
-
-    # (class, index in the class's component_list) -> track number
-    assignments: dict[tuple[str, int], int]
-    touched: list[Track]  # created or extended in this layer
-    ended: list[Track]  # ended because this layer did not continue them
-    alarms: list[Track]  # crossed an alarm limit in this layer
 
 
 def _box(c: Component) -> tuple[int, int, int, int]:

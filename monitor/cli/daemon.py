@@ -27,7 +27,7 @@ def run(config_path: Path | None) -> None:
     only while the worker keeps making progress.
     """
     from monitor.daemon import sdnotify
-    from monitor.daemon.pipeline import Daemon
+    from monitor.daemon.daemon import Daemon
 
     cfg = find_config(config_path)
     setup_logging(cfg.log.level)
@@ -288,7 +288,7 @@ def db_upgrade(config_path: Path | None) -> None:
     """Upgrade the schema to this version's (the daemon also does it at start); a SQLite
     file is copied aside first."""
     from monitor.store import migrate
-    from monitor.store.db import make_engine
+    from monitor.store.connect import make_engine
 
     cfg = find_config(config_path)
     engine = make_engine(cfg.store_url, writer=True)

@@ -17,7 +17,7 @@ from monitor.errors import MonitorError
 
 
 def _reader(cfg: Config) -> Any:
-    from monitor.store.db import open_db
+    from monitor.store.connect import open_db
 
     return open_db(cfg.store_url, writer=False)
 
@@ -30,7 +30,7 @@ def builds(config_path: Path | None, as_json: bool) -> None:
     from rich.table import Table
     from sqlalchemy.orm import Session
 
-    from monitor.store.db import list_builds
+    from monitor.store.queries import list_builds
 
     engine = _reader(find_config(config_path))
     with Session(engine) as s:
@@ -98,14 +98,14 @@ def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
     from sqlalchemy.orm import Session
 
     from monitor.daemon.publisher import alarm_message
-    from monitor.store.db import list_alarms
+    from monitor.store.queries import alarm_records
 
     cfg = find_config(config_path)
     engine = _reader(cfg)
     try:
         with Session(engine) as s:
-            rows = [alarm_message(a, printer=p, build=b)
-                    for a, p, b in list_alarms(s, build=build, open_only=open_only)]
+            rows = [alarm_message(a)
+                    for a in alarm_records(s, build=build, open_only=open_only)]
     finally:
         engine.dispose()
     if as_json:

@@ -22,7 +22,7 @@ import zmq
 from monitor.daemon import failpoints
 from monitor.daemon.security import CurveClient, CurveServer, apply_server, subscriber_socket
 from monitor.errors import ConfigError
-from monitor.store.db import Alarm, LayerRecord, Outgoing
+from monitor.records import AlarmRecord, LayerRecord, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +50,27 @@ def layer_message(rec: LayerRecord, *, replaced: bool) -> dict[str, Any]:
     }
     if rec.status == "error":
         msg["error"] = rec.error
+    if rec.regions:
+        msg["regions"] = {name: st.summary() for name, st in rec.regions.items()}
     return msg
 
 
-def alarm_message(row: Alarm, *, printer: str, build: str) -> dict[str, Any]:
-    """The `alarm` payload for one alarm row in its current state."""
+def alarm_message(rec: AlarmRecord) -> dict[str, Any]:
+    """The `alarm` payload for one alarm in its current state."""
     return {
-        "id": row.id,
-        "printer": printer,
-        "build": build,
-        "layer": row.layer,
-        "class": row.class_name,
-        "rule": row.rule,
-        "severity": row.severity,
-        "state": row.state,
-        "value": row.value,
-        "threshold": row.threshold,
-        "cleared_layer": row.cleared_layer,
-        "track": row.track,
-        "timestamp": row.cleared_at or row.acked_at or row.opened_at,
+        "id": rec.id,
+        "printer": rec.printer,
+        "build": rec.build,
+        "layer": rec.layer,
+        "class": rec.class_name,
+        "rule": rec.rule,
+        "severity": rec.severity,
+        "state": rec.state,
+        "value": rec.value,
+        "threshold": rec.threshold,
+        "cleared_layer": rec.cleared_layer,
+        "track": rec.track,
+        "timestamp": rec.cleared_at or rec.acked_at or rec.opened_at,
     }
 
 

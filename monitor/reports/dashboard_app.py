@@ -21,7 +21,9 @@ from monitor.config import Config, load_config
 from monitor.reports.html import alarm_plot, area_plot, heatmaps, track_plot
 from monitor.reports.maps import decode_masks, decode_thumb
 from monitor.reports.report import build_report, class_names
-from monitor.store import db as store
+from monitor.store import queries
+from monitor.store.connect import open_db
+from monitor.store.schema import LayerMap
 from monitor.vision.imaging import overlay
 from monitor.vision.stats import NO_DEFECT
 
@@ -37,7 +39,7 @@ def _args() -> argparse.Namespace:
 @st.cache_resource
 def _setup(config: str | None) -> tuple[Config, Engine]:
     cfg = load_config(Path(config) if config else None)
-    return cfg, store.open_db(cfg.store_url, writer=False)
+    return cfg, open_db(cfg.store_url, writer=False)
 
 
 def _png(b64: str | None) -> bytes | None:
@@ -46,7 +48,7 @@ def _png(b64: str | None) -> bytes | None:
 
 def _builds_sidebar(engine: Engine) -> str | None:
     with Session(engine) as s:
-        builds = list(reversed(store.list_builds(s)))
+        builds = list(reversed(queries.list_builds(s)))
     st.sidebar.title("pbf-monitor")
     if not builds:
         st.sidebar.info("No builds in the database yet.")
@@ -62,7 +64,7 @@ def _builds_sidebar(engine: Engine) -> str | None:
     return str(choice)
 
 
-def _layer_view(report: dict[str, Any], maps: dict[int, store.LayerMap],
+def _layer_view(report: dict[str, Any], maps: dict[int, LayerMap],
                 names: list[str]) -> None:
     rows = report["layers"]
     numbers = [r["layer"] for r in rows]
@@ -104,7 +106,7 @@ def _alarms(cfg: Config, engine: Engine, report: dict[str, Any]) -> None:
     from monitor.daemon.control import ControlError, request
 
     with Session(engine) as s:
-        rows = store.list_alarms(s, build_id=report["build_id"], open_only=True)
+        rows = queries.list_alarms(s, build_id=report["build_id"], open_only=True)
     st.subheader(f"Open alarms ({len(rows)})")
     for a, _, _ in rows:
         c1, c2 = st.columns([5, 1])
@@ -132,7 +134,7 @@ def main() -> None:
     def page() -> None:
         with Session(engine) as s:
             report = build_report(s, build)
-            maps = store.layer_maps(s, report["build_id"])
+            maps = queries.layer_maps(s, report["build_id"])
         names = class_names(report)
         defects = [c for c in names if c != NO_DEFECT]
         rows = report["layers"]

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 
 from monitor.reports.maps import decode_masks, decode_thumb
 from monitor.reports.report import build_report, class_names
-from monitor.store import db as store
+from monitor.store import queries
+from monitor.store.schema import LayerMap
 from monitor.vision.imaging import CLASS_COLOURS, overlay
 from monitor.vision.stats import NO_DEFECT
 
@@ -112,7 +113,7 @@ def track_plot(report: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[str, Any]]:
+def heatmaps(maps: dict[int, LayerMap], defects: list[str]) -> list[dict[str, Any]]:
     """Per defect class, in how many layers each spot of the bed was defective."""
     if not maps:
         return []
@@ -134,7 +135,7 @@ def heatmaps(maps: dict[int, store.LayerMap], defects: list[str]) -> list[dict[s
     return out
 
 
-def _worst_layers(report: dict[str, Any], maps: dict[int, store.LayerMap],
+def _worst_layers(report: dict[str, Any], maps: dict[int, LayerMap],
                   defects: list[str]) -> list[dict[str, Any]]:
     areas = [(sum(r["classes"].get(c, {}).get("area_mm2", 0.0) for c in defects), r)
              for r in report["layers"] if r["status"] == "ok"]
@@ -180,7 +181,7 @@ def render_html(s: Session, build: str, *, layers: range | None = None,
     report = build_report(s, build, printer=printer, layers=layers)
     names = class_names(report)
     defects = [c for c in names if c != NO_DEFECT]
-    maps = store.layer_maps(s, report["build_id"], layers)
+    maps = queries.layer_maps(s, report["build_id"], layers)
     rows = report["layers"]
     last = rows[-1]["layer"] if rows else 0
     times = [r["processed_at"] for r in rows]

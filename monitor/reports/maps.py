@@ -10,19 +10,13 @@ image at the same resolution.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from monitor.records import EncodedMap
+
 MAX_SIDE = 512
-
-
-@dataclass(frozen=True)
-class EncodedMap:
-    scale: int  # original pixels per map pixel, along each axis
-    mask_png: bytes
-    thumb_jpeg: bytes
 
 
 def _reduce_any(mask: np.ndarray, scale: int) -> np.ndarray:

@@ -10,7 +10,8 @@ from rich.table import Table
 from sqlalchemy.orm import Session
 
 from monitor.errors import MonitorError
-from monitor.store import db as store
+from monitor.store import queries
+from monitor.store.schema import Layer
 from monitor.vision.stats import NO_DEFECT
 
 
@@ -33,9 +34,9 @@ def build_report(s: Session, build: str, *, printer: str | None = None,
                  layers: range | None = None) -> dict[str, Any]:
     """``{"build", "layers": [{"layer", "status", "error", "classes", ...}], "alarms",
     "tracks"}``, one entry per layer (in `layers` when given)."""
-    rows = store.build_layers(s, build, printer=printer)
+    rows = queries.build_layers(s, build, printer=printer)
     if not rows:
-        names = [b["build"] for b in store.list_builds(s)]
+        names = [b["build"] for b in queries.list_builds(s)]
         known = ", ".join(names[-10:]) or "none yet"
         raise MonitorError(f"no build named {build!r} in the database (known: {known})")
     bid = rows[0].build_id
@@ -52,20 +53,20 @@ def build_report(s: Session, build: str, *, printer: str | None = None,
              "severity": a.severity, "state": a.state, "value": a.value,
              "threshold": a.threshold, "opened_at": a.opened_at, "acked_at": a.acked_at,
              "cleared_at": a.cleared_at, "cleared_layer": a.cleared_layer, "track": a.track}
-            for a, _, _ in reversed(store.list_alarms(s, build_id=bid)) if a.layer in span
+            for a, _, _ in reversed(queries.list_alarms(s, build_id=bid)) if a.layer in span
         ],
         "tracks": [
             {"number": t.number, "class": t.class_name, "first_layer": t.first_layer,
              "last_layer": t.last_layer, "layers": t.layers, "volume_mm3": t.volume_mm3,
              "max_area_mm2": t.max_area_mm2, "bbox": [t.x0, t.y0, t.x1, t.y1],
              "alarmed": t.alarmed, "ended": t.ended}
-            for t in store.build_tracks(s, bid)
+            for t in queries.build_tracks(s, bid)
             if t.last_layer >= span.start and t.first_layer < span.stop
         ],
     }
 
 
-def layer_entry(row: store.Layer) -> dict[str, Any]:
+def layer_entry(row: Layer) -> dict[str, Any]:
     """One layer as reports and the state endpoint show it."""
     entry: dict[str, Any] = {
         "layer": row.layer,

@@ -132,7 +132,7 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
     """Latency from a closed file to a received message on the real daemon, and the rate at
     which it clears a backlog of layers written while it was down."""
     from monitor.config import parse_config
-    from monitor.daemon.pipeline import Daemon
+    from monitor.daemon.daemon import Daemon
     from monitor.daemon.publisher import subscribe
     from monitor.tools.demo import free_tcp_endpoint, write_layer_file
 

@@ -14,10 +14,10 @@ from rich.console import Console
 from sqlalchemy.orm import Session
 
 from monitor.config import Config, parse_config
-from monitor.daemon.pipeline import Daemon
+from monitor.daemon.daemon import Daemon
 from monitor.daemon.publisher import subscribe
 from monitor.reports.report import build_report, to_table
-from monitor.store.db import open_db
+from monitor.store.connect import open_db
 from monitor.training.synth import BuildGenerator
 from monitor.vision.stats import NO_DEFECT
 

@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 
 from monitor.daemon.publisher import subscribe
 from monitor.errors import MonitorError
-from monitor.store.db import Layer, open_db
+from monitor.store.connect import open_db
+from monitor.store.schema import Layer
 from monitor.tools.demo import free_tcp_endpoint, write_layer_file
 from monitor.training.synth import BuildGenerator
 

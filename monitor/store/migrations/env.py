@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from monitor.store.db import Base
+from monitor.store.schema import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

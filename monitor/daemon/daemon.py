@@ -1,0 +1,331 @@
+"""The daemon: wires the stages and resources, starts them in order, stops them in reverse.
+
+settler -> loader -> worker -> analyser -> store writer -> publisher; beside them the map
+pool, the state endpoint, the hook and the metrics endpoint (README, "Architecture").
+``start()`` brings them up in order and ``stop()`` takes them down in reverse, finishing the
+layer in hand and flushing the store before the socket closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from monitor.alarms.regions import Regions
+from monitor.config import Config
+from monitor.daemon.analyser import Analyser, new_engine
+from monitor.daemon.committer import Committer
+from monitor.daemon.hook import HookRunner
+from monitor.daemon.items import Analysable, Decoded
+from monitor.daemon.loader import Loader
+from monitor.daemon.maps import MapMaker
+from monitor.daemon.metrics import Metrics
+from monitor.daemon.publisher import Publisher
+from monitor.daemon.reload import Reloader
+from monitor.daemon.requests import Requests
+from monitor.daemon.stage import Stage
+from monitor.daemon.watcher import Candidate, Settler
+from monitor.daemon.worker import WeightsWatch, Worker
+from monitor.errors import MonitorError, StoreError
+from monitor.records import Outgoing
+from monitor.store import queries, writes
+from monitor.store.connect import open_db
+from monitor.store.writer import StoreWriter
+from monitor.vision.model import file_signature
+from monitor.vision.segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """pbf-monitor's long-running process, usable in-process (tests, demo) or from the CLI."""
+
+    def __init__(self, cfg: Config, *, printer: str = "") -> None:
+        self.cfg = cfg
+        self.printer = printer
+        self.ready = threading.Event()
+        self.started_at = time.time()
+        self.counts = {"ok": 0, "error": 0}  # written by the analyser
+        self._stop = threading.Event()
+        self._stack: list[Callable[[], None]] = []
+        self._candidates: queue.Queue[Candidate] = queue.Queue(maxsize=cfg.watch.queue_size)
+        # Between the stages: two ahead is enough to overlap, and bounds the decoded images
+        # held in memory.
+        self._decoded: queue.Queue[Decoded] = queue.Queue(maxsize=2)
+        self._segmented: queue.Queue[Analysable] = queue.Queue(maxsize=2)
+        # One per printer of the fleet ("" = the single [watch]/[camera] printer).
+        self.printers = {(p.name or printer): p for p in cfg.fleet()}
+        self.regions = Regions(cfg.regions, pixel_size_mm=cfg.camera.pixel_size_mm)
+        self.settlers: dict[str, Settler] = {}
+        # What start() made; None before it (health is asked while starting).
+        self.writer: StoreWriter | None = None
+        self.hook: HookRunner | None = None
+        self.metrics: Metrics | None = None
+        self._worker: Worker | None = None
+        self._analyser: Analyser | None = None
+        self._stages: tuple[Stage, ...] = ()
+        self._reloader: Reloader | None = None
+
+    @property
+    def segmenter(self) -> Segmenter | None:
+        """The model being served."""
+        return self._worker.model if self._worker else None
+
+    # ------------------------------------------------------------ start / stop
+
+    def start(self) -> None:
+        """Bring everything up in order; on failure, undo what was started and re-raise."""
+        try:
+            publisher = self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+        self.ready.set()
+        publisher.heartbeat_now()
+        log.info("ready")
+
+    def stop(self) -> None:
+        """Stop in reverse order of start. Idempotent."""
+        self._stop.set()
+        while self._stack:
+            undo = self._stack.pop()
+            try:
+                undo()
+            except Exception:
+                log.exception("error while stopping")
+
+    def _start_all(self) -> Publisher:
+        cfg = self.cfg
+        engine, reader = self._init_store()
+        model, weights = self._init_segmenter()
+        alarms = new_engine(cfg, class_names=model.class_names, regions=self.regions,
+                            cameras={n: (p.camera.pixel_size_mm, p.camera.layer_thickness_mm)
+                                     for n, p in self.printers.items()}, reader=reader)
+        writer = self.writer = StoreWriter(engine)
+        writer.start()
+        self._stack.append(writer.stop)
+        hook = self.hook = self._start_hook()
+        ctx = self._init_zmq()
+        publisher = self._start_publisher(writer, ctx)
+        metrics = self.metrics = Metrics(queue=self._candidates.qsize,
+                                         last_layers=self._last_arrivals)
+        committer = Committer(writer=writer, publisher=publisher, hook=hook, metrics=metrics,
+                              max_components=cfg.store.max_components,
+                              hook_severities=cfg.alarms.hook.severities)
+        maps = MapMaker(cfg.store, state_dir=cfg.state_dir, writer=writer)
+        loader = Loader(inbox=self._candidates, outbox=self._decoded,
+                        watch={n: p.watch for n, p in self.printers.items()},
+                        settlers=self.settlers, stop=self._stop)
+        worker = self._worker = Worker(model=model, weights=weights, metrics=metrics,
+                                       inbox=self._decoded, outbox=self._segmented,
+                                       stop=self._stop)
+        analyser = self._analyser = Analyser(
+            engine=alarms, regions=self.regions, cfg=cfg,
+            pixel_size_mm={n: p.camera.pixel_size_mm for n, p in self.printers.items()},
+            reader=reader, committer=committer, maps=maps, settlers=self.settlers,
+            metrics=metrics, counts=self.counts, inbox=self._segmented, upstream=worker,
+            stop=self._stop)
+        self._reloader = Reloader(cfg, worker=worker, analyser=analyser,
+                                  on_model=self._set_model_info)
+        requests = Requests(printer=self.printer, reader=reader, analyser=analyser,
+                            committer=committer, health=self.health,
+                            active_s=cfg.alarms.stall.active_s)
+        self._start_control(requests.handle, ctx)
+        self._start_metrics(metrics, model)
+        self._stack.append(maps.stop)
+        self._start_stages(loader, worker, analyser)
+        self._start_settlers(reader)
+        return publisher
+
+    def _init_store(self) -> tuple[Engine, Engine]:
+        state = self.cfg.state_dir
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            probe = state / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StoreError(f"{state}: state directory is not writable "
+                             f"({e.strerror or e}); set store.state_dir") from e
+        url = self.cfg.store_url
+        engine = open_db(url, writer=True)
+        self._stack.append(engine.dispose)
+        reader = open_db(url, writer=False)
+        self._stack.append(reader.dispose)
+        log.info("database %s", url)
+        return engine, reader
+
+    def _init_segmenter(self) -> tuple[Segmenter, WeightsWatch]:
+        weights = WeightsWatch(self.cfg.model.weights)
+        with contextlib.suppress(OSError):  # from_config names the problem
+            weights.served = file_signature(self.cfg.model.weights)
+        model = Segmenter.from_config(self.cfg)
+        model.warm_up()
+        return model, weights
+
+    def _start_hook(self) -> HookRunner | None:
+        h = self.cfg.alarms.hook
+        if not h.command:
+            return None
+        hook = HookRunner(h.command, timeout_s=h.timeout_s)
+        hook.start()
+        self._stack.append(hook.stop)
+        return hook
+
+    def _init_zmq(self) -> Any:
+        """With CURVE, one context and one ZAP authenticator serve both endpoints."""
+        curve = _curve_server(self.cfg)
+        if curve is None:
+            return None
+        import zmq
+
+        from monitor.daemon.security import ServerAuth
+
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._stack.append(lambda: ctx.term())
+        auth = ServerAuth(ctx, curve.authorized_dir)
+        auth.start()
+        self._stack.append(auth.stop)
+        log.info("CURVE on: clients must hold a key listed in %s", curve.authorized_dir)
+        return ctx
+
+    def _start_publisher(self, writer: StoreWriter, ctx: Any) -> Publisher:
+        p = self.cfg.publish
+        publisher = Publisher(
+            p.endpoint, heartbeat_interval_s=p.heartbeat_interval_s, send_hwm=p.send_hwm,
+            startup_grace_s=p.startup_grace_s, health=self.health,
+            on_sent=lambda seqs: writer.submit(lambda s: writes.mark_published(s, seqs)),
+            curve=_curve_server(self.cfg), context=ctx,
+        )
+
+        def outbox(s: Session) -> tuple[int, list[Outgoing]]:
+            writes.prune_outbox(s)
+            return queries.last_seq(s), queries.pending_outbox(s)
+
+        last, pending = writer.call(outbox)
+        publisher.start(last_seq=last - len(pending))
+        self._stack.append(publisher.stop)
+        self._stack.append(lambda: _drain(writer))  # runs before the publisher stops
+        if pending:
+            log.info("re-sending %d message(s) committed but not published before", len(pending))
+            publisher.publish(pending)
+        return publisher
+
+    def _start_control(self, handler: Callable[[dict[str, Any]], dict[str, Any]],
+                       ctx: Any) -> None:
+        from monitor.daemon.control import ControlServer
+
+        control = ControlServer(self.cfg.publish.state_endpoint, handler,
+                                curve=_curve_server(self.cfg), context=ctx)
+        control.start()
+        self._stack.append(control.stop)
+
+    def _start_metrics(self, metrics: Metrics, model: Segmenter) -> None:
+        self._set_model_info(model)
+        if self.cfg.metrics.listen:
+            metrics.serve(self.cfg.metrics.listen)
+            self._stack.append(metrics.stop)
+
+    def _set_model_info(self, model: Segmenter) -> None:
+        if self.metrics is not None:
+            _model_info(self.metrics, model)
+
+    def _start_stages(self, *stages: Stage) -> None:
+        self._stages = stages
+        for stage in stages:
+            stage.start()
+
+        def join() -> None:
+            for stage in stages:  # in stage order: each drains into the next
+                stage.join(60)
+
+        self._stack.append(join)
+
+    def _start_settlers(self, reader: Engine) -> None:
+        def known_images() -> dict[str, tuple[int | None, int | None]]:
+            with Session(reader) as s:
+                return queries.known_images(s)
+
+        for name, p in self.printers.items():
+            settler = Settler(
+                p.watch, self._candidates, known=known_images, printer=name,
+                on_skip=lambda path, why: log.info("skipping %s: %s", path, why),
+            )
+            settler.start()
+            self.settlers[name] = settler
+            self._stack.append(settler.stop)
+
+    def _last_arrivals(self) -> dict[str, float]:
+        return self._analyser.last_arrivals if self._analyser else {}
+
+    # ------------------------------------------------------------ reload and health
+
+    def reload(self, cfg: Config) -> list[str]:
+        """Take new alarm rules, thresholds and weights (SIGHUP) without stopping; returns
+        the changed settings that need a restart (see monitor.daemon.reload)."""
+        if self._reloader is None:
+            raise MonitorError("the daemon is not running; nothing to reload")
+        ignored = self._reloader.reload(cfg)
+        self.cfg = self._reloader.cfg
+        return ignored
+
+    def health(self) -> dict[str, Any]:
+        seg = self.segmenter
+        return {
+            "status": "ready" if self.ready.is_set() else "starting",
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "layers_ok": self.counts["ok"],
+            "layers_error": self.counts["error"],
+            "queue": (self._candidates.qsize() + self._decoded.qsize()
+                      + self._segmented.qsize()
+                      + sum(st.pending for st in self.settlers.values())),
+            "device": str(seg.device) if seg else None,
+            "model_sha256": seg.info.sha256 if seg else None,
+            # Why the database refuses writes right now (disk full, locked), else "ok".
+            "store": (self.writer.failing if self.writer else None) or "ok",
+            "store_queue": self.writer.depth if self.writer else 0,
+        }
+
+    def healthy(self, within_s: float) -> bool:
+        """Every pipeline stage went round its loop (a layer, or an idle wait) within
+        `within_s`, and the threads they rely on are alive: what the systemd watchdog is told.
+        A stage stuck on one layer (a hung read, a hung model) stops the pings."""
+        now = time.monotonic()
+        stages_ok = bool(self._stages) and all(
+            st.alive and now - st.beat <= within_s for st in self._stages)
+        return stages_ok and self.writer is not None and self.writer.alive
+
+
+def _drain(writer: StoreWriter) -> None:
+    """On stop, once the stages are done: commit what is queued, so its messages are handed
+    to the publisher before the socket closes."""
+    if writer.alive:
+        try:
+            writer.call(lambda s: None, timeout=30)
+        except queue.Empty:
+            log.error("database writer still busy at stop; unsent messages stay in the "
+                      "outbox and go out on restart")
+
+
+def _curve_server(cfg: Config) -> Any:
+    from monitor.daemon.security import CurveServer
+
+    p = cfg.publish
+    if p.curve_secret_key is None or p.curve_authorized_dir is None:
+        return None
+    return CurveServer(p.curve_secret_key, p.curve_authorized_dir)
+
+
+def _model_info(metrics: Metrics, model: Segmenter) -> None:
+    info = model.info
+    metrics.model.info({"sha256": info.sha256, "classes": ",".join(info.class_names),
+                        "base_channels": str(info.base_channels), "device": str(model.device)})

@@ -1,0 +1,170 @@
+"""The records that pass between the daemon's stages and out to the store and the publisher.
+
+Plain typed objects with no behaviour beyond their own shape, below every module that uses
+them: the alarm engine makes events, tracks and rule states; the store writes and reads them;
+the publisher turns them into messages. None of those needs to import another for its types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from monitor.vision.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class BuildKey:
+    printer: str
+    build: str
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """Everything the daemon learned about one image, ready to store."""
+
+    printer: str
+    build: str
+    layer: int
+    status: str
+    error: str | None
+    image_path: str
+    image_size: int | None
+    image_mtime_ns: int | None
+    image_sha256: str | None
+    model_sha256: str
+    detected_at: float
+    processed_at: float
+    decode_ms: float | None = None
+    infer_ms: float | None = None
+    total_ms: float | None = None
+    stats: LayerStats | None = None
+    regions: dict[str, LayerStats] | None = None
+    classes: tuple[str, ...] = ()  # the model's, in mask order
+
+
+@dataclass(frozen=True)
+class AlarmEvent:
+    """An alarm to open, or the open/acknowledged alarms of a rule to clear."""
+
+    action: Literal["open", "clear"]
+    printer: str
+    build: str
+    layer: int
+    class_name: str
+    rule: str
+    severity: str
+    value: float
+    threshold: float
+    track: int | None = None  # track alarms: the track number in the build
+
+
+@dataclass(frozen=True)
+class AlarmRecord:
+    """One stored alarm in its current state (what the `alarm` message carries)."""
+
+    id: int
+    printer: str
+    build: str
+    layer: int
+    class_name: str
+    rule: str
+    severity: str
+    state: str  # open | acknowledged | cleared
+    value: float
+    threshold: float
+    opened_at: float
+    acked_at: float | None = None
+    cleared_at: float | None = None
+    cleared_layer: int | None = None
+    track: int | None = None
+
+
+@dataclass
+class RuleState:
+    """The alarm engine's memory of one rule in one build."""
+
+    streak: int = 0
+    open: bool = False  # an unacknowledged alarm of the rule is open
+    active: bool = False  # an open or acknowledged alarm waits to be cleared
+    last_open_layer: int | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {"streak": self.streak, "open": self.open, "active": self.active,
+                "last_open_layer": self.last_open_layer}
+
+
+@dataclass
+class Track:
+    """One defect followed through layers."""
+
+    number: int  # unique per build
+    class_name: str
+    first_layer: int
+    last_layer: int
+    layers: int
+    volume_mm3: float
+    max_area_mm2: float
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    alarmed: bool = False
+    ended: bool = False
+    # The boxes of its components in its last layer, for linking the next one.
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrackChange:
+    """What one layer did to the tracks of a build."""
+
+    # (class, index in the class's component_list) -> track number
+    assignments: dict[tuple[str, int], int]
+    touched: list[Track]  # created or extended in this layer
+    ended: list[Track]  # ended because this layer did not continue them
+    alarms: list[Track]  # crossed an alarm limit in this layer
+
+
+@dataclass(frozen=True)
+class LayerAlarms:
+    """What evaluating one layer produced; persisted with the layer in one transaction."""
+
+    events: list[AlarmEvent]
+    rule_states: dict[str, dict[str, Any]]
+    first_layer: int | None
+    tracks: TrackChange | None
+    evaluated: bool  # False: a layer number already seen (a replaced image), not re-counted
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What the alarm engine needs to go on with a build after a restart."""
+
+    first_layer: int | None
+    last_evaluated: int | None
+    last_layer: int | None
+    rules: dict[str, RuleState]
+    tracks: list[Track]  # the live ones
+    next_track: int
+    arrivals: list[float]  # detection times of the last layers, oldest first
+    stall_open: bool
+    last_layer_at: float | None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A committed message waiting to be published."""
+
+    seq: int
+    topic: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EncodedMap:
+    """A layer's defect map and thumbnail, encoded (see monitor.reports.maps)."""
+
+    scale: int  # original pixels per map pixel, along each axis
+    mask_png: bytes
+    thumb_jpeg: bytes

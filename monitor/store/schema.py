@@ -1,0 +1,233 @@
+"""The database schema: SQLAlchemy models of builds, layers, statistics, alarms, tracks,
+defect maps, mutes and the outbox. Migrations (monitor.store.migrate) must match them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from monitor.records import AlarmRecord
+from monitor.vision.stats import ClassStats
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Build(Base):
+    __tablename__ = "builds"
+    __table_args__ = (UniqueConstraint("printer", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    printer: Mapped[str] = mapped_column(String(200), default="")
+    name: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[float] = mapped_column(Float)
+    last_layer_at: Mapped[float | None] = mapped_column(Float)
+    first_layer: Mapped[int | None] = mapped_column(Integer)  # as the alarm engine saw it
+    last_evaluated_layer: Mapped[int | None] = mapped_column(Integer)
+
+
+class Layer(Base):
+    __tablename__ = "layers"
+    __table_args__ = (UniqueConstraint("build_id", "layer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(10))  # ok | error
+    error: Mapped[str | None] = mapped_column(Text)
+    image_path: Mapped[str] = mapped_column(Text, index=True)
+    image_size: Mapped[int | None] = mapped_column(BigInteger)
+    image_mtime_ns: Mapped[int | None] = mapped_column(BigInteger)  # > 2**31: 64 bits
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    detected_at: Mapped[float] = mapped_column(Float)
+    processed_at: Mapped[float] = mapped_column(Float)
+    decode_ms: Mapped[float | None] = mapped_column(Float)
+    infer_ms: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float | None] = mapped_column(Float)
+    versions: Mapped[int] = mapped_column(Integer, default=1)  # > 1: the image was replaced
+
+    classes: Mapped[list[ClassStat]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="ClassStat.id"
+    )
+    components: Mapped[list[ComponentRow]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True
+    )
+    regions: Mapped[list[RegionStat]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="RegionStat.id"
+    )
+
+
+class _StatColumns:
+    """The per-class statistics columns, shared by whole-layer and per-region rows."""
+
+    class_name: Mapped[str] = mapped_column(String(100))
+    pixel_count: Mapped[int] = mapped_column(Integer)
+    area_fraction: Mapped[float] = mapped_column(Float)
+    area_mm2: Mapped[float] = mapped_column(Float)
+    components: Mapped[int] = mapped_column(Integer)
+    largest_component_px: Mapped[int] = mapped_column(Integer)
+    largest_component_mm2: Mapped[float] = mapped_column(Float)
+
+    @staticmethod
+    def values(c: ClassStats) -> dict[str, Any]:
+        return {"class_name": c.name, **c.summary()}
+
+    def summary(self) -> dict[str, Any]:
+        """The per-class object of messages and reports."""
+        return {"pixel_count": self.pixel_count, "area_fraction": self.area_fraction,
+                "area_mm2": self.area_mm2, "components": self.components,
+                "largest_component_px": self.largest_component_px,
+                "largest_component_mm2": self.largest_component_mm2}
+
+
+class ClassStat(_StatColumns, Base):
+    __tablename__ = "class_stats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+
+
+class ComponentRow(Base):
+    __tablename__ = "components"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+    class_name: Mapped[str] = mapped_column(String(100))
+    x: Mapped[int] = mapped_column(Integer)
+    y: Mapped[int] = mapped_column(Integer)
+    w: Mapped[int] = mapped_column(Integer)
+    h: Mapped[int] = mapped_column(Integer)
+    area_px: Mapped[int] = mapped_column(Integer)
+    cx: Mapped[float] = mapped_column(Float)
+    cy: Mapped[float] = mapped_column(Float)
+    track: Mapped[int | None] = mapped_column(Integer)  # track number in the build
+
+
+class RegionStat(_StatColumns, Base):
+    """Per-class statistics inside one named part region; area_fraction is of the region."""
+
+    __tablename__ = "region_stats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+    region: Mapped[str] = mapped_column(String(100))
+
+
+class TrackRow(Base):
+    """A defect followed through consecutive layers."""
+
+    __tablename__ = "tracks"
+    __table_args__ = (UniqueConstraint("build_id", "number"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(100))
+    first_layer: Mapped[int] = mapped_column(Integer)
+    last_layer: Mapped[int] = mapped_column(Integer)
+    layers: Mapped[int] = mapped_column(Integer)
+    volume_mm3: Mapped[float] = mapped_column(Float)
+    max_area_mm2: Mapped[float] = mapped_column(Float)
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[int] = mapped_column(Integer)
+    y1: Mapped[int] = mapped_column(Integer)
+    alarmed: Mapped[bool] = mapped_column(Boolean, default=False)
+    ended: Mapped[bool] = mapped_column(Boolean, default=False)
+    boxes: Mapped[str] = mapped_column(Text, default="[]")  # last layer's boxes, JSON
+
+
+class RuleStateRow(Base):
+    """The alarm engine's memory of one rule in one build (streak, open, cooldown)."""
+
+    __tablename__ = "rule_states"
+    __table_args__ = (UniqueConstraint("build_id", "rule"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    rule: Mapped[str] = mapped_column(String(200))
+    streak: Mapped[int] = mapped_column(Integer, default=0)
+    open: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_open_layer: Mapped[int | None] = mapped_column(Integer)
+
+
+class LayerMap(Base):
+    """A layer's defect map and camera thumbnail (see monitor.reports.maps); pruned by age."""
+
+    __tablename__ = "layer_maps"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"),
+                                          unique=True)
+    classes: Mapped[str] = mapped_column(Text)  # JSON list, bit order of mask_png
+    scale: Mapped[int] = mapped_column(Integer)
+    mask_png: Mapped[bytes] = mapped_column(LargeBinary)
+    thumb_jpeg: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class Mute(Base):
+    """A muted build, or one class of it (class_name NULL = every class and stalls)."""
+
+    __tablename__ = "mutes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    class_name: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Alarm(Base):
+    __tablename__ = "alarms"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(100))
+    rule: Mapped[str] = mapped_column(String(200))
+    severity: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20), index=True)  # open|acknowledged|cleared
+    value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    opened_at: Mapped[float] = mapped_column(Float)
+    acked_at: Mapped[float | None] = mapped_column(Float)
+    cleared_at: Mapped[float | None] = mapped_column(Float)
+    cleared_layer: Mapped[int | None] = mapped_column(Integer)
+    track: Mapped[int | None] = mapped_column(Integer)  # track alarms: the track number
+
+    def record(self, printer: str, build: str) -> AlarmRecord:
+        """This row as the plain record messages are built from."""
+        return AlarmRecord(
+            id=self.id, printer=printer, build=build, layer=self.layer,
+            class_name=self.class_name, rule=self.rule, severity=self.severity,
+            state=self.state, value=self.value, threshold=self.threshold,
+            opened_at=self.opened_at, acked_at=self.acked_at, cleared_at=self.cleared_at,
+            cleared_layer=self.cleared_layer, track=self.track)
+
+
+class OutboxRow(Base):
+    __tablename__ = "outbox"
+
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    topic: Mapped[str] = mapped_column(String(50))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)

@@ -1,0 +1,242 @@
+"""What the writer's jobs do, each inside its transaction: layers with their statistics and
+components, defect maps, alarm transitions, rule states, tracks, mutes and the outbox.
+
+Outgoing messages are kept in the outbox table until the publisher has sent them, so a crash
+between the commit and the send loses nothing: they are re-sent on restart with their seq.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from monitor.errors import StoreError
+from monitor.records import AlarmEvent, AlarmRecord, EncodedMap, LayerRecord, Outgoing, Track
+from monitor.store.queries import build_id_of
+from monitor.store.schema import (
+    Alarm,
+    Build,
+    ClassStat,
+    ComponentRow,
+    Layer,
+    LayerMap,
+    Mute,
+    OutboxRow,
+    RegionStat,
+    RuleStateRow,
+    TrackRow,
+)
+
+
+def _get_build(s: Session, printer: str, name: str, now: float) -> Build:
+    build = s.scalar(select(Build).where(Build.printer == printer, Build.name == name))
+    if build is None:
+        build = Build(printer=printer, name=name, created_at=now)
+        s.add(build)
+        s.flush()
+    return build
+
+
+def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
+              tracks: dict[tuple[str, int], int] | None = None) -> tuple[int, bool]:
+    """Insert or replace one layer with its statistics; returns (build id, replaced).
+
+    tracks: (class, component index) -> track number, from the alarm engine.
+    """
+    build = _get_build(s, rec.printer, rec.build, rec.processed_at)
+    build.last_layer_at = max(build.last_layer_at or 0.0, rec.processed_at)
+    old = s.scalar(select(Layer).where(Layer.build_id == build.id, Layer.layer == rec.layer))
+    versions = 1
+    if old is not None:
+        versions = old.versions + 1
+        s.delete(old)
+        s.flush()
+    row = Layer(
+        build_id=build.id, layer=rec.layer, status=rec.status, error=rec.error,
+        image_path=rec.image_path, image_size=rec.image_size, image_mtime_ns=rec.image_mtime_ns,
+        image_sha256=rec.image_sha256, model_sha256=rec.model_sha256,
+        detected_at=rec.detected_at, processed_at=rec.processed_at, decode_ms=rec.decode_ms,
+        infer_ms=rec.infer_ms, total_ms=rec.total_ms, versions=versions,
+        width=rec.stats.width if rec.stats else None,
+        height=rec.stats.height if rec.stats else None,
+    )
+    comps: list[dict[str, Any]] = []
+    if rec.stats is not None:
+        for c in rec.stats.classes.values():
+            row.classes.append(ClassStat(**ClassStat.values(c)))
+            comps += [{"class_name": c.name, "x": comp.x, "y": comp.y, "w": comp.w,
+                       "h": comp.h, "area_px": comp.area_px, "cx": comp.cx, "cy": comp.cy,
+                       "track": (tracks or {}).get((c.name, i))}
+                      for i, comp in enumerate(c.component_list[:max_components])]
+    for region, rs in (rec.regions or {}).items():
+        for c in rs.classes.values():
+            row.regions.append(RegionStat(region=region, **RegionStat.values(c)))
+    s.add(row)
+    s.flush()
+    if comps:
+        # One multi-row INSERT: hundreds of components through the unit of work took
+        # tens of milliseconds on the latency path.
+        s.execute(insert(ComponentRow), [{**c, "layer_id": row.id} for c in comps])
+    return build.id, old is not None
+
+
+def put_map(s: Session, rec: LayerRecord, m: EncodedMap) -> None:
+    """Attach a map to the stored layer it was made from (skipped if that layer has been
+    replaced or deleted since)."""
+    layer = s.scalar(select(Layer).join(Build).where(
+        Build.printer == rec.printer, Build.name == rec.build, Layer.layer == rec.layer,
+        Layer.processed_at == rec.processed_at))
+    if layer is not None:
+        s.execute(delete(LayerMap).where(LayerMap.layer_id == layer.id))
+        s.add(LayerMap(layer_id=layer.id, classes=json.dumps(list(rec.classes)),
+                       scale=m.scale, mask_png=m.mask_png, thumb_jpeg=m.thumb_jpeg,
+                       created_at=rec.processed_at))
+
+
+def put_outbox(s: Session, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[Outgoing]:
+    """Queue messages for publishing in the current transaction; assigns their seq."""
+    rows = [OutboxRow(topic=t, payload=json.dumps(p), created_at=time.time())
+            for t, p in messages]
+    s.add_all(rows)
+    s.flush()
+    return [Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows]
+
+
+def mark_published(s: Session, seqs: list[int]) -> None:
+    s.execute(update(OutboxRow).where(OutboxRow.seq.in_(seqs)).values(published=True))
+
+
+def prune_outbox(s: Session, *, keep: int = 10_000) -> None:
+    """Drop published messages beyond the newest `keep`; the layers table is the record."""
+    newest = s.scalar(select(OutboxRow.seq).order_by(OutboxRow.seq.desc()).limit(1)) or 0
+    s.execute(delete(OutboxRow).where(OutboxRow.published.is_(True),
+                                      OutboxRow.seq <= newest - keep))
+
+
+def apply_alarm(s: Session, build_id: int, ev: AlarmEvent, now: float) -> list[AlarmRecord]:
+    """Record an alarm transition; returns the alarms it opened or cleared."""
+    if ev.action == "open":
+        row = Alarm(build_id=build_id, layer=ev.layer, class_name=ev.class_name, rule=ev.rule,
+                    severity=ev.severity, state="open", value=ev.value, threshold=ev.threshold,
+                    opened_at=now, track=ev.track)
+        s.add(row)
+        s.flush()
+        return [row.record(ev.printer, ev.build)]
+    q = select(Alarm).where(Alarm.build_id == build_id, Alarm.rule == ev.rule,
+                            Alarm.state.in_(("open", "acknowledged")))
+    if ev.track is not None:
+        q = q.where(Alarm.track == ev.track)
+    rows = list(s.scalars(q))
+    for row in rows:
+        row.state, row.cleared_at, row.cleared_layer = "cleared", now, ev.layer
+    s.flush()
+    return [row.record(ev.printer, ev.build) for row in rows]
+
+
+def acknowledge_alarm(s: Session, alarm_id: int, now: float) -> AlarmRecord:
+    """open -> acknowledged; StoreError if there is no such open alarm."""
+    row = s.get(Alarm, alarm_id)
+    if row is None:
+        raise StoreError(f"no alarm with id {alarm_id}")
+    if row.state != "open":
+        raise StoreError(f"alarm {alarm_id} is {row.state}, not open")
+    row.state, row.acked_at = "acknowledged", now
+    s.flush()
+    build = s.get(Build, row.build_id)
+    assert build is not None  # the foreign key
+    return row.record(build.printer, build.name)
+
+
+def set_evaluated(s: Session, build_id: int, *, first_layer: int | None, layer: int) -> None:
+    """The alarm engine evaluated `layer` of the build (its first layer as it saw it)."""
+    build = s.get(Build, build_id)
+    assert build is not None  # put_layer made it in this transaction
+    build.first_layer = first_layer
+    build.last_evaluated_layer = max(build.last_evaluated_layer or layer, layer)
+
+
+def put_rule_states(s: Session, build_id: int, states: Mapping[str, dict[str, Any]]
+                    ) -> None:
+    existing = {r.rule: r for r in s.scalars(
+        select(RuleStateRow).where(RuleStateRow.build_id == build_id))}
+    for rule, st in states.items():
+        row = existing.get(rule)
+        if row is None:
+            s.add(RuleStateRow(build_id=build_id, rule=rule, **st))
+        else:
+            for k, v in st.items():
+                setattr(row, k, v)
+
+
+def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
+    """Insert or update tracks (touched or ended by a layer)."""
+    tracks = list(tracks)
+    if not tracks:
+        return
+    # Bulk statements rather than ORM objects: a layer touches dozens of tracks, and the
+    # unit of work made this the costliest part of the layer's transaction.
+    ids: dict[int, int] = {number: id_ for number, id_ in s.execute(
+        select(TrackRow.number, TrackRow.id).where(
+            TrackRow.build_id == build_id, TrackRow.number.in_([t.number for t in tracks])))}
+    new, changed = [], []
+    for t in tracks:
+        values = {
+            "first_layer": t.first_layer, "last_layer": t.last_layer, "layers": t.layers,
+            "volume_mm3": t.volume_mm3, "max_area_mm2": t.max_area_mm2,
+            "x0": t.x0, "y0": t.y0, "x1": t.x1, "y1": t.y1,
+            "alarmed": t.alarmed, "ended": t.ended, "boxes": json.dumps(t.boxes),
+        }
+        if t.number in ids:
+            changed.append({"id": ids[t.number], **values})
+        else:
+            new.append({"build_id": build_id, "number": t.number, "class_name": t.class_name,
+                        **values})
+    if new:
+        s.execute(insert(TrackRow), new)
+    if changed:
+        s.execute(update(TrackRow), changed)  # by primary key, one executemany
+
+
+def no_build(printer: str, name: str) -> StoreError:
+    return StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+
+
+def add_mute(s: Session, printer: str, name: str, class_name: str | None, now: float) -> None:
+    bid = build_id_of(s, printer, name)
+    if bid is None:
+        raise no_build(printer, name)
+    s.add(Mute(build_id=bid, class_name=class_name, created_at=now))
+
+
+def remove_mutes(s: Session, printer: str, name: str, class_name: str | None) -> None:
+    bid = build_id_of(s, printer, name)
+    if bid is None:
+        raise no_build(printer, name)
+    q = delete(Mute).where(Mute.build_id == bid)
+    q = q.where(Mute.class_name.is_(None) if class_name is None else
+                Mute.class_name == class_name)
+    s.execute(q)
+
+
+def prune_maps(s: Session, *, older_than: float) -> int:
+    """Delete defect maps made before `older_than` (statistics and alarms are kept)."""
+    result = s.execute(delete(LayerMap).where(LayerMap.created_at < older_than))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def prune_oldest_maps(s: Session, *, fraction: float) -> int:
+    """Delete the oldest `fraction` of the stored maps (at least one, if any)."""
+    from sqlalchemy import func
+
+    total = s.scalar(select(func.count(LayerMap.id))) or 0
+    n = max(1, int(total * fraction)) if total else 0
+    if not n:
+        return 0
+    ids = list(s.scalars(select(LayerMap.id).order_by(LayerMap.created_at).limit(n)))
+    s.execute(delete(LayerMap).where(LayerMap.id.in_(ids)))
+    return len(ids)
