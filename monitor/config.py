@@ -550,8 +550,9 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
                 for r in cfg.regions
             ),
             "printers": tuple(
-                p.model_copy(update={"watch": p.watch.model_copy(
-                    update={"dir": resolve(p.watch.dir)}), "geometry": resolve_geometry(p.geometry)})
+                p.model_copy(update={
+                    "watch": p.watch.model_copy(update={"dir": resolve(p.watch.dir)}),
+                    "geometry": resolve_geometry(p.geometry)})
                 for p in cfg.printers
             ),
         }

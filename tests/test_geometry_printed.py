@@ -22,7 +22,7 @@ if not SLM.is_dir():
 def _scene(bright: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """512 px powder bed with a lighting gradient and three square parts; part 3 unprinted."""
     h = w = 512
-    yy, xx = np.mgrid[0:h, 0:w]
+    _yy, xx = np.mgrid[0:h, 0:w]
     img = 90 + 60 * xx / w + rng.normal(0, 6, (h, w))        # gradient: 90 -> 150
     labels = np.zeros((h, w), np.int32)
     labels[60:160, 60:160] = 1

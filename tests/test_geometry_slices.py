@@ -82,7 +82,7 @@ def test_bad_cli_is_a_slice_error(tmp_path: Path) -> None:
 
 
 def test_vector_source_needs_frame_mm() -> None:
-    with pytest.raises(SliceError, match="geometry.frame_mm"):
+    with pytest.raises(SliceError, match=r"geometry\.frame_mm"):
         NominalSlices("x/{build}.cli", layer_thickness_mm=0.05)
 
 

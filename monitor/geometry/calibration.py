@@ -10,6 +10,7 @@ so areas in mm² come from the homography's Jacobian at each pixel.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -62,11 +63,11 @@ class Calibration:
         """
         iw, ih = image_size
         if corners_px is None:
-            src = np.float32([[0, 0], [iw, 0], [iw, ih], [0, ih]])
+            src = np.array([[0, 0], [iw, 0], [iw, ih], [0, ih]], np.float32)
         else:
             src = np.asarray(corners_px, dtype=np.float32).reshape(4, 2)
         fw, fh = frame_px
-        dst = np.float32([[0, 0], [fw, 0], [fw, fh], [0, fh]])
+        dst = np.array([[0, 0], [fw, 0], [fw, fh], [0, fh]], np.float32)
         h = cv2.getPerspectiveTransform(src, dst)
         if frame_mm is None:
             frame_mm = (0.0, 0.0, iw * pixel_size_mm, ih * pixel_size_mm)
@@ -77,7 +78,7 @@ class Calibration:
     def _apply(h: FloatArray, points: npt.ArrayLike) -> FloatArray:
         p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
         q = np.c_[p, np.ones(len(p))] @ h.T
-        return q[:, :2] / q[:, 2:3]  # (N, 2)
+        return np.asarray(q[:, :2] / q[:, 2:3], np.float64)  # (N, 2)
 
     def to_frame(self, points_px: npt.ArrayLike) -> FloatArray:
         """Image (x, y) -> nominal frame (col, row), (N, 2)."""
@@ -91,13 +92,15 @@ class Calibration:
         """Frame (col, row) -> plate (x, y) in mm; y grows upward, the frame's top is y0 + h."""
         p = np.asarray(points_frame, dtype=np.float64).reshape(-1, 2)
         x0, y0, _, h = self.frame_mm
-        return np.c_[x0 + p[:, 0] * self.mm_per_px[0], y0 + h - p[:, 1] * self.mm_per_px[1]]
+        return np.asarray(np.c_[x0 + p[:, 0] * self.mm_per_px[0],
+                                y0 + h - p[:, 1] * self.mm_per_px[1]], np.float64)
 
     def mm_to_frame(self, points_mm: npt.ArrayLike) -> FloatArray:
         """Plate (x, y) in mm -> frame (col, row)."""
         p = np.asarray(points_mm, dtype=np.float64).reshape(-1, 2)
         x0, y0, _, h = self.frame_mm
-        return np.c_[(p[:, 0] - x0) / self.mm_per_px[0], (y0 + h - p[:, 1]) / self.mm_per_px[1]]
+        return np.asarray(np.c_[(p[:, 0] - x0) / self.mm_per_px[0],
+                                (y0 + h - p[:, 1]) / self.mm_per_px[1]], np.float64)
 
     def image_to_mm(self, points_px: npt.ArrayLike) -> FloatArray:
         """Image (x, y) -> plate (x, y) in mm, (N, 2)."""
@@ -136,7 +139,7 @@ class Calibration:
         )
         return np.asarray(out, dtype=np.int32)
 
-    def image_to_frame_image(self, image: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+    def image_to_frame_image(self, image: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """Warp a camera image into the nominal frame (for overlays and checks)."""
-        return np.asarray(cv2.warpPerspective(image, self.image_to_frame, self.frame_px,
+        return np.asarray(cv2.warpPerspective(np.asarray(image), self.image_to_frame, self.frame_px,
                                               flags=cv2.INTER_LINEAR))

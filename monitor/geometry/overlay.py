@@ -29,7 +29,8 @@ def camera_check_overlay(
     if img.dtype != np.uint8:
         lo, hi = float(img.min()), float(img.max())
         img = ((img - lo) / max(hi - lo, 1e-9) * 255).astype(np.uint8)
-    out = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img.copy()
+    out = np.asarray(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else img.copy(),
+                     np.uint8)
     thick = max(1, round(max(out.shape[:2]) / 1000))
     fw, fh = cal.frame_px
     corners = cal.to_image([[0, 0], [fw, 0], [fw, fh], [0, fh]])

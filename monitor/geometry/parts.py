@@ -53,7 +53,8 @@ def tolerance_px(cal: Calibration, nominal: Labels, tolerance_mm: float) -> int:
 
 
 def _disk(r: int) -> npt.NDArray[np.uint8]:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)),
+                      np.uint8)
 
 
 def part_stats(
@@ -74,11 +75,9 @@ def part_stats(
             the tolerance, as a fraction of the part's nominal area.
         tolerance_mm: how far outside its nominal outline a part's pixels still count.
     """
-    ids = np.unique(nominal)
-    ids = ids[ids > 0]
-    if not ids.size:
+    n = int(nominal.max(initial=0)) + 1
+    if n == 1:
         return []
-    n = int(ids.max()) + 1
     area = cal.pixel_area_mm2(nominal.shape)
     tol = tolerance_px(cal, nominal, tolerance_mm)
     # Tolerance zone of each part: its own pixels, plus the grown rim (where two rims
@@ -91,9 +90,10 @@ def part_stats(
 
     def sums(labels: Labels, mask: BoolArray | None = None) -> npt.NDArray[np.float64]:
         sel = labels > 0 if mask is None else mask & (labels > 0)
-        return np.bincount(labels[sel], weights=area[sel], minlength=n)
+        return np.bincount(labels[sel], weights=area[sel], minlength=n).astype(np.float64)
 
     nominal_mm2 = sums(nominal)
+    ids = np.flatnonzero(nominal_mm2 > 0)  # no np.unique: it sorts every pixel
     printed_in = sums(nominal, printed)
 
     # Excess: printed outside every zone, given to the nearest part.
@@ -113,7 +113,8 @@ def part_stats(
             seeds[near[sub > 0]] = sub[sub > 0]
             owner = seeds[near]
             sel = outside[box]
-            excess_mm2 = np.bincount(owner[sel], weights=area[box][sel], minlength=n)
+            excess_mm2 = np.bincount(owner[sel], weights=area[box][sel],
+                                     minlength=n).astype(np.float64)
 
     # Centroids (area-weighted, image px): nominal vs printed inside the zone
     cents = _centroids(nominal, None, area, n)
@@ -148,7 +149,7 @@ def _centroids(
     sel = labels > 0 if mask is None else mask & (labels > 0)
     ys, xs = np.nonzero(sel)
     lab, w = labels[ys, xs], area[ys, xs].astype(np.float64)
-    wsum = np.bincount(lab, weights=w, minlength=n)
+    wsum = np.bincount(lab, weights=w, minlength=n).astype(np.float64)
     cx = np.bincount(lab, weights=w * xs, minlength=n) / np.maximum(wsum, 1e-12)
     cy = np.bincount(lab, weights=w * ys, minlength=n) / np.maximum(wsum, 1e-12)
-    return np.c_[cx, cy], wsum
+    return np.asarray(np.c_[cx, cy], np.float64), wsum

@@ -50,14 +50,15 @@ class Printed:
 
 
 def _disk(r: int) -> npt.NDArray[np.uint8]:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)),
+                      np.uint8)
 
 
 def _local_mean_spread(image: F32, r: int) -> tuple[F32, F32]:
     k = (2 * r + 1, 2 * r + 1)
     m = cv2.boxFilter(image, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT)
     m2 = cv2.boxFilter(image * image, cv2.CV_32F, k, borderType=cv2.BORDER_REFLECT)
-    return m, np.sqrt(np.maximum(m2 - m * m, 0.0))
+    return np.asarray(m, np.float32), np.sqrt(np.maximum(m2 - m * m, 0.0)).astype(np.float32)
 
 
 def _normconv(values: F32, weight: F32, r: int) -> F32:
@@ -121,8 +122,8 @@ def printed_area(
     # background is smooth, so this quarters the cost for under a pixel of edge error.
     scale = 2 if min(img.shape) >= 1024 else 1
     if scale > 1:
-        small = cv2.resize(img, (img.shape[1] // scale, img.shape[0] // scale),
-                           interpolation=cv2.INTER_AREA)
+        small = np.asarray(cv2.resize(img, (img.shape[1] // scale, img.shape[0] // scale),
+                                      interpolation=cv2.INTER_AREA), np.float32)
         nom = cv2.resize(nominal.astype(np.uint8), (small.shape[1], small.shape[0]),
                          interpolation=cv2.INTER_NEAREST).astype(bool)
     else:
@@ -150,7 +151,8 @@ def printed_area(
     score = (feats @ w.astype(np.float32) - np.float32(c)).astype(np.float32)
     vote = px(p.vote_px, 0)
     if vote:
-        score = cv2.boxFilter(score, cv2.CV_32F, (2 * vote + 1, 2 * vote + 1))
+        score = np.asarray(cv2.boxFilter(score, cv2.CV_32F, (2 * vote + 1, 2 * vote + 1)),
+                           np.float32)
     tol = px(tolerance_px, 0)
     zone = cv2.dilate(nom_u8, _disk(tol)).astype(bool) if tol else nom
     m8 = ((score > 0) & zone).astype(np.uint8)

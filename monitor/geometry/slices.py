@@ -110,7 +110,8 @@ class _MaskIds:
     def assign(self, part: npt.NDArray[np.bool_]) -> Labels:
         if self.seen is None or self.seen.shape != part.shape:
             self.seen = np.zeros(part.shape, np.int32)
-        n, comp, stats, _ = cv2.connectedComponentsWithStats(part.astype(np.uint8), 8)
+        n, comp, stats, _ = cv2.connectedComponentsWithStats(part.astype(np.uint8),
+                                                             connectivity=8)
         labels = np.zeros(part.shape, np.int32)
         for k in range(1, n):
             x, y, bw, bh = stats[k, :4]
