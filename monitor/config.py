@@ -139,6 +139,63 @@ class ModelConfig(_Section):
 class CameraConfig(_Section):
     pixel_size_mm: PositiveFloat = Field(0.1, description="Bed size of one pixel in mm.")
     layer_thickness_mm: PositiveFloat = Field(0.05, description="Powder layer thickness in mm.")
+    plate_corners_px: tuple[tuple[float, float], ...] | None = Field(
+        None, description="Where the nominal frame's 4 corners appear in the image, [x, y] "
+        "clockwise from top-left; unset = the frame is the whole image."
+    )
+
+    @field_validator("plate_corners_px")
+    @classmethod
+    def _four_corners(
+        cls, value: tuple[tuple[float, float], ...] | None
+    ) -> tuple[tuple[float, float], ...] | None:
+        if value is not None and len(value) != 4:
+            raise ValueError(f"needs exactly 4 corners [x, y], got {len(value)}")
+        return value
+
+
+GEOMETRY_VECTOR_SUFFIXES = (".cli", ".stl", ".3mf", ".obj", ".ply")
+
+
+class GeometryConfig(_Section):
+    """Nominal geometry: each layer's expected part area, compared with the printed one."""
+
+    nominal: str = Field(
+        "", description="Path template of the nominal slices ({build}, {layer}, {stem}): mask "
+        "images, or one .cli or mesh (.stl, .3mf) file per build; empty = off."
+    )
+    frame_mm: tuple[float, float, float, float] | None = Field(
+        None, description="Plate area [x0, y0, w, h] in mm the nominal frame covers."
+    )
+    frame_px: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]] | None = Field(
+        None, description="[width, height] of the nominal frame in pixels; unset = the mask's "
+        "size, or the image's for .cli and mesh slices."
+    )
+    tolerance_mm: float = Field(
+        0.5, ge=0, description="Printed pixels this close outside a part's outline are the part."
+    )
+    printed_smooth_px: int = Field(
+        8, ge=1, description="Half-width in image pixels of the printed-area texture window."
+    )
+    printed_min_separation: float = Field(
+        1.0, ge=0, description="Melt/powder contrast below which a layer counts as unprinted."
+    )
+
+    @model_validator(mode="after")
+    def _vector_needs_frame(self) -> GeometryConfig:
+        if Path(self.nominal).suffix.lower() in GEOMETRY_VECTOR_SUFFIXES and \
+                self.frame_mm is None:
+            raise ValueError("frame_mm is required for .cli and mesh slices: set "
+                             "geometry.frame_mm = [x0, y0, w, h], the plate area in mm the "
+                             "nominal frame covers")
+        return self
+
+
+def _check_geometry(camera: CameraConfig, geometry: GeometryConfig, where: str) -> None:
+    """An oblique camera has no single pixel size: mm need the frame's size in mm."""
+    if geometry.nominal and camera.plate_corners_px is not None and geometry.frame_mm is None:
+        raise ValueError(f"{where}geometry.frame_mm is required with camera.plate_corners_px: "
+                         "set it to [x0, y0, w, h], the plate area in mm the frame covers")
 
 
 class StoreConfig(_Section):
@@ -341,6 +398,12 @@ class PrinterConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Printer name (in messages).")
     watch: WatchConfig = WatchConfig()
     camera: CameraConfig = CameraConfig()
+    geometry: GeometryConfig = GeometryConfig()
+
+    @model_validator(mode="after")
+    def _geometry(self) -> PrinterConfig:
+        _check_geometry(self.camera, self.geometry, "")
+        return self
 
 
 class MetricsConfig(_Section):
@@ -364,6 +427,7 @@ class Config(_Section):
     watch: WatchConfig = WatchConfig()
     model: ModelConfig = ModelConfig()
     camera: CameraConfig = CameraConfig()
+    geometry: GeometryConfig = GeometryConfig()
     store: StoreConfig = StoreConfig()
     publish: PublishConfig = PublishConfig()
     alarms: AlarmsConfig = AlarmsConfig()
@@ -383,12 +447,14 @@ class Config(_Section):
         names = [p.name for p in self.printers]
         if len(set(names)) != len(names):
             raise ValueError("printers: two printers share a name")
+        _check_geometry(self.camera, self.geometry, "")
         return self
 
     def fleet(self) -> list[PrinterConfig]:
-        """The printers to watch: [[printers]], or the single [watch]/[camera] one, named ""."""
+        """The printers to watch: [[printers]], or the single [watch]/[camera]/[geometry]
+        one, named ""."""
         return list(self.printers) or [PrinterConfig.model_construct(
-            name="", watch=self.watch, camera=self.camera)]
+            name="", watch=self.watch, camera=self.camera, geometry=self.geometry)]
 
     @property
     def store_url(self) -> str:
@@ -445,7 +511,7 @@ def _format_error(err: ValidationError, where: str) -> str:
     elif "input" in first and not isinstance(got, dict) and "got" not in msg:
         msg = f"{msg} (got {got!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {key}: {msg}{more}"
+    return f"{where}: {key}: {msg}{more}" if key else f"{where}: {msg}{more}"
 
 
 def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
@@ -461,10 +527,16 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
         return p if p.is_absolute() else (base_dir / p).resolve()
 
     pub = cfg.publish
+
+    def resolve_geometry(g: GeometryConfig) -> GeometryConfig:
+        return g.model_copy(update={"nominal": str(resolve(Path(g.nominal)))}) if g.nominal \
+            else g
+
     return cfg.model_copy(
         update={
             "watch": cfg.watch.model_copy(update={"dir": resolve(cfg.watch.dir)}),
             "model": cfg.model.model_copy(update={"weights": resolve(cfg.model.weights)}),
+            "geometry": resolve_geometry(cfg.geometry),
             "store": cfg.store.model_copy(
                 update={"state_dir": resolve(cfg.store.state_dir or default_state_dir())}
             ),
@@ -478,8 +550,9 @@ def parse_config(data: dict[str, Any], *, base_dir: Path, source: Path | None = 
                 for r in cfg.regions
             ),
             "printers": tuple(
-                p.model_copy(update={"watch": p.watch.model_copy(
-                    update={"dir": resolve(p.watch.dir)})})
+                p.model_copy(update={
+                    "watch": p.watch.model_copy(update={"dir": resolve(p.watch.dir)}),
+                    "geometry": resolve_geometry(p.geometry)})
                 for p in cfg.printers
             ),
         }

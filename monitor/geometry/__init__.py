@@ -1,0 +1,1 @@
+"""Nominal geometry: calibration, slices, printed area and per-part statistics."""
