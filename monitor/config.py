@@ -279,6 +279,11 @@ class AlarmRule(_Section):
         10, ge=0, description="Layers after an alarm opens before this rule may open another."
     )
     region: str = Field("", description="A [[regions]] part region; empty = whole layer.")
+    scope: Literal["parts", "plate"] = Field(
+        "parts", description="With nominal slices: 'parts' counts defects on and around the "
+        "parts only (nominal grown by geometry.tolerance_mm; area_fraction of that zone), "
+        "'plate' the whole layer. No effect without slices, with a region, or for no_defect."
+    )
 
     @property
     def rule_id(self) -> str:
@@ -323,6 +328,31 @@ class TracksConfig(_Section):
     severity: Severity = Field("critical", description="Severity of track alarms.")
 
 
+class PartAlarmsConfig(_Section):
+    """Alarms per nominal part (with [geometry] nominal): missing or grown past its outline."""
+
+    enabled: bool = Field(True, description="Raise part alarms when slices are configured.")
+    missing_fraction: float = Field(
+        0.5, ge=0, le=1, description="A part printed below this fraction of its nominal area "
+        "is missing (broken off, recoater crash, not exposed)."
+    )
+    missing_layers: int = Field(2, ge=1, description="Layers in a row a part must be missing.")
+    missing_severity: Severity = Field("critical", description="Severity of part_missing.")
+    excess_fraction: float = Field(
+        0.25, ge=0, description="Printed area outside the part's tolerance zone, as a fraction "
+        "of its nominal area, above which it is in excess (distortion, swelling, exposure "
+        "outside the part)."
+    )
+    excess_layers: int = Field(2, ge=1, description="Layers in a row a part must be in excess.")
+    excess_severity: Severity = Field("warning", description="Severity of part_excess.")
+    grace_layers: int | None = Field(
+        None, ge=0, description="Layers at the start of a build not checked (default: alarms)."
+    )
+    cooldown_layers: int = Field(
+        10, ge=0, description="Layers after a part's alarm opens before it may open another."
+    )
+
+
 class StallConfig(_Section):
     """No new layer in an active build for too long: camera offline or machine stopped."""
 
@@ -355,6 +385,7 @@ class AlarmsConfig(_Section):
     rules: tuple[AlarmRule, ...] = Field(default_factory=_default_rules,
                                          description="Threshold rules.")
     tracks: TracksConfig = TracksConfig()
+    parts: PartAlarmsConfig = PartAlarmsConfig()
     stall: StallConfig = StallConfig()
     hook: HookConfig = HookConfig()
 

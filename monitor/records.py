@@ -20,6 +20,27 @@ class BuildKey:
 
 
 @dataclass(frozen=True)
+class PartRecord:
+    """One nominal part in one layer, against its slice. Fractions are of its nominal area."""
+
+    id: int
+    nominal_mm2: float
+    printed_fraction: float
+    excess_fraction: float  # printed outside every part's tolerance zone, nearest this part
+    centroid_shift_mm: float | None  # printed vs nominal centroid; None if nothing printed
+    classes: dict[str, float] = field(default_factory=dict)  # defect area / nominal area
+
+    def summary(self) -> dict[str, Any]:
+        """The per-part object of messages and reports."""
+        return {"id": self.id, "nominal_mm2": round(self.nominal_mm2, 4),
+                "printed_fraction": round(self.printed_fraction, 4),
+                "excess_fraction": round(self.excess_fraction, 4),
+                "centroid_shift_mm": (None if self.centroid_shift_mm is None
+                                      else round(self.centroid_shift_mm, 4)),
+                "classes": {k: round(v, 6) for k, v in self.classes.items()}}
+
+
+@dataclass(frozen=True)
 class LayerRecord:
     """Everything the daemon learned about one image, ready to store."""
 
@@ -41,6 +62,7 @@ class LayerRecord:
     stats: LayerStats | None = None
     regions: dict[str, LayerStats] | None = None
     classes: tuple[str, ...] = ()  # the model's, in mask order
+    parts: tuple[PartRecord, ...] = ()  # per nominal part; () without a nominal slice
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,7 @@ class AlarmEvent:
     value: float
     threshold: float
     track: int | None = None  # track alarms: the track number in the build
+    part: int | None = None  # part alarms: the nominal part id
 
 
 @dataclass(frozen=True)
@@ -78,6 +101,7 @@ class AlarmRecord:
     cleared_at: float | None = None
     cleared_layer: int | None = None
     track: int | None = None
+    part: int | None = None
 
 
 @dataclass

@@ -12,9 +12,11 @@ Lifecycle of an alarm: open -> acknowledged -> cleared. Per build and rule:
   alarms.
 * A muted build (or class of a build) opens no alarms; open ones stay until cleared.
 
-Track alarms (a defect stacking through layers) and stall alarms (no new layer) follow the
-same lifecycle. The engine has one owner, the daemon's analyser thread: layers, stall checks,
-acks, mutes and reloads reach it in order through the analyser's queue, so it takes no lock.
+Track alarms (a defect stacking through layers), part alarms (a nominal part missing or
+printed past its outline, per part: rule ids ``part_missing.part7``, ``part_excess.part7``)
+and stall alarms (no new layer) follow the same lifecycle. The engine has one owner, the
+daemon's analyser thread: layers, stall checks, acks, mutes and reloads reach it in order
+through the analyser's queue, so it takes no lock.
 Its state is persisted with each layer.
 """
 
@@ -35,6 +37,7 @@ from monitor.records import (
     BuildKey,
     EngineState,
     LayerAlarms,
+    PartRecord,
     RuleState,
     TrackChange,
 )
@@ -43,6 +46,21 @@ from monitor.vision.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
 RULE_STALL = "stall"
 RULE_TEST = "test"
 TRACK_PREFIX = "track."
+PART_MISSING = "part_missing"
+PART_EXCESS = "part_excess"
+PART_RULES = (PART_MISSING, PART_EXCESS)
+
+
+def part_rule_id(kind: str, part: int) -> str:
+    """The rule id of a part alarm, e.g. part_missing.part7 (its state is kept under it)."""
+    return f"{kind}.part{part}"
+
+
+def _part_of(rule_id: str) -> tuple[str, int] | None:
+    kind, sep, rest = rule_id.partition(".part")
+    if not sep or kind not in PART_RULES or not rest.isdigit():
+        return None
+    return kind, int(rest)
 
 
 @dataclass
@@ -57,9 +75,31 @@ class BuildState:
     finished: bool = False  # a newer build started on the printer
 
 
-def metric_value(rule: AlarmRule, stats: LayerStats,
-                 regions: Mapping[str, LayerStats]) -> float | None:
-    st = regions.get(rule.region) if rule.region else stats
+@dataclass(frozen=True)
+class _Cond:
+    """A rule's condition on one layer, as the lifecycle sees it."""
+
+    rule_id: str
+    class_name: str  # "" for part alarms
+    severity: str
+    value: float
+    threshold: float
+    holds: bool
+    consecutive: int
+    cooldown: int
+    part: int | None = None
+
+
+def metric_value(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, LayerStats],
+                 parts_zone: LayerStats | None = None) -> float | None:
+    """The rule's metric: in its region, else on and around the parts (scope "parts", when
+    the layer has a nominal slice), else over the whole layer."""
+    if rule.region:
+        st = regions.get(rule.region)
+    elif rule.scope == "parts" and parts_zone is not None and rule.class_name != NO_DEFECT:
+        st = parts_zone
+    else:
+        st = stats
     if st is None:
         return None
     c = st.classes.get(rule.class_name)
@@ -118,6 +158,12 @@ class AlarmEngine:
         for st in self._builds.values():
             if st.tracks is not None:
                 st.tracks.cfg = cfg.tracks
+
+    @property
+    def wants_parts_zone(self) -> bool:
+        """Whether a rule counts defects on and around the parts (scope "parts")."""
+        return any(r.scope == "parts" and not r.region and r.class_name != NO_DEFECT
+                   for r in self.cfg.rules)
 
     # ------------------------------------------------------------ state
 
@@ -194,9 +240,17 @@ class AlarmEngine:
 
     def evaluate(
         self, key: BuildKey, layer: int, stats: LayerStats,
-        regions: Mapping[str, LayerStats] | None = None,
+        regions: Mapping[str, LayerStats] | None = None, *,
+        parts: Sequence[PartRecord] | None = None, parts_zone: LayerStats | None = None,
     ) -> LayerAlarms:
-        """Check the rules and tracks on one layer of a build."""
+        """Check the rules, parts and tracks on one layer of a build.
+
+        Args:
+            parts: the layer's parts against its nominal slice; None without a slice (part
+                alarms keep their state).
+            parts_zone: statistics of the masks on and around the parts, for rules of
+                scope "parts"; None: they use the whole layer.
+        """
         regions = regions or {}
         st = self._build(key)
         if st.last_layer is not None and layer <= st.last_layer:
@@ -206,13 +260,17 @@ class AlarmEngine:
         st.last_layer = layer
         events: list[AlarmEvent] = []
         for rule in self.cfg.rules:
-            events += self._check_rule(key, st, rule, layer, stats, regions)
+            events += self._check_rule(key, st, rule, layer, stats, regions, parts_zone)
+        touched: list[str] = []
+        if parts is not None and self.cfg.parts.enabled:
+            events += self._check_parts(key, st, layer, parts, touched)
         change = None
         if self.cfg.tracks.classes:
             assert st.tracks is not None
             change = st.tracks.update(layer, stats)
             events += self._track_events(key, st, layer, change)
-        states = {r.rule_id: st.rules[r.rule_id].as_row() for r in self.cfg.rules}
+        states = {r: st.rules[r].as_row() for r in [*(r.rule_id for r in self.cfg.rules),
+                                                     *touched]}
         return LayerAlarms(events, states, st.first_layer, change, evaluated=True)
 
     def _in_grace(self, st: BuildState, layer: int, grace: int | None) -> bool:
@@ -220,31 +278,73 @@ class AlarmEngine:
         return st.first_layer is not None and layer - st.first_layer < g
 
     def _check_rule(self, key: BuildKey, st: BuildState, rule: AlarmRule, layer: int,
-                    stats: LayerStats, regions: Mapping[str, LayerStats]) -> list[AlarmEvent]:
-        rs = st.rules.setdefault(rule.rule_id, RuleState())
-        value = metric_value(rule, stats, regions)
+                    stats: LayerStats, regions: Mapping[str, LayerStats],
+                    parts_zone: LayerStats | None) -> list[AlarmEvent]:
+        value = metric_value(rule, stats, regions, parts_zone)
         if value is None or self._in_grace(st, layer, rule.grace_layers):
-            rs.streak = 0
+            st.rules.setdefault(rule.rule_id, RuleState()).streak = 0
             return []
-        cond = value > rule.threshold
-        rs.streak = rs.streak + 1 if cond else 0
+        return self._step(key, st, layer, _Cond(
+            rule.rule_id, rule.class_name, rule.severity, value, rule.threshold,
+            value > rule.threshold, rule.consecutive, rule.cooldown_layers))
+
+    def _step(self, key: BuildKey, st: BuildState, layer: int, c: _Cond) -> list[AlarmEvent]:
+        """One layer of a rule's lifecycle: streak, open (persistence, cooldown, mute), clear."""
+        rs = st.rules.setdefault(c.rule_id, RuleState())
+        rs.streak = rs.streak + 1 if c.holds else 0
 
         def event(action: Literal["open", "clear"]) -> AlarmEvent:
-            return AlarmEvent(action, key.printer, key.build, layer, rule.class_name,
-                              rule.rule_id, rule.severity, value, rule.threshold)
+            return AlarmEvent(action, key.printer, key.build, layer, c.class_name, c.rule_id,
+                              c.severity, c.value, c.threshold, part=c.part)
 
-        if not cond:
+        if not c.holds:
             if rs.active:
                 rs.active = rs.open = False
                 return [event("clear")]
             return []
-        cooled = rs.last_open_layer is None or layer - rs.last_open_layer >= rule.cooldown_layers
-        if (not rs.open and rs.streak >= rule.consecutive and cooled
-                and not self.muted(key, rule.class_name)):
+        cooled = rs.last_open_layer is None or layer - rs.last_open_layer >= c.cooldown
+        if (not rs.open and rs.streak >= c.consecutive and cooled
+                and not self.muted(key, c.class_name or None)):
             rs.open = rs.active = True
             rs.last_open_layer = layer
             return [event("open")]
         return []
+
+    def _check_parts(self, key: BuildKey, st: BuildState, layer: int,
+                     parts: Sequence[PartRecord], touched: list[str]) -> list[AlarmEvent]:
+        """part_missing and part_excess for each part of the layer's slice. A part that is
+        not in this layer's slice (it ended, or has not begun) clears its alarms."""
+        cfg = self.cfg.parts
+        events: list[AlarmEvent] = []
+        in_grace = self._in_grace(st, layer, cfg.grace_layers)
+        present = {p.id for p in parts}
+        for p in parts:
+            for c in (
+                _Cond(part_rule_id(PART_MISSING, p.id), "", cfg.missing_severity,
+                      p.printed_fraction, cfg.missing_fraction,
+                      p.printed_fraction < cfg.missing_fraction, cfg.missing_layers,
+                      cfg.cooldown_layers, p.id),
+                _Cond(part_rule_id(PART_EXCESS, p.id), "", cfg.excess_severity,
+                      p.excess_fraction, cfg.excess_fraction,
+                      p.excess_fraction > cfg.excess_fraction, cfg.excess_layers,
+                      cfg.cooldown_layers, p.id),
+            ):
+                touched.append(c.rule_id)
+                if in_grace:
+                    st.rules.setdefault(c.rule_id, RuleState()).streak = 0
+                else:
+                    events += self._step(key, st, layer, c)
+        for rule_id, rs in list(st.rules.items()):
+            which = _part_of(rule_id)
+            if which is None or which[1] in present or not (rs.streak or rs.active):
+                continue
+            touched.append(rule_id)
+            kind, pid = which
+            limit = cfg.missing_fraction if kind == PART_MISSING else cfg.excess_fraction
+            sev = cfg.missing_severity if kind == PART_MISSING else cfg.excess_severity
+            events += self._step(key, st, layer, _Cond(rule_id, "", sev, 0.0, limit, False, 1,
+                                                       0, pid))
+        return events
 
     def _track_events(self, key: BuildKey, st: BuildState, layer: int,
                       change: TrackChange) -> list[AlarmEvent]:

@@ -14,16 +14,18 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor.alarms.engine import AlarmEngine
-from monitor.alarms.regions import Regions, apply_ignore, region_stats
+from monitor.alarms.regions import BuildRegions, Regions, apply_ignore, region_stats
 from monitor.config import Config
 from monitor.daemon.committer import Committer, wait
 from monitor.daemon.items import Ack, Analysable, Failed, Mute, Reload, Request, Segmented
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
+from monitor.daemon.parts import LayerParts, PartMeter
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
@@ -69,7 +71,7 @@ class Analyser(Stage):
                  pixel_size_mm: Mapping[str, float], reader: Engine, committer: Committer,
                  maps: MapMaker, settlers: Mapping[str, Settler], metrics: Metrics,
                  counts: dict[str, int], inbox: queue.Queue[Analysable], upstream: Stage,
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, parts: Mapping[str, PartMeter] | None = None) -> None:
         super().__init__("analyser", stop=stop)
         self.engine = engine
         self.regions = regions
@@ -84,6 +86,7 @@ class Analyser(Stage):
         self.counts = counts  # "ok"/"error" -> layers, written here only
         self.inbox = inbox
         self.upstream = upstream
+        self.parts = dict(parts or {})  # printer -> its nominal slices ([geometry] nominal)
         # When the last layer of each active build arrived: a copy for the metrics thread.
         self.last_arrivals: dict[str, float] = engine.last_arrivals()
         self._next_stall_check = 0.0
@@ -137,9 +140,17 @@ class Analyser(Stage):
         # Ignore regions change the masks: then the filter's components no longer apply.
         stats = layer_stats(masks, names, pixel_size_mm=px, max_components=self.max_components,
                             found=None if self.regions else seg.found)
+        measured = self._measure_parts(item, masks)
+        zone_stats = None
+        if measured is not None and self.engine.wants_parts_zone:
+            # Area fractions of the zone, as for a part region.
+            zone_stats = region_stats(masks, names, BuildRegions(None, {"": measured.zone}),
+                                      pixel_size_mm=px, max_components=self.max_components)[""]
         key = BuildKey(cand.printer, cand.key.build)
         self._ensure_restored(key)
-        verdict = self.engine.evaluate(key, cand.key.layer, stats, regions)
+        verdict = self.engine.evaluate(key, cand.key.layer, stats, regions,
+                                       parts=measured.parts if measured is not None else None,
+                                       parts_zone=zone_stats)
         now = time.time()
         rec = LayerRecord(
             printer=cand.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
@@ -148,10 +159,26 @@ class Analyser(Stage):
             infer_ms=seg.infer_ms, total_ms=(now - cand.detected_at) * 1000.0, stats=stats,
             image_size=x.facts.size, image_mtime_ns=x.facts.mtime_ns,
             image_sha256=x.facts.sha256, regions=regions, classes=names,
+            parts=measured.parts if measured is not None else (),
         )
         self._finish(cand, x.sig, rec, verdict)
         if self.store_maps:
             self.maps.later(rec, x.gray, masks)
+
+    def _measure_parts(self, item: Segmented, masks: np.ndarray) -> LayerParts | None:
+        """The layer against its nominal slice; None without one (analysed as before)."""
+        cand = item.loaded.cand
+        meter = self.parts.get(cand.printer)
+        if meter is None:
+            return None
+        try:
+            return meter.measure(cand.key.build, cand.key.layer, path=cand.path,
+                                 gray=item.loaded.gray, masks=masks,
+                                 class_names=item.class_names)
+        except Exception:  # a geometry failure must not cost the layer its statistics
+            log.exception("layer %s/%d: part statistics failed; analysed without them",
+                          cand.key.build, cand.key.layer)
+            return None
 
     def _fail(self, item: Failed) -> None:
         self._finish(item.cand, item.sig, _error_record(item, item.model_sha256))

@@ -129,7 +129,7 @@ class Committer:
 
         msg = {"id": 0, "printer": printer, "build": "", "layer": 0, "class": "",
                "rule": RULE_TEST, "severity": severity, "state": "open", "value": 0.0,
-               "threshold": 0.0, "cleared_layer": None, "track": None,
+               "threshold": 0.0, "cleared_layer": None, "track": None, "part": None,
                "timestamp": time.time(), "test": True}
         reply: Future[dict[str, Any]] = Future()
 

@@ -29,6 +29,7 @@ from monitor.daemon.items import Analysable, Decoded
 from monitor.daemon.loader import Loader
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
+from monitor.daemon.parts import PartMeter
 from monitor.daemon.publisher import Publisher
 from monitor.daemon.reload import Reloader
 from monitor.daemon.requests import Requests
@@ -133,7 +134,8 @@ class Daemon:
             pixel_size_mm={n: p.camera.pixel_size_mm for n, p in self.printers.items()},
             reader=reader, committer=committer, maps=maps, settlers=self.settlers,
             metrics=metrics, counts=self.counts, inbox=self._segmented, upstream=worker,
-            stop=self._stop)
+            stop=self._stop, parts={n: PartMeter(p.camera, p.geometry)
+                                    for n, p in self.printers.items() if p.geometry.nominal})
         self._reloader = Reloader(cfg, worker=worker, analyser=analyser,
                                   on_model=self._set_model_info)
         requests = Requests(printer=self.printer, reader=reader, analyser=analyser,

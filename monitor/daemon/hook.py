@@ -56,7 +56,7 @@ class HookRunner:
 
     def _call(self, alarm: dict[str, Any]) -> None:
         env = {**os.environ}
-        for k in ("id", "printer", "build", "layer", "class", "rule", "severity", "state",
+        for k in ("id", "printer", "build", "layer", "class", "rule", "severity", "state", "part",
                   "seq"):
             env[f"PBF_ALARM_{k.upper()}"] = "" if alarm.get(k) is None else str(alarm[k])
         self.runs += 1

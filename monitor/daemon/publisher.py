@@ -52,6 +52,8 @@ def layer_message(rec: LayerRecord, *, replaced: bool) -> dict[str, Any]:
         msg["error"] = rec.error
     if rec.regions:
         msg["regions"] = {name: st.summary() for name, st in rec.regions.items()}
+    if rec.parts:
+        msg["parts"] = [p.summary() for p in rec.parts]
     return msg
 
 
@@ -70,6 +72,7 @@ def alarm_message(rec: AlarmRecord) -> dict[str, Any]:
         "threshold": rec.threshold,
         "cleared_layer": rec.cleared_layer,
         "track": rec.track,
+        "part": rec.part,
         "timestamp": rec.cleared_at or rec.acked_at or rec.opened_at,
     }
 

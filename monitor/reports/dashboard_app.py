@@ -100,6 +100,14 @@ def _layer_view(report: dict[str, Any], maps: dict[int, LayerMap],
         st.table(table)
         st.caption(f"model {row['model_sha256'][:12]}, latency "
                    f"{row['latency_ms'] or 0:.0f} ms, image {row['image']}")
+        if row.get("parts"):
+            st.markdown("**Parts** (fractions of the nominal area)")
+            st.table([{"part": p["id"], "nominal mm²": round(p["nominal_mm2"], 1),
+                       "printed": round(p["printed_fraction"], 3),
+                       "excess": round(p["excess_fraction"], 3),
+                       "shift mm": (None if p["centroid_shift_mm"] is None
+                                    else round(p["centroid_shift_mm"], 2))}
+                      for p in row["parts"]])
 
 
 def _alarms(cfg: Config, engine: Engine, report: dict[str, Any]) -> None:

@@ -171,6 +171,53 @@ def _regions(report: dict[str, Any], defects: list[str]) -> list[dict[str, Any]]
     return [{"region": k[0], "class": k[1], **v} for k, v in sorted(table.items())]
 
 
+def parts_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per nominal part: nominal area (largest layer), min/mean printed fraction, max
+    excess, and its alarms."""
+    table: dict[int, dict[str, Any]] = {}
+    for r in report["layers"]:
+        for p in r.get("parts", []):
+            row = table.setdefault(p["id"], {"part": p["id"], "nominal_mm2": 0.0,
+                                             "fractions": [], "max_excess": 0.0,
+                                             "layers": 0, "alarms": []})
+            row["nominal_mm2"] = max(row["nominal_mm2"], p["nominal_mm2"])
+            row["fractions"].append(p["printed_fraction"])
+            row["max_excess"] = max(row["max_excess"], p["excess_fraction"])
+            row["layers"] += 1
+    for a in report["alarms"]:
+        if a.get("part") in table:
+            table[a["part"]]["alarms"].append(f"{a['rule'].split('.')[0]} @{a['layer']} "
+                                              f"({a['state']})")
+    out = []
+    for pid in sorted(table):
+        row = table[pid]
+        fr = row.pop("fractions")
+        out.append({**row, "min_printed": min(fr), "mean_printed": sum(fr) / len(fr)})
+    return out
+
+
+def parts_plot(report: dict[str, Any]) -> str | None:
+    """Printed fraction per part against layer."""
+    series: dict[int, tuple[list[int], list[float]]] = {}
+    for r in report["layers"]:
+        for p in r.get("parts", []):
+            xs, ys = series.setdefault(p["id"], ([], []))
+            xs.append(r["layer"])
+            ys.append(p["printed_fraction"])
+    if not series:
+        return None
+    fig, ax = _figure(10, 3.6)
+    for pid, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, linewidth=1, marker="." if len(xs) < 30 else None, label=str(pid))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("printed fraction of nominal")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    if len(series) <= 20:
+        ax.legend(loc="lower left", fontsize=7, ncol=10, title="part", title_fontsize=7)
+    return _png(fig)
+
+
 def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -208,6 +255,7 @@ def render_html(s: Session, build: str, *, layers: range | None = None,
         area_plot=area_plot(report, defects), alarm_plot=alarm_plot(report, last),
         track_plot=track_plot(report), heatmaps=heatmaps(maps, defects),
         worst=_worst_layers(report, maps, defects), regions=_regions(report, defects),
+        parts=parts_table(report), parts_plot=parts_plot(report),
         generated=_when(datetime.now(UTC).timestamp()),
         range_text=(f"layers {layers.start}-{layers.stop - 1}" if layers else "all layers"),
     )

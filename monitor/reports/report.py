@@ -52,7 +52,8 @@ def build_report(s: Session, build: str, *, printer: str | None = None,
             {"id": a.id, "layer": a.layer, "class": a.class_name, "rule": a.rule,
              "severity": a.severity, "state": a.state, "value": a.value,
              "threshold": a.threshold, "opened_at": a.opened_at, "acked_at": a.acked_at,
-             "cleared_at": a.cleared_at, "cleared_layer": a.cleared_layer, "track": a.track}
+             "cleared_at": a.cleared_at, "cleared_layer": a.cleared_layer, "track": a.track,
+             "part": a.part}
             for a, _, _ in reversed(queries.list_alarms(s, build_id=bid)) if a.layer in span
         ],
         "tracks": [
@@ -88,6 +89,8 @@ def layer_entry(row: Layer) -> dict[str, Any]:
         for r in row.regions:
             regions.setdefault(r.region, {})[r.class_name] = r.summary()
         entry["regions"] = regions
+    if row.parts:
+        entry["parts"] = [p.record().summary() for p in row.parts]
     return entry
 
 
@@ -100,19 +103,35 @@ def class_names(report: dict[str, Any]) -> list[str]:
 
 
 _CSV_METRICS = ("area_fraction", "area_mm2", "components", "largest_component_px")
+_CSV_PART_METRICS = ("nominal_mm2", "printed_fraction", "excess_fraction", "centroid_shift_mm")
+
+
+def part_ids(report: dict[str, Any]) -> list[int]:
+    """Every nominal part id of the report's layers, in order."""
+    return sorted({p["id"] for layer in report["layers"] for p in layer.get("parts", [])})
 
 
 def to_csv(report: dict[str, Any]) -> str:
+    """One row per layer: the class statistics, then `part<id>_<metric>` for every part of
+    the build (empty where a layer has no such part or no slice)."""
     names = class_names(report)
+    parts = part_ids(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["build", "layer", "status", "error"]
-               + [f"{c}_{m}" for c in names for m in _CSV_METRICS])
+               + [f"{c}_{m}" for c in names for m in _CSV_METRICS]
+               + [f"part{i}_{m}" for i in parts for m in _CSV_PART_METRICS])
     for layer in report["layers"]:
         cells = [layer["classes"].get(c, {}).get(m, "") for c in names for m in _CSV_METRICS]
+        by_id = {p["id"]: p for p in layer.get("parts", [])}
+        part_cells = [_cell(by_id.get(i, {}).get(m)) for i in parts for m in _CSV_PART_METRICS]
         w.writerow([report["build"], layer["layer"], layer["status"], layer["error"] or "",
-                    *cells])
+                    *cells, *part_cells])
     return buf.getvalue()
+
+
+def _cell(v: Any) -> Any:
+    return "" if v is None else v
 
 
 def to_table(report: dict[str, Any]) -> Table:

@@ -60,7 +60,8 @@ def build_layers(s: Session, build: str, *, printer: str | None = None) -> list[
     q = select(Layer).join(Build).where(Build.name == build)
     if printer is not None:
         q = q.where(Build.printer == printer)
-    return list(s.scalars(q.options(selectinload(Layer.classes), selectinload(Layer.regions))
+    return list(s.scalars(q.options(selectinload(Layer.classes), selectinload(Layer.regions),
+                                    selectinload(Layer.parts))
                           .order_by(Layer.layer)))
 
 
@@ -146,7 +147,8 @@ def build_tracks(s: Session, build_id: int) -> list[TrackRow]:
 
 def last_layer(s: Session, build_id: int) -> Layer | None:
     q = (select(Layer).where(Layer.build_id == build_id)
-         .options(selectinload(Layer.classes), selectinload(Layer.regions))
+         .options(selectinload(Layer.classes), selectinload(Layer.regions),
+                  selectinload(Layer.parts))
          .order_by(Layer.layer.desc()).limit(1))
     return s.scalar(q)
 

@@ -4,6 +4,7 @@ defect maps, mutes and the outbox. Migrations (monitor.store.migrate) must match
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from sqlalchemy import (
@@ -19,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from monitor.records import AlarmRecord
+from monitor.records import AlarmRecord, PartRecord
 from monitor.vision.stats import ClassStats
 
 
@@ -71,6 +72,9 @@ class Layer(Base):
     )
     regions: Mapped[list[RegionStat]] = relationship(
         cascade="all, delete-orphan", passive_deletes=True, order_by="RegionStat.id"
+    )
+    parts: Mapped[list[PartStatRow]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="PartStatRow.id"
     )
 
 
@@ -128,6 +132,28 @@ class RegionStat(_StatColumns, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
     region: Mapped[str] = mapped_column(String(100))
+
+
+class PartStatRow(Base):
+    """One nominal part in one layer against its slice; fractions are of its nominal area."""
+
+    __tablename__ = "part_stats"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id", ondelete="CASCADE"), index=True)
+    part: Mapped[int] = mapped_column(Integer)  # the slice's part id, stable through layers
+    nominal_mm2: Mapped[float] = mapped_column(Float)
+    printed_fraction: Mapped[float] = mapped_column(Float)
+    excess_fraction: Mapped[float] = mapped_column(Float)
+    centroid_shift_mm: Mapped[float | None] = mapped_column(Float)
+    classes: Mapped[str] = mapped_column(Text, default="{}")  # JSON: class -> area / nominal
+
+    def record(self) -> PartRecord:
+        return PartRecord(id=self.part, nominal_mm2=self.nominal_mm2,
+                          printed_fraction=self.printed_fraction,
+                          excess_fraction=self.excess_fraction,
+                          centroid_shift_mm=self.centroid_shift_mm,
+                          classes=json.loads(self.classes))
 
 
 class TrackRow(Base):
@@ -212,6 +238,7 @@ class Alarm(Base):
     cleared_at: Mapped[float | None] = mapped_column(Float)
     cleared_layer: Mapped[int | None] = mapped_column(Integer)
     track: Mapped[int | None] = mapped_column(Integer)  # track alarms: the track number
+    part: Mapped[int | None] = mapped_column(Integer)  # part alarms: the nominal part id
 
     def record(self, printer: str, build: str) -> AlarmRecord:
         """This row as the plain record messages are built from."""
@@ -220,7 +247,7 @@ class Alarm(Base):
             class_name=self.class_name, rule=self.rule, severity=self.severity,
             state=self.state, value=self.value, threshold=self.threshold,
             opened_at=self.opened_at, acked_at=self.acked_at, cleared_at=self.cleared_at,
-            cleared_layer=self.cleared_layer, track=self.track)
+            cleared_layer=self.cleared_layer, track=self.track, part=self.part)
 
 
 class OutboxRow(Base):

@@ -27,6 +27,7 @@ from monitor.store.schema import (
     LayerMap,
     Mute,
     OutboxRow,
+    PartStatRow,
     RegionStat,
     RuleStateRow,
     TrackRow,
@@ -76,6 +77,11 @@ def put_layer(s: Session, rec: LayerRecord, *, max_components: int = 200,
     for region, rs in (rec.regions or {}).items():
         for c in rs.classes.values():
             row.regions.append(RegionStat(region=region, **RegionStat.values(c)))
+    for p in rec.parts:
+        row.parts.append(PartStatRow(
+            part=p.id, nominal_mm2=p.nominal_mm2, printed_fraction=p.printed_fraction,
+            excess_fraction=p.excess_fraction, centroid_shift_mm=p.centroid_shift_mm,
+            classes=json.dumps(p.classes)))
     s.add(row)
     s.flush()
     if comps:
@@ -123,7 +129,7 @@ def apply_alarm(s: Session, build_id: int, ev: AlarmEvent, now: float) -> list[A
     if ev.action == "open":
         row = Alarm(build_id=build_id, layer=ev.layer, class_name=ev.class_name, rule=ev.rule,
                     severity=ev.severity, state="open", value=ev.value, threshold=ev.threshold,
-                    opened_at=now, track=ev.track)
+                    opened_at=now, track=ev.track, part=ev.part)
         s.add(row)
         s.flush()
         return [row.record(ev.printer, ev.build)]

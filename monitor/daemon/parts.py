@@ -1,0 +1,110 @@
+"""The analyser's geometry step: a layer against its nominal slice -> per-part statistics,
+and the parts' zone (the nominal parts grown by the tolerance) that `scope = "parts"` rules
+count defects in.
+
+One `PartMeter` per printer, built once from its `[camera]` and `[geometry]`; used by the
+analyser thread only. A layer without a slice, or whose slice cannot be read, is analysed as
+if no slices were configured (logged once per layer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from monitor.config import CameraConfig, GeometryConfig
+from monitor.geometry.calibration import Calibration
+from monitor.geometry.parts import part_stats, tolerance_px
+from monitor.geometry.printed import PrintedParams, printed_area
+from monitor.geometry.slices import NominalSlices, SliceError
+from monitor.records import PartRecord
+from monitor.vision.stats import NO_DEFECT
+
+log = logging.getLogger(__name__)
+
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """One layer measured against its nominal slice."""
+
+    parts: tuple[PartRecord, ...]
+    zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm, image pixels
+
+
+class PartMeter:
+    """Nominal slices and calibrations of one printer (cached per image and frame size)."""
+
+    def __init__(self, camera: CameraConfig, geometry: GeometryConfig) -> None:
+        self.camera = camera
+        self.geometry = geometry
+        self.slices = NominalSlices(geometry.nominal,
+                                    layer_thickness_mm=camera.layer_thickness_mm,
+                                    frame_mm=geometry.frame_mm, frame_px=geometry.frame_px)
+        self.params = PrintedParams(smooth_px=geometry.printed_smooth_px,
+                                    min_separation=geometry.printed_min_separation)
+        self._cals: dict[tuple[tuple[int, int], tuple[int, int]], Calibration] = {}
+        self._told: set[tuple[str, int]] = set()  # layers already logged without a slice
+
+    def calibration(self, image_size: tuple[int, int], frame_px: tuple[int, int]
+                    ) -> Calibration:
+        """The camera's calibration for an image (width, height) and frame size."""
+        key = (image_size, frame_px)
+        cal = self._cals.get(key)
+        if cal is None:
+            if len(self._cals) > 16:  # sizes change rarely; keep the cache small
+                self._cals.clear()
+            cal = self._cals[key] = Calibration.from_corners(
+                self.camera.plate_corners_px, image_size=image_size, frame_px=frame_px,
+                frame_mm=self.geometry.frame_mm, pixel_size_mm=self.camera.pixel_size_mm)
+        return cal
+
+    def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
+                masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:
+        """Per-part statistics of one layer; None when it has no usable slice.
+
+        Args:
+            gray: (H, W) the decoded camera image.
+            masks: (C, H, W) class masks in `class_names` order (after ignore regions).
+        """
+        h, w = gray.shape[:2]
+        try:
+            nominal = self.slices.get(build, layer, stem=path.stem, image_size=(w, h))
+        except SliceError as e:
+            log.warning("layer %s/%d: nominal slice unusable, analysed without it: %s",
+                        build, layer, e)
+            return None
+        if nominal is None:
+            if (build, layer) not in self._told:
+                if len(self._told) > 100_000:
+                    self._told.clear()
+                self._told.add((build, layer))
+                log.info("no nominal slice for %s/%d (%s); analysed without part statistics",
+                         build, layer, self.slices.path(build, layer, path.stem))
+            return None
+        cal = self.calibration((w, h), nominal.frame_px)
+        labels = cal.frame_to_image_labels(nominal.labels, (h, w))  # (H, W) part ids
+        tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
+        inside = labels > 0
+        printed = printed_area(gray, inside, tolerance_px=tol, params=self.params)
+        classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
+        stats = part_stats(labels, printed.mask, classes, cal,
+                           tolerance_mm=self.geometry.tolerance_mm)
+        if tol:
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tol + 1, 2 * tol + 1))
+            zone = cv2.dilate(inside.astype(np.uint8), disk).astype(bool)
+        else:
+            zone = inside
+        parts = tuple(PartRecord(id=p.id, nominal_mm2=p.nominal_mm2,
+                                 printed_fraction=p.printed_fraction,
+                                 excess_fraction=p.excess_fraction,
+                                 centroid_shift_mm=p.centroid_shift_mm,
+                                 classes=dict(p.classes)) for p in stats)
+        return LayerParts(parts, zone)
