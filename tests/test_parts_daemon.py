@@ -219,8 +219,10 @@ def test_reports_carry_the_parts(run: dict[str, Any]) -> None:
     assert any(a["part"] == target for a in rep["alarms"])
     r = CliRunner().invoke(main, ["report", "B0", "-c", str(cfg), "--format", "csv"])
     assert r.exit_code == 0, r.output
-    header, *rows = r.output.splitlines()
+    header, *rows = [line for line in r.output.splitlines() if line.startswith(("build,", "B0,"))]
     assert f"part{target}_printed_fraction" in header.split(",") and len(rows) == LAYERS
+    col = header.split(",").index(f"part{target}_printed_fraction")
+    assert float(rows[0].split(",")[col]) > GOOD and float(rows[-1].split(",")[col]) < 0.3
     out = tmp / "B0.html"
     r = CliRunner().invoke(main, ["report", "B0", "-c", str(cfg), "--format", "html",
                                   "--out", str(out)])
