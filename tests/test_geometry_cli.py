@@ -141,3 +141,26 @@ def test_infer_masks_without_geometry_has_no_printed(tmp_path: Path,
     names = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert names == sorted(f"{c}.png" for c in CLASS_NAMES)
     assert cv2.imread(str(tmp_path / "m" / "swelling.png"), 0).shape == (96, 80)
+
+
+def test_camera_check_reads_the_layer_like_the_watcher(synth_build: Path,
+                                                       tmp_path: Path) -> None:
+    """A height-named file under the watch folder: layer_from and the layer thickness."""
+    cfg = write_config(tmp_path / "c.toml", f"""
+[watch]
+dir = "{synth_build / 'watch'}"
+layer_from = "height_um"
+[camera]
+layer_thickness_mm = 0.03
+[geometry]
+nominal = "{synth_build}/nominal/{{build}}/layer_{{layer:05d}}.png"
+""")
+    image = synth_build / "watch" / "B1" / "SI_000060.png"
+    shutil.copy(synth_build / "watch" / "B1" / "layer_00002.png", image)
+    try:
+        r = CliRunner().invoke(main, ["camera-check", str(image), "-c", str(cfg), "--out",
+                                      str(tmp_path / "o.png")])
+    finally:
+        image.unlink()
+    assert r.exit_code == 0, r.output
+    assert "build B1 layer 2," in r.output and "nominal part(s)" in r.output

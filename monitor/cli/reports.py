@@ -223,7 +223,11 @@ def _write_masks(cfg: Config, image: Path, gray: Any, masks: Any, class_names: A
         written.append(f"{name}.png")
     printer = cfg.fleet()[0]
     if printer.geometry.nominal or len(cfg.fleet()) > 1:
-        printer, b, n = image_layer(cfg, image, build=build, layer=layer)
+        try:
+            printer, b, n = image_layer(cfg, image, build=build, layer=layer)
+        except MonitorError as e:  # no layer in the name: no slice to compare with
+            click.echo(f"no printed.png: {e}", err=True)
+            return written
         g = printer.geometry
         geo = layer_geometry(printer.camera, g, nominal_slices(printer.camera, g), build=b,
                              layer=n, stem=image.stem, image_shape=gray.shape)
