@@ -48,6 +48,10 @@ class WatchConfig(_Section):
         description="Regex with named groups 'build' and 'layer' matched against the path "
         "relative to dir; empty = first folder is the build, last digits are the layer.",
     )
+    layer_from: Literal["number", "height_um", "height_mm"] = Field(
+        "number", description="What the layer number in the file name is: the layer index, or "
+        "the build height in um or mm (layer = round(height / camera.layer_thickness_mm))."
+    )
     extensions: tuple[str, ...] = Field(IMAGE_EXTENSIONS, description="Image file extensions.")
     polling: bool = Field(False, description="Poll instead of inotify (network shares).")
     poll_interval_s: PositiveFloat = Field(1.0, description="Polling period.")

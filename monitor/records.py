@@ -174,6 +174,8 @@ class EngineState:
     arrivals: list[float]  # detection times of the last layers, oldest first
     stall_open: bool
     last_layer_at: float | None
+    # layer numbers the engine evaluated, ascending (what "the previous layer" means)
+    evaluated_layers: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ def test_bench_command_prints_a_table_then_json() -> None:
     summary = json.loads(r.output.strip().splitlines()[-1])
     for key in ("speedup_vs_eager", "fraction_of_matmul", "e2e_p50_ms", "e2e_p95_ms",
                 "e2e_p99_ms", "backlog_layers_per_s", "peak_rss_mb", "default_backend",
-                "layer_peak_rss_mb"):
+                "layer_peak_rss_mb", "geometry_overhead", "geometry_e2e_p50_ms"):
         assert key in summary
     assert summary["speedup_vs_eager"] > 0 and summary["fraction_of_matmul"] > 0
+    assert summary["geometry_overhead"] > 0
     assert summary["layer_peak_rss_mb"] >= summary["model_loaded_rss_mb"] > 50
     assert "eager fp32" in r.output

@@ -211,7 +211,8 @@ def test_write_dataset_layout(tmp_path: Path) -> None:
         "format": "pbf-monitor-dataset/1",
         "classes": list(CLASS_NAMES),
         "images": names,
-        "source": {"generator": "pbf-monitor synth", "seed": 5, "size": 96, "layers": 3},
+        "source": {"generator": "pbf-monitor synth", "seed": 5, "size": 96, "layers": 3,
+                   "nominal": "nominal/layer_{layer:05d}.png"},
     }
     gen = BuildGenerator(size=96, layers=3, seed=5)
     for i, name in enumerate(names):
@@ -227,4 +228,5 @@ def test_write_dataset_layout(tmp_path: Path) -> None:
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     expected = ["manifest.json"] + [f"images/{n}.png" for n in names]
     expected += [f"masks/{c}/{n}.png" for c in CLASS_NAMES for n in names]
+    expected += [f"nominal/{n}.png" for n in names]
     assert files == sorted(expected)  # and so no temp files are left behind

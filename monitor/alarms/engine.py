@@ -2,6 +2,10 @@
 
 Lifecycle of an alarm: open -> acknowledged -> cleared. Per build and rule:
 
+"Layers" count the layers received in the build, not layer numbers: a build numbered 10,
+20, 30 (or with a layer the camera missed) has consecutive layers 10 and 20, so streaks,
+``grace_layers``, ``cooldown_layers`` and track gaps follow the layers that arrived.
+
 * A threshold rule's condition must hold for ``consecutive`` layers in a row (its streak)
   before it opens an alarm; layers in the build's first ``grace_layers`` are not checked.
 * While an alarm of the rule is open, the rule opens no other. Acknowledging it resets the
@@ -22,7 +26,9 @@ Its state is persisted with each layer.
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import logging
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -62,6 +68,8 @@ def _part_of(rule_id: str) -> tuple[str, int] | None:
         return None
     return kind, int(rest)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class BuildState:
@@ -73,6 +81,16 @@ class BuildState:
     last_arrival_layer: int | None = None
     stall_open: bool = False
     finished: bool = False  # a newer build started on the printer
+    # Layer numbers the rules saw, ascending: distances between layers are counted in them.
+    seen: list[int] = field(default_factory=list)
+    jump_logged: bool = False
+
+    def steps(self, a: int, b: int) -> int:
+        """Layers received after layer a up to layer b; layer numbers where a predates what
+        this build's history holds."""
+        if not self.seen or a < self.seen[0]:
+            return b - a
+        return bisect.bisect_right(self.seen, b) - bisect.bisect_right(self.seen, a)
 
 
 @dataclass(frozen=True)
@@ -173,7 +191,7 @@ class AlarmEngine:
     def restore_build(self, key: BuildKey, state: EngineState) -> None:
         """Adopt a build's state from the database (after a restart)."""
         b = BuildState(first_layer=state.first_layer, last_layer=state.last_evaluated,
-                       stall_open=state.stall_open)
+                       stall_open=state.stall_open, seen=sorted(state.evaluated_layers))
         b.rules = {k: RuleState(**v.as_row()) for k, v in state.rules.items()}
         b.tracks = self._new_tracks(key.printer, state.next_track)
         b.tracks.adopt(state.tracks)
@@ -257,7 +275,13 @@ class AlarmEngine:
             return LayerAlarms([], {}, st.first_layer, None, evaluated=False)
         if st.first_layer is None or layer < st.first_layer:
             st.first_layer = layer
+        if st.last_layer is not None and layer - st.last_layer > 1 and not st.jump_logged:
+            st.jump_logged = True
+            log.info("build %s: layer numbers jump from %d to %d; alarm persistence, cooldown, "
+                     "grace and tracks count the layers received, not the numbers", key.build,
+                     st.last_layer, layer)
         st.last_layer = layer
+        st.seen.append(layer)
         events: list[AlarmEvent] = []
         for rule in self.cfg.rules:
             events += self._check_rule(key, st, rule, layer, stats, regions, parts_zone)
@@ -267,7 +291,7 @@ class AlarmEngine:
         change = None
         if self.cfg.tracks.classes:
             assert st.tracks is not None
-            change = st.tracks.update(layer, stats)
+            change = st.tracks.update(layer, stats, steps=st.steps)
             events += self._track_events(key, st, layer, change)
         states = {r: st.rules[r].as_row() for r in [*(r.rule_id for r in self.cfg.rules),
                                                      *touched]}
@@ -275,7 +299,7 @@ class AlarmEngine:
 
     def _in_grace(self, st: BuildState, layer: int, grace: int | None) -> bool:
         g = self.cfg.grace_layers if grace is None else grace
-        return st.first_layer is not None and layer - st.first_layer < g
+        return st.first_layer is not None and st.steps(st.first_layer, layer) < g
 
     def _check_rule(self, key: BuildKey, st: BuildState, rule: AlarmRule, layer: int,
                     stats: LayerStats, regions: Mapping[str, LayerStats],
@@ -302,7 +326,8 @@ class AlarmEngine:
                 rs.active = rs.open = False
                 return [event("clear")]
             return []
-        cooled = rs.last_open_layer is None or layer - rs.last_open_layer >= c.cooldown
+        cooled = (rs.last_open_layer is None
+                  or st.steps(rs.last_open_layer, layer) >= c.cooldown)
         if (not rs.open and rs.streak >= c.consecutive and cooled
                 and not self.muted(key, c.class_name or None)):
             rs.open = rs.active = True

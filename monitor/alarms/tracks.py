@@ -2,15 +2,16 @@
 
 A component in layer L extends a track when its bounding box, grown by the link distance,
 overlaps the box of one of the track's components in the track's last layer (at most
-``max_gap_layers`` layers back). A track's volume is the sum of its components' areas times
-the layer thickness. A track that spans ``alarm_layers`` layers, or whose volume exceeds
-``alarm_volume_mm3``, is a defect growing through the part: it raises one alarm, which clears
-when the track stops (no continuation within the gap).
+``max_gap_layers`` layers back, counted in layers received: see ``update``'s ``steps``).
+A track's volume is the sum of its components' areas times the layer thickness. A track
+that spans ``alarm_layers`` layers, or whose volume exceeds ``alarm_volume_mm3``, is a
+defect growing through the part: it raises one alarm, which clears when the track stops (no
+continuation within the gap).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from monitor.config import TracksConfig
 from monitor.records import Track, TrackChange
@@ -48,14 +49,22 @@ class BuildTracks:
             self.next_number = max(self.next_number, t.number + 1)
             self.last_layer = max(self.last_layer or t.last_layer, t.last_layer)
 
-    def update(self, layer: int, stats: LayerStats) -> TrackChange:
+    def update(self, layer: int, stats: LayerStats,
+               steps: Callable[[int, int], int] | None = None) -> TrackChange:
+        """Link the layer's components into tracks.
+
+        Args:
+            steps: (a, b) -> layers received after layer a up to b; default b - a.
+        """
         cfg = self.cfg
+        gap = steps or (lambda a, b: b - a)
         min_px = cfg.min_area_mm2 / self.px_mm2
         assignments: dict[tuple[str, int], int] = {}
         touched: dict[int, Track] = {}
         layer_area: dict[int, float] = {}
         alarms: list[Track] = []
-        reachable = [t for t in self.live if 0 < layer - t.last_layer <= cfg.max_gap_layers + 1]
+        reachable = [t for t in self.live
+                     if t.last_layer < layer and gap(t.last_layer, layer) <= cfg.max_gap_layers + 1]
         for cls in cfg.classes:
             st = stats.classes.get(cls)
             if st is None:
@@ -99,7 +108,7 @@ class BuildTracks:
                 t.alarmed = True
                 alarms.append(t)
         ended = [t for t in self.live
-                 if t.number not in touched and layer - t.last_layer > cfg.max_gap_layers]
+                 if t.number not in touched and gap(t.last_layer, layer) > cfg.max_gap_layers]
         for t in ended:
             t.ended = True
         self.live = [t for t in self.live if not t.ended]

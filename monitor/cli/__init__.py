@@ -1,6 +1,6 @@
 """The command line; the only place where exceptions become exit codes.
 
-The commands live in daemon.py, reports.py, model.py and tools.py; they are registered
+The commands live in daemon.py, reports.py, geometry.py, model.py and tools.py; they are registered
 on the one group here, whose invoke() turns pbf-monitor's own errors into exit code 2.
 """
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from monitor.cli import daemon, model, reports, tools
+from monitor.cli import daemon, geometry, model, reports, tools
 from monitor.errors import MonitorError
 
 EXIT_ERROR = 2
@@ -33,5 +33,6 @@ def main() -> None:
     """pbf-monitor: layer-by-layer defect monitoring for powder-bed-fusion printers."""
 
 
-for _command in (*daemon.COMMANDS, *reports.COMMANDS, *model.COMMANDS, *tools.COMMANDS):
+for _command in (*daemon.COMMANDS, *reports.COMMANDS, *geometry.COMMANDS, *model.COMMANDS,
+                 *tools.COMMANDS):
     main.add_command(_command)

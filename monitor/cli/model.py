@@ -147,8 +147,12 @@ def calibrate(dataset: Path, weights: Path, out: Path | None, config_path: Path 
 @click.option("--layers", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--size", type=click.IntRange(64), default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(out: Path, layers: int, size: int, seed: int) -> None:
-    """Write a synthetic build (images, masks, manifest) in the dataset format."""
+@click.option("--part-events", is_flag=True,
+              help="A part breaks off and another distorts (listed in the manifest's "
+                   "source.part_events).")
+def synth(out: Path, layers: int, size: int, seed: int, part_events: bool) -> None:
+    """Write a synthetic build (images, masks, nominal slices, manifest) in the dataset
+    format."""
     from rich.progress import Progress
 
     from monitor.training.synth import write_dataset
@@ -156,6 +160,7 @@ def synth(out: Path, layers: int, size: int, seed: int) -> None:
     with Progress() as progress:
         task = progress.add_task(f"synth {out}", total=layers)
         manifest = write_dataset(out, layers=layers, size=size, seed=seed,
+                                 part_events=part_events,
                                  progress=lambda i: progress.update(task, completed=i + 1))
     click.echo(f"wrote {manifest}")
 

@@ -151,40 +151,43 @@ def dashboard(config_path: Path | None, port: int, address: str) -> None:
 @CONFIG_OPTION
 @click.option("--weights", type=click.Path(path_type=Path), help="Override model.weights.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write a colour overlay PNG here.")
+@click.option("--masks", "masks_dir", type=click.Path(path_type=Path),
+              help="Write one PNG per class here (<class>.png, 255 = class, the image's size), "
+                   "and printed.png where [geometry] nominal has a slice for the image.")
+@click.option("--build", default=None, help="Build of the image's nominal slice (--masks; "
+              "default: from its path).")
+@click.option("--layer", type=int, default=None, help="Layer of the image's nominal slice "
+              "(--masks; default: from its name).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path | None,
+          masks_dir: Path | None, build: str | None, layer: int | None,
           as_json: bool) -> None:
     """Segment one image and print its per-class statistics."""
-    import cv2
     from rich.table import Table
 
-    from monitor.errors import ImageError
-    from monitor.vision.imaging import decode, overlay
+    from monitor.cli.geometry import read_gray, write_png
+    from monitor.vision.imaging import overlay
     from monitor.vision.segmenter import Segmenter
     from monitor.vision.stats import layer_stats
 
     cfg = find_config(config_path)
+    gray = read_gray(image, cfg.watch.max_pixels)  # before the model: a bad file fails fast
     seg = Segmenter.from_config(cfg, weights)
-    try:
-        data = image.read_bytes()
-    except OSError as e:
-        raise ImageError(f"{image}: cannot read ({e.strerror or e})") from e
-    try:
-        gray = decode(data, max_pixels=cfg.watch.max_pixels)
-    except ImageError as e:
-        raise ImageError(f"{image}: {e}") from e
     result = seg.predict(gray, probs=False)
     stats = layer_stats(result.masks, seg.class_names, pixel_size_mm=cfg.camera.pixel_size_mm,
                         max_components=cfg.store.max_components)
     if out is not None:
-        ok, buf = cv2.imencode(".png", overlay(gray, result.masks, seg.class_names))
-        if ok:
-            out.write_bytes(buf.tobytes())
+        write_png(out, overlay(gray, result.masks, seg.class_names))
+    written: list[str] = []
+    if masks_dir is not None:
+        written = _write_masks(cfg, image, gray, result.masks, seg.class_names, masks_dir,
+                               build=build, layer=layer)
     if as_json:
         click.echo(json.dumps({
             "image": str(image), "width": stats.width, "height": stats.height,
             "model_sha256": seg.info.sha256, "device": str(seg.device),
             "infer_ms": result.infer_ms, "classes": stats.summary(),
+            **({"masks": written} if masks_dir is not None else {}),
         }))
         return
     t = Table(title=f"{image.name}: {stats.width}x{stats.height}, {result.infer_ms:.0f} ms on "
@@ -195,6 +198,48 @@ def infer(image: Path, config_path: Path | None, weights: Path | None, out: Path
         t.add_row(c.name, f"{100 * c.area_fraction:.3f}", f"{c.area_mm2:.2f}",
                   str(c.components), str(c.largest_component_px))
     Console().print(t)
+    if masks_dir is not None:
+        click.echo(f"wrote {', '.join(written)} in {masks_dir}")
+
+
+def _write_masks(cfg: Config, image: Path, gray: Any, masks: Any, class_names: Any,
+                 out: Path, *, build: str | None, layer: int | None) -> list[str]:
+    """<class>.png per class (0/255 at the image's resolution), and printed.png when the
+    image has a nominal slice; returns the file names written."""
+    import numpy as np
+
+    from monitor.cli.geometry import image_layer, write_png
+    from monitor.geometry.layer import layer_geometry, nominal_slices
+    from monitor.geometry.parts import tolerance_px
+    from monitor.geometry.printed import PrintedParams, printed_area
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MonitorError(f"{out}: cannot make the masks folder ({e.strerror or e})") from e
+    written = []
+    for name, mask in zip(class_names, masks, strict=True):  # (C, H, W) bool
+        write_png(out / f"{name}.png", mask.astype(np.uint8) * 255)
+        written.append(f"{name}.png")
+    printer = cfg.fleet()[0]
+    if printer.geometry.nominal or len(cfg.fleet()) > 1:
+        try:
+            printer, b, n = image_layer(cfg, image, build=build, layer=layer)
+        except MonitorError as e:  # no layer in the name: no slice to compare with
+            click.echo(f"no printed.png: {e}", err=True)
+            return written
+        g = printer.geometry
+        geo = layer_geometry(printer.camera, g, nominal_slices(printer.camera, g), build=b,
+                             layer=n, stem=image.stem, image_shape=gray.shape)
+        if geo.labels is not None:
+            # the classifier's features are in grey levels (its +1 floors the texture ratio)
+            pr = printed_area(gray * np.float32(255), geo.labels > 0,
+                              tolerance_px=tolerance_px(geo.cal, geo.labels, g.tolerance_mm),
+                              params=PrintedParams(smooth_px=g.printed_smooth_px,
+                                                   min_separation=g.printed_min_separation))
+            write_png(out / "printed.png", pr.mask.astype(np.uint8) * 255)
+            written.append("printed.png")
+    return written
 
 
 # Registered on the `pbf-monitor` group by monitor.cli.

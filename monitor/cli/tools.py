@@ -55,6 +55,9 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int, memory_size: 
                f"({s['e2e_over_infer']:.2f}x); backlog {s['backlog_layers_per_s']:.2f} "
                f"layers/s ({s['backlog_over_infer_rate']:.2f}x one over the inference time); "
                f"peak memory {s['peak_rss_mb']:.0f} MB")
+    click.echo(f"end to end with [geometry] nominal slices: p50 "
+               f"{s['geometry_e2e_p50_ms']:.0f} ms, p95 {s['geometry_e2e_p95_ms']:.0f} ms, "
+               f"{s['geometry_overhead']:.2f}x the p50 without")
     if memory_size:
         click.echo(f"a fresh process serving one {memory_size} px layer: "
                    f"{s['model_loaded_rss_mb']:.0f} MB with the model loaded, "

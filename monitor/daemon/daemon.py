@@ -260,6 +260,7 @@ class Daemon:
         for name, p in self.printers.items():
             settler = Settler(
                 p.watch, self._candidates, known=known_images, printer=name,
+                layer_thickness_mm=p.camera.layer_thickness_mm,
                 on_skip=lambda path, why: log.info("skipping %s: %s", path, why),
             )
             settler.start()

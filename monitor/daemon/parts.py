@@ -93,7 +93,9 @@ class PartMeter:
         labels = cal.frame_to_image_labels(nominal.labels, (h, w))  # (H, W) part ids
         tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
         inside = labels > 0
-        printed = printed_area(gray, inside, tolerance_px=tol, params=self.params)
+        # grey levels 0-255 whatever the file's depth: the printed-area texture floor is in them
+        printed = printed_area(np.asarray(gray, np.float32) * np.float32(255), inside,
+                               tolerance_px=tol, params=self.params)
         classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
         stats = part_stats(labels, printed.mask, classes, cal,
                            tolerance_mm=self.geometry.tolerance_mm)

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUILD = "default"
 _DIGITS = re.compile(r"\d+")
+_DECIMAL = re.compile(r"\d+(?:\.\d+)?")
+# watch.layer_from -> mm per unit of the number in the name (None: the number is the layer)
+HEIGHT_UNITS_MM = {"number": None, "height_um": 0.001, "height_mm": 1.0}
 
 
 @dataclass(frozen=True, order=True)
@@ -49,21 +52,38 @@ class LayerKey:
     layer: int
 
 
-def parse_layer_path(rel: PurePath, pattern: re.Pattern[str] | None) -> LayerKey | None:
-    """Build and layer number from a path relative to the watch dir; None if not a layer."""
+def parse_layer_path(
+    rel: PurePath,
+    pattern: re.Pattern[str] | None,
+    *,
+    layer_from: str = "number",
+    layer_thickness_mm: float = 0.05,
+) -> LayerKey | None:
+    """Build and layer from a path relative to the watch dir; None if not a layer.
+
+    The number is the pattern's `layer` group, else the last run of digits in the file name
+    (a decimal one, `12.03`, for heights). With `layer_from` a height (`height_um`,
+    `height_mm`), the layer is round(height / layer_thickness_mm): `part_012030.png` with
+    30 um layers is layer 401.
+    """
+    unit_mm = HEIGHT_UNITS_MM[layer_from]
     if pattern is not None:
         m = pattern.search(rel.as_posix())
         if not m:
             return None
-        try:
-            return LayerKey(m.group("build") or DEFAULT_BUILD, int(m.group("layer")))
-        except (TypeError, ValueError):
+        build, raw = m.group("build") or DEFAULT_BUILD, m.group("layer")
+    else:
+        numbers = (_DIGITS if unit_mm is None else _DECIMAL).findall(rel.stem)
+        if not numbers:
             return None
-    digits = _DIGITS.findall(rel.stem)
-    if not digits:
+        build = rel.parts[0] if len(rel.parts) > 1 else DEFAULT_BUILD
+        raw = numbers[-1]
+    try:
+        if unit_mm is None:
+            return LayerKey(build, int(raw))
+        return LayerKey(build, round(float(raw) * unit_mm / layer_thickness_mm))
+    except (TypeError, ValueError):
         return None
-    build = rel.parts[0] if len(rel.parts) > 1 else DEFAULT_BUILD
-    return LayerKey(build, int(digits[-1]))
 
 
 @dataclass
@@ -129,8 +149,10 @@ class Settler:
         known: Callable[[], dict[str, tuple[int | None, int | None]]],
         on_skip: Callable[[Path, str], None] | None = None,
         printer: str = "",
+        layer_thickness_mm: float = 0.05,
     ) -> None:
         self.cfg = cfg
+        self.layer_thickness_mm = layer_thickness_mm  # for watch.layer_from heights
         self.printer = printer
         self.root = cfg.dir
         self.pattern = re.compile(cfg.pattern) if cfg.pattern else None
@@ -248,7 +270,8 @@ class Settler:
             return None  # hidden files, and the temp names many writers use
         if path.suffix.lower() not in self.cfg.extensions:
             return None
-        key = parse_layer_path(rel, self.pattern)
+        key = parse_layer_path(rel, self.pattern, layer_from=self.cfg.layer_from,
+                               layer_thickness_mm=self.layer_thickness_mm)
         if key is None and self._on_skip:
             self._on_skip(path, "no layer number in the file name"
                           if self.pattern is None else "does not match watch.pattern")

@@ -93,10 +93,16 @@ def load_engine_state(s: Session, printer: str, name: str) -> EngineState | None
         Alarm.build_id == build.id, Alarm.rule == "stall",
         Alarm.state.in_(("open", "acknowledged"))).limit(1)) is not None
     last_layer = s.scalar(select(func.max(Layer.layer)).where(Layer.build_id == build.id))
+    # the layers the engine saw: "the previous layer" is the previous one received
+    evaluated = [n for (n,) in s.execute(
+        select(Layer.layer).where(Layer.build_id == build.id, Layer.status == "ok",
+                                  Layer.layer <= (build.last_evaluated_layer or -1))
+        .order_by(Layer.layer))]
     return EngineState(
         first_layer=build.first_layer, last_evaluated=build.last_evaluated_layer,
         last_layer=last_layer, rules=rules, tracks=live, next_track=top + 1,
-        arrivals=arrivals, stall_open=stall_open, last_layer_at=build.last_layer_at)
+        arrivals=arrivals, stall_open=stall_open, last_layer_at=build.last_layer_at,
+        evaluated_layers=evaluated)
 
 
 def active_builds(s: Session, since: float) -> list[tuple[str, str]]:

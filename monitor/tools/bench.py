@@ -5,7 +5,8 @@ PyTorch, one whole image at a time (eager in cache-sized tiles is shown beside i
 machine's practical limit is a large fp32 matrix multiply, also measured here; the model's
 FLOPs are counted by PyTorch. The end-to-end latency is measured on the real daemon: from the
 moment a layer file is closed in the watch folder to the moment a subscriber receives its
-`layer` message.
+`layer` message; then again with `[geometry] nominal` slices for every layer (printed
+area and part statistics), the ratio of the two p50s being `geometry_overhead`.
 """
 
 from __future__ import annotations
@@ -127,10 +128,15 @@ def _backend_time(loaded: _Loaded, backend: str, images: list[np.ndarray], tile:
     return _median_predict(seg, images)
 
 
-def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
-               ) -> dict[str, float]:
+def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
+               geometry: bool = False) -> dict[str, float]:
     """Latency from a closed file to a received message on the real daemon, and the rate at
-    which it clears a backlog of layers written while it was down."""
+    which it clears a backlog of layers written while it was down (none when backlog is 0).
+
+    With `geometry`, each layer's nominal slice is written before its image and
+    `[geometry] nominal` names them, so the daemon also finds each layer's printed area
+    and part statistics (once it is wired to; until then the key changes nothing).
+    """
     from monitor.config import parse_config
     from monitor.daemon.daemon import Daemon
     from monitor.daemon.publisher import subscribe
@@ -139,13 +145,23 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
     gen = BuildGenerator(size=size, layers=layers + backlog, seed=5)
     with tempfile.TemporaryDirectory(prefix="pbf-bench-") as tmp:
         work = Path(tmp)
-        cfg = parse_config({
+        data: dict[str, Any] = {
             "watch": {"dir": "watch", "settle_s": 0.5, "rescan_interval_s": 0},
             "model": {"weights": str(weights)}, "store": {"state_dir": "state", "maps": True},
             "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
                         "heartbeat_interval_s": 0.2, "startup_grace_s": 0},
             "metrics": {"listen": ""}, "alarms": {"stall": {"enabled": False}},
-        }, base_dir=work)
+        }
+        if geometry:
+            data["geometry"] = {"nominal": "nominal/{build}/layer_{layer:05d}.png"}
+        cfg = parse_config(data, base_dir=work)
+
+        def write(i: int) -> None:
+            if geometry:
+                write_layer_file(work / "nominal" / "B" / f"layer_{i + 1:05d}.png",
+                                 gen.nominal(i))
+            write_layer_file(build / f"layer_{i + 1:05d}.png", gen.layer(i).image)
+
         build = cfg.watch.dir / "B"
         build.mkdir(parents=True)
         got: dict[int, tuple[float, float]] = {}
@@ -170,8 +186,7 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
             beat.wait(10)
             closed: dict[int, float] = {}
             for i in range(layers):
-                img = gen.layer(i).image
-                write_layer_file(build / f"layer_{i + 1:05d}.png", img)
+                write(i)
                 closed[i + 1] = time.time()
                 with arrived:
                     arrived.wait_for(functools.partial(got.__contains__, i + 1), timeout=120)
@@ -179,19 +194,26 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10
             infer = statistics.median(got[n][1] for n in closed if n in got)
         finally:
             daemon.stop()
-        # Backlog: layers written while the daemon is down, then a start.
-        for i in range(layers, layers + backlog):
-            write_layer_file(build / f"layer_{i + 1:05d}.png", gen.layer(i).image)
-        daemon = Daemon(cfg)
-        daemon.start()
+        rate = float("nan")
         try:
-            with arrived:
-                arrived.wait_for(lambda: len(got) >= layers + backlog, timeout=600)
-            # The steady rate, first message to last: not the start-up (model load, warm-up).
-            done = sorted(got[n][0] for n in range(layers + 1, layers + backlog + 1) if n in got)
-            rate = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else float("nan")
+            if backlog:
+                # Backlog: layers written while the daemon is down, then a start.
+                for i in range(layers, layers + backlog):
+                    write(i)
+                daemon = Daemon(cfg)
+                daemon.start()
+                try:
+                    with arrived:
+                        arrived.wait_for(lambda: len(got) >= layers + backlog, timeout=600)
+                    # The steady rate, first message to last: not the start-up (model load,
+                    # warm-up).
+                    done = sorted(got[n][0] for n in range(layers + 1, layers + backlog + 1)
+                                  if n in got)
+                    if len(done) > 1:
+                        rate = (len(done) - 1) / (done[-1] - done[0])
+                finally:
+                    daemon.stop()
         finally:
-            daemon.stop()
             stop.set()
             thread.join(5)
 
@@ -306,6 +328,11 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
                              "ms": sd * 1e3, "speedup": sb / sd, "gflops": sg / sd})
     progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
     e2e = end_to_end(weights, size, e2e_layers)
+    progress(f"end to end with [geometry] nominal slices: {e2e_layers} layers of {size} px")
+    geo = end_to_end(weights, size, e2e_layers, backlog=0, geometry=True)
+    e2e.update({"geometry_e2e_p50_ms": geo["e2e_p50_ms"],
+                "geometry_e2e_p95_ms": geo["e2e_p95_ms"],
+                "geometry_overhead": geo["e2e_p50_ms"] / e2e["e2e_p50_ms"]})
     if memory_size:
         progress(f"peak memory of a fresh process serving one {memory_size} px layer")
         loaded_mb, layer_mb = layer_peak_rss(weights, memory_size)

@@ -1,4 +1,8 @@
-"""The demo: the real daemon on a temporary state dir, fed a synthetic build layer by layer."""
+"""The demo: the real daemon on a temporary state dir, fed a synthetic build layer by layer.
+
+The build has part events (a part breaks off, another distorts) and each layer's nominal
+slice is written to `nominal/<build>/` before its image, with `[geometry] nominal` naming
+them, so the daemon's part checks have something to find."""
 
 from __future__ import annotations
 
@@ -28,9 +32,13 @@ def free_tcp_endpoint() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
+NOMINAL_TEMPLATE = "nominal/{build}/layer_{layer:05d}.png"
+
+
 def demo_config(workdir: Path, *, weights: Path | None = None) -> Config:
     data: dict[str, Any] = {
         "watch": {"dir": "watch", "settle_s": 0.5, "rescan_interval_s": 30},
+        "geometry": {"nominal": NOMINAL_TEMPLATE},
         "store": {"state_dir": "state"},
         "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
                     "heartbeat_interval_s": 1.0},
@@ -110,9 +118,15 @@ def run_demo(
     try:
         # Slow joiner: wait for a heartbeat so no layer message is sent before we listen.
         connected.wait(10)
-        gen = BuildGenerator(size=size, layers=layers, seed=seed)
+        gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=True)
+        for ev in gen.events_json():
+            console.print(f"  [dim]part event: part {ev['part']} {ev.get('mode') or ev['kind']}"
+                          f" in layers {ev['first_layer']}-{ev['last_layer']}[/dim]")
         for i in range(layers):
             layer = gen.layer(i)
+            # the slice first: the daemon looks for it when the image arrives
+            write_layer_file(workdir / NOMINAL_TEMPLATE.format(build=build, layer=i + 1),
+                             gen.nominal(i))
             write_layer_file(cfg.watch.dir / build / f"layer_{i + 1:05d}.png", layer.image)
             time.sleep(interval_s)
         deadline = time.monotonic() + 60 + 10 * layers
@@ -136,7 +150,9 @@ def run_demo(
         # A config naming the demo's folders, for the report, alarms and dashboard commands.
         kept = workdir / "demo.toml"
         kept.write_text('# Written by `pbf-monitor demo`: the demo\'s folders.\n[watch]\n'
-                        '# Where the demo wrote its layers.\ndir = "watch"\n[store]\n'
+                        '# Where the demo wrote its layers.\ndir = "watch"\n[geometry]\n'
+                        '# The layers\' nominal slices.\n'
+                        f'nominal = "{NOMINAL_TEMPLATE}"\n[store]\n'
                         '# The demo\'s database.\nstate_dir = "state"\n', encoding="utf-8")
         console.print(f"state kept in {cfg.state_dir}; look at the build with\n"
                       f"  pbf-monitor report {build} -c {kept} --format html --out {build}.html"

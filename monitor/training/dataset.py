@@ -249,9 +249,9 @@ class DatasetWriter:
         """One layer: `image` (H, W) uint8 or uint16, stored as it is; `masks` (H, W) bool,
         one per class in the writer's order."""
         for cls, mask in zip(self.classes, masks, strict=True):
-            _write_png(mask_path(self.root, cls, name), mask.view(np.uint8) * np.uint8(255))
+            write_png(mask_path(self.root, cls, name), mask.view(np.uint8) * np.uint8(255))
         # The image goes last: its arrival tells a watcher that the whole layer is there.
-        _write_png(image_path(self.root, name), image)
+        write_png(image_path(self.root, name), image)
         self.names.append(name)
 
     def finish(self, source: Mapping[str, Any]) -> Path:
@@ -294,7 +294,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Encode a PNG and write it atomically."""
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
     if not ok:
         raise DatasetError(f"{path}: could not encode PNG")

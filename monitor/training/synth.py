@@ -23,9 +23,23 @@ The build is written in the dataset format by :func:`write_dataset`, through
                                             "seed": S, "size": PX, "layers": N}
     OUT/images/<name>.png        8-bit grayscale, PX x PX
     OUT/masks/<class>/<name>.png 8-bit, 0 or 255, one per class per image
+    OUT/nominal/<name>.png       the layer's nominal slice: 255 where a part is intended
 
-Names are ``layer_%05d`` of the 1-based layer number (``start_layer + index``). The plan lives
-in :mod:`monitor.training.synth_plan`, the drawing in :mod:`monitor.training.synth_render`.
+Names are ``layer_%05d`` of the 1-based layer number (``start_layer + index``). The nominal
+slices serve the daemon's part checks: copy a build's ``nominal/`` folder to
+``nominal/<build>/`` beside the config and set ``[geometry] nominal =
+"nominal/{build}/layer_{layer:05d}.png"`` (a mask slice fills the whole image: no frame keys).
+
+Part events (``part_events=True``, ``pbf-monitor synth --part-events``): one part breaks
+off (powder where its slice says part, from some layer to the end) and another distorts
+for a few layers (swollen, or shifted off its slice; its melt outside the slice is
+misprint). They come from their own random stream, so every layer they do not touch keeps
+its bytes, and are listed in the manifest's ``source.part_events``: kind, mode, the part's
+number (``part``, 1-based as in ``BuildGenerator.part_ids``), its centre in pixels at the
+first layer (``at_px``), and the first and last layer numbers affected.
+
+The plan lives in :mod:`monitor.training.synth_plan`, the drawing in
+:mod:`monitor.training.synth_render`.
 """
 
 from __future__ import annotations
@@ -35,8 +49,15 @@ from pathlib import Path
 
 import numpy as np
 
-from monitor.training.dataset import SYNTH_GENERATOR, DatasetWriter
-from monitor.training.synth_plan import U8, part_id_map, plan_build, shape_at
+from monitor.training.dataset import SYNTH_GENERATOR, DatasetWriter, write_png
+from monitor.training.synth_plan import (
+    U8,
+    PartEvent,
+    part_id_map,
+    plan_build,
+    plan_part_events,
+    shape_at,
+)
 from monitor.training.synth_render import LayerRenderer, SynthLayer
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 
@@ -47,12 +68,14 @@ CLASS_NAMES = DEFAULT_CLASS_NAMES
 GENERATOR_NAME = SYNTH_GENERATOR
 
 _MIN_SIZE = 64
+NOMINAL_DIR = "nominal"  # the dataset's nominal slices, one mask per image
 
 
 class BuildGenerator:
     """A synthetic build: `layer(i)` renders layer i deterministically from (size, layers, seed)."""
 
-    def __init__(self, *, size: int = 512, layers: int = 40, seed: int = 0) -> None:
+    def __init__(self, *, size: int = 512, layers: int = 40, seed: int = 0,
+                 part_events: bool = False) -> None:
         if size < _MIN_SIZE:
             raise ValueError(f"size={size} is too small; use at least {_MIN_SIZE} px")
         if layers < 1:
@@ -61,6 +84,8 @@ class BuildGenerator:
             raise ValueError(f"seed={seed}; use a non-negative integer")
         self.size, self.layers, self.seed = size, layers, seed
         self._plan = plan_build(seed, layers)
+        self.events: tuple[PartEvent, ...] = (
+            plan_part_events(seed, layers, len(self._plan.parts)) if part_events else ())
 
     def _check(self, index: int) -> None:
         if not 0 <= index < self.layers:
@@ -70,7 +95,7 @@ class BuildGenerator:
         """Render layer `index` (0-based)."""
         self._check(index)
         rng = np.random.default_rng([self.seed, 2, index])
-        return LayerRenderer(self._plan, self.size, index, rng).render()
+        return LayerRenderer(self._plan, self.size, index, rng, self.events).render()
 
     def part_ids(self, index: int) -> U8:
         """(H, W) uint8 map of the intended part geometry at layer `index`: 0 powder, k+1 part k.
@@ -79,6 +104,25 @@ class BuildGenerator:
         """
         self._check(index)
         return part_id_map([shape_at(p, index, self.size) for p in self._plan.parts], self.size)
+
+    def nominal(self, index: int) -> U8:
+        """(H, W) uint8 nominal slice of layer `index`: 255 where a part is intended."""
+        return np.where(self.part_ids(index) > 0, 255, 0).astype(np.uint8)
+
+    def events_json(self, start_layer: int = 1) -> list[dict[str, object]]:
+        """The part events as the manifest records them (layer numbers from start_layer)."""
+        out: list[dict[str, object]] = []
+        for e in self.events:
+            sh = shape_at(self._plan.parts[e.part], e.start, self.size)
+            ev: dict[str, object] = {
+                "kind": e.kind, "part": e.part + 1, "at_px": [round(sh.cx, 1), round(sh.cy, 1)],
+                "first_layer": start_layer + e.start, "last_layer": start_layer + e.stop - 1}
+            if e.kind == "distorted":
+                ev["mode"] = e.mode
+                ev.update({"scale": round(e.scale, 3)} if e.mode == "swollen" else
+                          {"shift": [round(e.dx, 3), round(e.dy, 3)]})
+            out.append(ev)
+        return out
 
     def __len__(self) -> int:
         return self.layers
@@ -95,6 +139,7 @@ def write_dataset(
     size: int,
     seed: int,
     start_layer: int = 1,
+    part_events: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write a build in the dataset format; returns the manifest path.
@@ -105,6 +150,7 @@ def write_dataset(
         size: image side in pixels.
         seed: build seed.
         start_layer: layer number of the first image (names are ``layer_%05d``).
+        part_events: a part breaks off and another distorts (see the module docstring).
         progress: called with each layer's 0-based index once that layer is written.
 
     Returns:
@@ -112,11 +158,20 @@ def write_dataset(
     """
     if start_layer < 0:
         raise ValueError(f"start_layer={start_layer}; use a non-negative layer number")
-    gen = BuildGenerator(size=size, layers=layers, seed=seed)
+    gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=part_events)
     writer = DatasetWriter(Path(out), CLASS_NAMES)
+    nominal = Path(out) / NOMINAL_DIR
+    nominal.mkdir(parents=True, exist_ok=True)
     for lay in gen:
-        writer.add(f"layer_{start_layer + lay.index:05d}", lay.image, lay.masks)
+        name = f"layer_{start_layer + lay.index:05d}"
+        writer.add(name, lay.image, lay.masks)
+        write_png(nominal / f"{name}.png", gen.nominal(lay.index))
         if progress is not None:
             progress(lay.index)
-    return writer.finish({"generator": GENERATOR_NAME, "seed": seed, "size": size,
-                          "layers": layers})
+    source: dict[str, object] = {"generator": GENERATOR_NAME, "seed": seed, "size": size,
+                                 "layers": layers,
+                                 "nominal": f"{NOMINAL_DIR}/layer_{{layer:05d}}.png"}
+    if part_events:
+        source["part_events"] = gen.events_json(start_layer)
+    return writer.finish(source)
+

@@ -308,3 +308,50 @@ def part_id_map(shapes: list[Shape], size: int) -> U8:
             cv2.fillPoly(ids, [inner], 0, lineType=cv2.LINE_8, shift=4)
     return ids
 
+
+
+@dataclass(frozen=True)
+class PartEvent:
+    """A part printed unlike its slice from `start` (0-based layer index) to `stop`
+    (exclusive): "missing" (broken off: powder where the slice says part, to the end of the
+    build) or "distorted" (melt beyond the slice: the part "swollen" by `scale`, or "shifted"
+    by (`dx`, `dy`) fractions of its half-axes)."""
+
+    kind: str  # "missing" | "distorted"
+    part: int  # index into Plan.parts
+    start: int
+    stop: int
+    mode: str = ""  # distorted: "swollen" | "shifted"
+    scale: float = 1.0
+    dx: float = 0.0
+    dy: float = 0.0
+
+
+def plan_part_events(seed: int, layers: int, n_parts: int) -> tuple[PartEvent, ...]:
+    """One part that breaks off and one that distorts, drawn from their own stream
+    ``default_rng([seed, 14])`` so the rest of the build keeps its bytes."""
+    rng = np.random.default_rng([seed, 14])
+    if n_parts < 2 or layers < 4:
+        return ()
+    lost, bent = (int(k) for k in rng.permutation(n_parts)[:2])
+    start = int(rng.integers(layers // 3, max(layers // 3 + 1, 2 * layers // 3)))
+    missing = PartEvent("missing", lost, start, layers)
+    d0 = int(rng.integers(1, max(2, layers // 2)))
+    d1 = min(layers, d0 + int(rng.integers(3, 9)))
+    if rng.random() < 0.5:
+        bent_ev = PartEvent("distorted", bent, d0, d1, mode="swollen",
+                            scale=float(rng.uniform(1.2, 1.3)))
+    else:
+        ang = rng.uniform(0, 2 * math.pi)
+        r = float(rng.uniform(0.3, 0.4))
+        bent_ev = PartEvent("distorted", bent, d0, d1, mode="shifted",
+                            dx=r * math.cos(ang), dy=r * math.sin(ang))
+    return (missing, bent_ev)
+
+
+def printed_shape(shape: Shape, ev: PartEvent) -> Shape:
+    """The cross-section a distorted part is melted with, from its nominal one."""
+    if ev.mode == "swollen":
+        return shape._replace(a=shape.a * ev.scale, b=shape.b * ev.scale)
+    m = min(shape.a, shape.b)
+    return shape._replace(cx=shape.cx + ev.dx * m, cy=shape.cy + ev.dy * m)

@@ -17,6 +17,7 @@ from monitor.training.synth_plan import (
     U8,
     Bool,
     Box,
+    PartEvent,
     Plan,
     Swelling,
     blur,
@@ -24,6 +25,7 @@ from monitor.training.synth_plan import (
     dilate,
     erode,
     part_id_map,
+    printed_shape,
     shape_at,
     shift,
     smooth_noise,
@@ -46,9 +48,16 @@ class SynthLayer:
 class LayerRenderer:
     """Draws one layer; holds its scene, part map and masks while they are built."""
 
-    def __init__(self, plan: Plan, size: int, index: int, rng: np.random.Generator) -> None:
+    def __init__(self, plan: Plan, size: int, index: int, rng: np.random.Generator,
+                 events: tuple[PartEvent, ...] = ()) -> None:
         self.plan, self.size, self.index, self.rng = plan, size, index, rng
         self.shapes = [shape_at(p, index, size) for p in plan.parts]
+        # What the slice says; the parts below are what is melted (part events change them).
+        self.nominal = part_id_map(self.shapes, size)
+        active = [e for e in events if e.start <= index < e.stop]
+        for e in active:
+            if e.kind == "distorted":
+                self.shapes[e.part] = printed_shape(self.shapes[e.part], e)
         self.levels = np.array(
             [PART_LEVEL + p.level + rng.normal(0.0, 3.0) for p in plan.parts], dtype=np.float32
         )
@@ -56,7 +65,10 @@ class LayerRenderer:
         # Hatch period ~ a scan-track pitch: a few pixels, finer beds get more pixels per track.
         self.period = max(3.0, size / 220.0)
         self.gap = max(4, round(size / 100))  # powder kept between a part and a misprint
-        self.ids = part_id_map(self.shapes, size)
+        self.ids = part_id_map(self.shapes, size) if active else self.nominal
+        for e in active:
+            if e.kind == "missing":  # broken off: powder where the slice says part
+                self.ids = np.where(self.ids == e.part + 1, 0, self.ids).astype(np.uint8)
 
     # --- background and parts -------------------------------------------------
 
@@ -177,6 +189,9 @@ class LayerRenderer:
         if t in plan.spatter:
             draw_spatter(self, image)
 
+        # A distorted part's melt outside its slice is misprint (melt outside the intended
+        # geometry); the swelling there is already its own class.
+        self.masks[MISPRINT] |= parts & (self.nominal == 0) & ~self.masks[SWELLING]
         defects = self.masks[SWELLING] | self.masks[SPATTER] | self.masks[MISPRINT]
         self.masks[NO_DEFECT] = ~(parts | defects)
         out = np.clip(image + 0.5, 0, 255).astype(np.uint8)
@@ -185,7 +200,7 @@ class LayerRenderer:
 
 def draw_misprint(lay: LayerRenderer, scene: F32, grain: F32) -> None:
     """Ragged patch of scan tracks on powder next to a part, outside every part."""
-    forbid = dilate(lay.ids > 0, lay.gap)
+    forbid = dilate((lay.ids > 0) | (lay.nominal > 0), lay.gap)
     for _ in range(int(lay.rng.integers(1, 3))):
         for _attempt in range(6):
             k = int(lay.rng.integers(0, len(lay.shapes)))
