@@ -91,8 +91,10 @@ class _Background:
     def __call__(self, values: F32) -> F32:
         num = cv2.resize(values * self.weight, self.size, interpolation=cv2.INTER_AREA)
         num = cv2.boxFilter(num, cv2.CV_32F, self.k, borderType=cv2.BORDER_REFLECT)
+        # nearest: the background moves by a fraction of a grey level per cell, and
+        # linear interpolation back to full size costs as much as the rest of the call
         return np.asarray(cv2.resize(num / self.den, (self.shape[1], self.shape[0]),
-                                     interpolation=cv2.INTER_LINEAR), np.float32)
+                                     interpolation=cv2.INTER_NEAREST), np.float32)
 
 
 def _sample(mask: BoolArray, n: int, rng: np.random.Generator) -> npt.NDArray[np.intp]:
@@ -179,8 +181,9 @@ def printed_area(
     # below (core, ring, search zone, prior) is a band of it; two distance transforms
     # instead of five morphological passes with large disks.
     nom_u8 = nom.view(np.uint8) if nom.dtype == np.bool_ else nom.astype(np.uint8)
-    d_out = cv2.distanceTransform(1 - nom_u8, cv2.DIST_L2, 3)
-    d_in = cv2.distanceTransform(nom_u8, cv2.DIST_L2, 3)
+    # (uint8: distances saturate at 255, far beyond every band)
+    d_out = cv2.distanceTransform(1 - nom_u8, cv2.DIST_L2, 3, dstType=cv2.CV_8U)
+    d_in = cv2.distanceTransform(nom_u8, cv2.DIST_L2, 3, dstType=cv2.CV_8U)
     margin = px(p.margin_px)
     core = d_in > margin
     if not core.any():
@@ -208,7 +211,8 @@ def printed_area(
     if p.prior:
         # nominal prior in log-odds, ramped over the registration uncertainty
         reg = max(0.5, p.registration_px / scale)
-        score += np.float32(p.prior / reg) * np.clip(d_in - d_out, -reg, reg)
+        sd = d_in.astype(np.float32) - d_out.astype(np.float32)
+        score += np.float32(p.prior / reg) * np.clip(sd, -reg, reg)
     tol = px(tolerance_px, 0)
     m8 = ((score > 0) & (d_out <= tol)).view(np.uint8)
     if p.close_px > 0:
