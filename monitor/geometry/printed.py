@@ -159,10 +159,22 @@ def printed_area(
         nominal: (H, W) nominal part area in the same pixels.
         tolerance_px: search zone = nominal grown by this many pixels.
     """
-    img = np.asarray(image, dtype=np.float32)
     if not nominal.any():
-        return Printed(np.zeros(img.shape, bool), 0, 0.0)
+        return Printed(np.zeros(np.shape(image), bool), 0, 0.0)
     p = params
+    # Work in the parts' box grown by the background window: nothing outside it is
+    # classified, and the powder it holds is what the background is estimated from.
+    x, y, w, h = cv2.boundingRect(nominal.view(np.uint8))
+    pad = 2 * max(p.background_px, p.margin_px + p.ring_px, tolerance_px)
+    hh, ww = nominal.shape
+    y0, y1, x0, x1 = max(0, y - pad), min(hh, y + h + pad), max(0, x - pad), min(ww, x + w + pad)
+    if (y0, y1, x0, x1) != (0, hh, 0, ww):
+        sub = printed_area(np.asarray(image)[y0:y1, x0:x1], nominal[y0:y1, x0:x1],
+                           tolerance_px=tolerance_px, params=params)
+        full = np.zeros((hh, ww), bool)
+        full[y0:y1, x0:x1] = sub.mask
+        return Printed(full, sub.polarity, sub.separation)
+    img = np.asarray(image, dtype=np.float32)
     # Half resolution when the image is large: the features are box means and the
     # background is smooth, so this quarters the cost for under a pixel of edge error.
     scale = 2 if min(img.shape) >= 1024 else 1
