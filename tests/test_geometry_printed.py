@@ -126,7 +126,7 @@ def test_real_layer_iou_floor() -> None:
     pr = printed_area(img, labels > 0, tolerance_px=6)
     nominal = labels > 0
     assert pr.polarity == -1
-    assert (pr.mask & nominal).sum() / (pr.mask | nominal).sum() > 0.7
+    assert (pr.mask & nominal).sum() / (pr.mask | nominal).sum() > 0.85  # 0.89 measured
 
 
 def test_part_stats_excess_shift_and_classes() -> None:
