@@ -136,12 +136,16 @@ def _discriminant(
         lin += sign * inv @ mu
         const -= sign * 0.5 * (mu @ inv @ mu + np.linalg.slogdet(cov)[1])
     # evaluated as a polynomial on the (h, w) planes: an einsum over (h, w, d) is 10x slower
+    # (Horner per row of Q, in place: cv2.scaleAdd is one pass, numpy's a*x + y two)
     out = np.full(shape, np.float32(const), np.float32)
+    acc = np.empty(shape, np.float32)
     for i in range(d):
-        acc = np.float32(lin[i]) + np.float32(q[i, i]) * feats[i]
+        np.multiply(feats[i], np.float32(q[i, i]), out=acc)
+        acc += np.float32(lin[i])
         for j in range(i + 1, d):
-            acc += np.float32(2 * q[i, j]) * feats[j]
-        out += acc * feats[i]
+            cv2.scaleAdd(feats[j], float(2 * q[i, j]), acc, dst=acc)
+        np.multiply(acc, feats[i], out=acc)
+        out += acc
     return sep, 1 if w[0] > 0 else -1, out
 
 
