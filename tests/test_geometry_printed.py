@@ -233,3 +233,11 @@ def test_part_stats_match_reference_on_random_geometry(seed: int) -> None:
             assert f.centroid_shift_mm is None
         else:
             assert f.centroid_shift_mm == pytest.approx(r["centroid_shift_mm"], abs=1e-6)
+
+
+def test_bench_runs_small() -> None:
+    """The benchmark (python -m monitor.geometry.bench) still runs; no timing asserted."""
+    from monitor.geometry.bench import bench
+
+    out = bench(size=256, parts=4, repeats=1)
+    assert set(out) == {"warp", "printed_area", "part_stats", "total"}
