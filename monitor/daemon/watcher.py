@@ -36,6 +36,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from monitor.config import WatchConfig
+from monitor.records import storable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ _DIGITS = re.compile(r"\d+")
 class LayerKey:
     build: str
     layer: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build", storable(self.build))  # a folder that is not UTF-8
 
 
 def parse_layer_path(rel: PurePath, pattern: re.Pattern[str] | None) -> LayerKey | None:
@@ -331,7 +335,7 @@ class Settler:
             sig = _signature(path)
             if sig is None:
                 continue
-            stored = known.get(str(path))
+            stored = known.get(storable(str(path)))
             if stored is not None and stored == sig:
                 continue
             with self._lock:
