@@ -85,3 +85,7 @@ def test_a_second_daemon_on_the_same_database_is_refused(tmp_path: Path,
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(60)
+    # The same run's log, start to stop: no alembic chatter, and a last line saying so.
+    lines = log.read_text().splitlines()
+    assert not [ln for ln in lines if " alembic" in ln], lines
+    assert lines[-1].endswith("pbf-monitor stopped"), lines[-3:]
