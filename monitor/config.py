@@ -42,6 +42,9 @@ class _Section(BaseModel):
 
 class WatchConfig(_Section):
     dir: Path = Field(Path("watch"), description="Folder the camera writes layer images into.")
+    create: bool = Field(
+        False, description="Create dir if it is missing (else a missing dir stops the start)."
+    )
     recursive: bool = Field(True, description="Also watch sub-folders (one per build).")
     pattern: str = Field(
         "",

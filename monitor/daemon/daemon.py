@@ -25,11 +25,13 @@ from monitor.config import Config
 from monitor.daemon.analyser import Analyser, new_engine
 from monitor.daemon.committer import Committer
 from monitor.daemon.hook import HookRunner
+from monitor.daemon.instance import InstanceLock, lock_paths
 from monitor.daemon.items import Analysable, Decoded
 from monitor.daemon.loader import Loader
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
 from monitor.daemon.parts import PartMeter
+from monitor.daemon.preflight import check_watch_dir
 from monitor.daemon.publisher import Publisher
 from monitor.daemon.reload import Reloader
 from monitor.daemon.requests import Requests
@@ -106,6 +108,7 @@ class Daemon:
 
     def _start_all(self) -> Publisher:
         cfg = self.cfg
+        self._init_lock()
         engine, reader = self._init_store()
         model, weights = self._init_segmenter()
         alarms = new_engine(cfg, class_names=model.class_names, regions=self.regions,
@@ -148,7 +151,8 @@ class Daemon:
         self._start_settlers(reader)
         return publisher
 
-    def _init_store(self) -> tuple[Engine, Engine]:
+    def _init_lock(self) -> None:
+        """One daemon per state folder and database: before anything is bound or written."""
         state = self.cfg.state_dir
         try:
             state.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,13 @@ class Daemon:
         except OSError as e:
             raise StoreError(f"{state}: state directory is not writable "
                              f"({e.strerror or e}); set store.state_dir") from e
+        lock = InstanceLock(lock_paths(state, self.cfg.store_url))
+        lock.acquire()
+        self._stack.append(lock.release)
+        for name, p in self.printers.items():  # before the model loads: fail in a second
+            check_watch_dir(p.watch, printer=name)
+
+    def _init_store(self) -> tuple[Engine, Engine]:
         url = self.cfg.store_url
         engine = open_db(url, writer=True)
         self._stack.append(engine.dispose)
@@ -293,8 +304,10 @@ class Daemon:
                       + sum(st.pending for st in self.settlers.values())),
             "device": str(seg.device) if seg else None,
             "model_sha256": seg.info.sha256 if seg else None,
-            # Why the database refuses writes right now (disk full, locked), else "ok".
-            "store": (self.writer.failing if self.writer else None) or "ok",
+            # Why the database refuses writes right now (disk full, locked, its file deleted
+            # under us), else "ok".
+            "store": (self.writer and (self.writer.failing or self.writer.file_problem))
+                     or "ok",
             "store_queue": self.writer.depth if self.writer else 0,
         }
 
@@ -305,13 +318,14 @@ class Daemon:
         now = time.monotonic()
         stages_ok = bool(self._stages) and all(
             st.alive and now - st.beat <= within_s for st in self._stages)
-        return stages_ok and self.writer is not None and self.writer.alive
+        return (stages_ok and self.writer is not None and self.writer.alive
+                and self.writer.file_problem is None)
 
 
 def _drain(writer: StoreWriter) -> None:
     """On stop, once the stages are done: commit what is queued, so its messages are handed
     to the publisher before the socket closes."""
-    if writer.alive:
+    if writer.alive and writer.file_problem is None:
         try:
             writer.call(lambda s: None, timeout=30)
         except queue.Empty:
