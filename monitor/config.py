@@ -182,7 +182,7 @@ class GeometryConfig(_Section):
         0.5, ge=0, description="Printed pixels this close outside a part's outline are the part."
     )
     printed_smooth_px: int = Field(
-        8, ge=1, description="Half-width in image pixels of the printed-area texture window."
+        4, ge=1, description="Half-width in image pixels of the printed-area texture window."
     )
     printed_min_separation: float = Field(
         1.0, ge=0, description="Melt/powder contrast below which a layer counts as unprinted."

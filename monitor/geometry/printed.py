@@ -243,11 +243,27 @@ def printed_area(
     return Printed(m8.astype(bool), polarity, sep)
 
 
-def _fill_holes(m8: npt.NDArray[np.uint8], nominal: BoolArray) -> npt.NDArray[np.uint8]:
+def _fill_holes(m8: npt.NDArray[np.uint8], nominal: BoolArray,
+                max_share: float = 0.3) -> npt.NDArray[np.uint8]:
     """Fill enclosed holes of the mask where they are nominal part (lighter blotches in a
-    melt); a nominal hole, such as a ring's, stays open."""
+    melt); a nominal hole, such as a ring's, stays open, and so does a hole that is most of
+    its part: a part gone missing among printed neighbours is powder, not a blotch."""
     n, lab = cv2.connectedComponents((m8 == 0).view(np.uint8), connectivity=4)
     border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
     enclosed = np.ones(n, bool)
     enclosed[border] = False
-    return np.where(enclosed[lab] & nominal, 1, m8).astype(np.uint8)
+    cand = enclosed[lab] & nominal
+    if not cand.any():
+        return m8
+    k, parts = cv2.connectedComponents(nominal.view(np.uint8), connectivity=8)
+    part_area = np.bincount(parts.ravel(), minlength=k)
+    hole, part = lab[cand], parts[cand]
+    # each hole's pixels per part it lies in, against that part's nominal area
+    key = hole.astype(np.int64) * k + part
+    uniq, count = np.unique(key, return_counts=True)
+    small = count <= max_share * part_area[uniq % k]
+    ok = np.zeros(n * k, bool)
+    ok[uniq[small]] = True
+    fill = np.zeros(m8.shape, bool)
+    fill[cand] = ok[key]
+    return np.where(fill, 1, m8).astype(np.uint8)
