@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 
 NAMESPACE_URI = "urn:pbf-monitor"
 ROOT = "PbfMonitor"
+EVENT_TYPE = "PbfAlarmEventType"
+EVENT_FIELDS = (("AlarmId", ua.VariantType.Int64), ("Printer", ua.VariantType.String),
+                ("Build", ua.VariantType.String), ("Layer", ua.VariantType.Int64),
+                ("Class", ua.VariantType.String), ("Rule", ua.VariantType.String),
+                ("AlarmSeverity", ua.VariantType.String), ("State", ua.VariantType.String),
+                ("Value", ua.VariantType.Double), ("Threshold", ua.VariantType.Double),
+                ("Part", ua.VariantType.Int64), ("Seq", ua.VariantType.Int64))
 DEFAULT_PRINTER = "default"  # the node name of the single printer (named "" in messages)
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 _STOP = object()
@@ -75,12 +82,19 @@ class _Users:
             if want is not None and hmac.compare_digest(want.encode(), (password or "").encode()):
                 return User(role=UserRole.User, name=username)
             return None
-        if certificate is not None:
-            from cryptography.hazmat.primitives.serialization import Encoding
-
-            der = certificate.public_bytes(Encoding.DER)
-            return User(role=UserRole.User, name="certificate") if der in self.certs else None
+        # The client's certificate as its secure channel (Sign, SignAndEncrypt) verified it,
+        # or an X509 identity token's: DER bytes, or empty under security policy None.
+        if certificate:
+            der = certificate if isinstance(certificate, bytes) else _der(certificate)
+            if der in self.certs:
+                return User(role=UserRole.User, name="certificate")
         return None if self.anonymous == "off" else User(role=UserRole.Anonymous)
+
+
+def _der(certificate: Any) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return bytes(certificate.public_bytes(Encoding.DER))
 
 
 def _read_users(path: Path) -> dict[str, str]:
@@ -239,20 +253,17 @@ class OpcuaServer:
         if cfg.anonymous != "off":
             tokens.append(ua.AnonymousIdentityToken)
         server.set_identity_tokens(tokens)
-        self._idx = idx = await server.register_namespace(NAMESPACE_URI)
+        self._idx = await server.register_namespace(NAMESPACE_URI)
         root = await server.nodes.objects.add_object(self._id(ROOT), ROOT)
         self._nodes[ROOT] = root
         await root.set_event_notifier([ua.EventNotifier.SubscribeToEvents])
         await self._obj(f"{ROOT}/Printers")
-        etype = await server.create_custom_event_type(
-            ua.NodeId("PbfAlarmEventType", idx), "PbfAlarmEventType",
-            ua.ObjectIds.BaseEventType,
-            [("AlarmId", ua.VariantType.Int64), ("Printer", ua.VariantType.String),
-             ("Build", ua.VariantType.String), ("Layer", ua.VariantType.Int64),
-             ("Class", ua.VariantType.String), ("Rule", ua.VariantType.String),
-             ("AlarmSeverity", ua.VariantType.String), ("State", ua.VariantType.String),
-             ("Value", ua.VariantType.Double), ("Threshold", ua.VariantType.Double),
-             ("Part", ua.VariantType.Int64), ("Seq", ua.VariantType.Int64)])
+        # Built like create_custom_event_type, but with string ids that survive restarts.
+        etype = await server.get_node(ua.ObjectIds.BaseEventType).add_object_type(
+            self._id(EVENT_TYPE), EVENT_TYPE)
+        for name, vtype in EVENT_FIELDS:
+            await etype.add_property(self._id(f"{EVENT_TYPE}/{name}"), name,
+                                     ua.get_default_value(vtype), varianttype=vtype)
         self._event = await server.get_event_generator(etype, root)
         await self._methods(root)
         return server
