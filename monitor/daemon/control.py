@@ -14,16 +14,20 @@ from typing import Any
 
 import zmq
 
-from monitor.daemon.security import CurveClient, CurveServer, ServerAuth, apply_client, apply_server
+from monitor.daemon.security import (
+    HANDSHAKE_MS,
+    CurveClient,
+    CurveServer,
+    ServerAuth,
+    apply_client,
+    apply_server,
+)
 from monitor.errors import ConfigError, MonitorError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 _MAX_REQUEST = 1 << 20  # bytes; requests are small, and this caps what a stranger can send
-# A peer that connects and never completes the ZMTP handshake (nor CURVE's) holds a
-# descriptor: drop it after this long (libzmq's default is 30 s).
-HANDSHAKE_MS = 5000
 _MAX_ID = 2**63 - 1  # alarm ids are SQLite/PostgreSQL BIGINTs
 _MAX_NAME = 256  # characters in a build, printer or class name
 _SEVERITIES = ("warning", "critical")
