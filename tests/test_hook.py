@@ -85,7 +85,8 @@ print(json.dumps({{"failures": r.failures, "peak_kb": after, "before_kb": before
 def test_hook_gets_the_alarm_on_stdin_and_env(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     script = ("import json, os, sys; a = json.load(sys.stdin); "
-              f"a['env'] = os.environ['PBF_ALARM_BUILD']; open({str(out)!r}, 'w').write(json.dumps(a))")
+              "a['env'] = os.environ['PBF_ALARM_BUILD']; "
+              f"open({str(out)!r}, 'w').write(json.dumps(a))")
     runner = HookRunner([sys.executable, "-c", script], timeout_s=30)
     runner.start()
     try:
