@@ -99,18 +99,28 @@ def class_names(report: dict[str, Any]) -> list[str]:
 
 
 _CSV_METRICS = ("area_fraction", "area_mm2", "components", "largest_component_px")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet will not run as a formula: text starting with = + - @, a tab or
+    a carriage return gets a leading apostrophe (OWASP's advice on CSV injection). Numbers,
+    negative ones included, stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def to_csv(report: dict[str, Any]) -> str:
     names = class_names(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["build", "layer", "status", "error"]
-               + [f"{c}_{m}" for c in names for m in _CSV_METRICS])
+    w.writerow([csv_cell(h) for h in ["build", "layer", "status", "error"]
+                 + [f"{c}_{m}" for c in names for m in _CSV_METRICS]])
     for layer in report["layers"]:
         cells = [layer["classes"].get(c, {}).get(m, "") for c in names for m in _CSV_METRICS]
-        w.writerow([report["build"], layer["layer"], layer["status"], layer["error"] or "",
-                    *cells])
+        row = [report["build"], layer["layer"], layer["status"], layer["error"] or "", *cells]
+        w.writerow([csv_cell(c) for c in row])
     return buf.getvalue()
 
 
