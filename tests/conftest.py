@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -16,6 +17,37 @@ import pytest
 import torch
 
 from monitor.vision.model import DEFAULT_CLASS_NAMES, ModelInfo, save_weights
+
+# Where tests may never write: the real home folder, as it was when the session started.
+_REAL_HOME = Path(os.environ.get("HOME") or Path.home())
+_WATCHED = (".local/state/pbf-monitor", "intel", ".cache/pbf-monitor", ".streamlit")
+
+
+def _home_snapshot() -> set[str]:
+    found = {p.name for p in _REAL_HOME.iterdir()} if _REAL_HOME.is_dir() else set()
+    for rel in _WATCHED:
+        top = _REAL_HOME / rel
+        if top.is_dir():
+            found |= {str(p.relative_to(_REAL_HOME)) for p in top.rglob("*")}
+    return found
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test, and every process a test starts, gets a home, state and cache folder in
+    the session's temporary folder: the ONNX export cache, OpenVINO's files, Streamlit's and
+    matplotlib's caches never land in the real home folder, which is checked at the end."""
+    home = tmp_path_factory.mktemp("home")
+    before = _home_snapshot()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        for var, sub in (("XDG_STATE_HOME", ".local/state"), ("XDG_CACHE_HOME", ".cache"),
+                         ("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share")):
+            mp.setenv(var, str(home / sub))
+        mp.delenv("STATE_DIRECTORY", raising=False)  # systemd's, if run under a unit
+        yield home
+    new = sorted(_home_snapshot() - before)
+    assert not new, f"tests wrote into the real home folder {_REAL_HOME}: {new[:20]}"
 
 
 @pytest.fixture(autouse=True)
