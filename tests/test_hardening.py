@@ -16,14 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import pytest
 import zmq
+from sqlalchemy import create_engine, text
 
 from monitor.config import load_config
 from monitor.daemon.control import request
 from monitor.daemon.pipeline import Daemon
 from monitor.daemon.security import raise_open_files_limit
-from tests.conftest import daemon_toml, write_config
+from tests.conftest import daemon_toml, layer_image, write_config
+from tests.test_daemon_e2e import Listener
 
 
 def free_port() -> int:
@@ -218,3 +221,85 @@ def test_open_files_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
     assert old == low and now == new
     assert new == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
     assert raise_open_files_limit()[1] >= soft  # in this process: never lowered
+
+
+# --- the watch folder: symlinks out of it, pipes and devices named like layers ----------
+
+@pytest.fixture
+def rescanning(tmp_path: Path, tiny_weights: Path) -> Iterator[tuple[Daemon, Listener]]:
+    cfg = load_config(write_config(tmp_path / "config.toml",
+                                   daemon_toml(tiny_weights, rescan_interval_s=0.2)))
+    (cfg.watch.dir / "B1").mkdir(parents=True)
+    d = Daemon(cfg)
+    d.start()
+    listener = Listener(cfg.publish.endpoint)
+    try:
+        listener.wait_heartbeat()
+        yield d, listener
+    finally:
+        listener.close()
+        d.stop()
+
+
+def layer_rows(d: Daemon) -> dict[int, tuple[int, str, str | None, str | None]]:
+    """layer -> (versions, status, error, image_sha256)."""
+    engine = create_engine(d.cfg.store_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT layer, versions, status, error, image_sha256 FROM layers")).all()
+    finally:
+        engine.dispose()
+    return {r[0]: tuple(r[1:]) for r in rows}  # type: ignore[misc]
+
+
+def after_rescans(d: Daemon, n: int) -> None:
+    settler = d.settlers[""]
+    target = settler.rescans + n
+    deadline = time.monotonic() + 60
+    while settler.rescans < target:
+        assert time.monotonic() < deadline, "no rescans"
+        time.sleep(0.05)
+
+
+def test_pipes_and_devices_are_recorded_once_across_rescans(
+        rescanning: tuple[Daemon, Listener]) -> None:
+    d, listener = rescanning
+    build = d.cfg.watch.dir / "B1"
+    os.mkfifo(build / "layer_00001.png")
+    (build / "layer_00002.png").symlink_to("/dev/null")
+    cv2.imwrite(str(build / "layer_00003.png"), layer_image())
+    listener.wait(lambda: set(listener.layers()) >= {1, 2, 3})
+    after_rescans(d, 5)  # each used to record the pipe and the device again
+    listener.wait_heartbeat()
+    assert {n: len(m) for n, m in listener.layers().items()} == {1: 1, 2: 1, 3: 1}
+    rows = layer_rows(d)
+    assert rows[1][:2] == (1, "error") and "not a regular file" in str(rows[1][2])
+    assert rows[2][:2] == (1, "error") and "not a regular file" in str(rows[2][2])
+    assert rows[3][:2] == (1, "ok")
+
+
+@pytest.mark.xfail(strict=True, reason="needs the call of watcher.check_opened_inside in "
+                   "Daemon._load (pipeline.py, being split): see the hardening report")
+def test_symlinks_out_of_the_watch_folder_are_refused_unread(
+        rescanning: tuple[Daemon, Listener], tmp_path: Path) -> None:
+    d, listener = rescanning
+    build = d.cfg.watch.dir / "B1"
+    outside = tmp_path / "elsewhere.png"
+    cv2.imwrite(str(outside), layer_image())
+    (build / "layer_00001.png").symlink_to(outside)
+    (build / "layer_00002.png").symlink_to("/etc/passwd")
+    (build / "layer_00003.png").symlink_to("/proc/self/environ")  # stayed pending for good
+    inner = build / ".inner.png"
+    cv2.imwrite(str(inner), layer_image())
+    (build / "layer_00004.png").symlink_to(inner)  # inside the folder: fine
+    listener.wait(lambda: set(listener.layers()) >= {1, 2, 3, 4})
+    after_rescans(d, 5)
+    listener.wait_heartbeat()
+    assert {n: len(m) for n, m in listener.layers().items()} == {1: 1, 2: 1, 3: 1, 4: 1}
+    rows = layer_rows(d)
+    for n in (1, 2, 3):
+        versions, status, error, sha = rows[n]
+        assert (versions, status, sha) == (1, "error", None), rows[n]  # never read
+        assert "leads outside the watch folder" in str(error), error
+    assert rows[4][:2] == (1, "ok")
