@@ -90,9 +90,22 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
         WebDriverWait(driver, 60).until(lambda _: "B1 (4 layers)" in text())
         assert "B1 (3 layers)" not in text()
         # Ack from the page: through the daemon, which publishes the transition.
-        (button,) = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
-                     if b.text.strip() == "Ack"]
-        button.click()
+        # The page redraws itself every few seconds: an element found may be gone a moment
+        # later, so find and click the button again until the click lands.
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def click_ack(_: object) -> bool:
+            try:
+                buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+                           if b.text.strip() == "Ack"]
+                if len(buttons) != 1:
+                    return False
+                buttons[0].click()
+                return True
+            except StaleElementReferenceException:
+                return False
+
+        WebDriverWait(driver, 30).until(click_ack)
         assert r.listener is not None
         r.listener.wait(lambda: any(a["state"] == "acknowledged" for a in r.alarms()))
         # The page says so where the alarm is listed, not only in a toast over "(open)".
