@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import pytest
 import zmq
-from monitor.daemon.pipeline import Daemon
+from monitor.daemon.daemon import Daemon
 from sqlalchemy import create_engine, text
 
 from monitor.config import load_config
