@@ -8,9 +8,7 @@ layer in hand and flushing the store before the socket closes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -24,27 +22,29 @@ from monitor.alarms.regions import Regions
 from monitor.config import Config
 from monitor.daemon.analyser import Analyser, new_engine
 from monitor.daemon.committer import Committer
+from monitor.daemon.curve import curve_server, start_curve
+from monitor.daemon.health import health_report, is_healthy
 from monitor.daemon.hook import HookRunner
-from monitor.daemon.instance import InstanceLock, lock_paths
+from monitor.daemon.instance import claim_state_dir
 from monitor.daemon.items import Analysable, Decoded
 from monitor.daemon.loader import Loader
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
 from monitor.daemon.parts import PartMeter
+from monitor.daemon.plant import Plant
 from monitor.daemon.preflight import check_watch_dir
 from monitor.daemon.publisher import Publisher
 from monitor.daemon.reload import Reloader
 from monitor.daemon.requests import Requests
 from monitor.daemon.sinks import Fanout
 from monitor.daemon.stage import Stage
-from monitor.daemon.watcher import Candidate, Settler
-from monitor.daemon.worker import WeightsWatch, Worker
-from monitor.errors import ConfigError, MonitorError, StoreError
+from monitor.daemon.watcher import Candidate, Settler, start_settlers
+from monitor.daemon.worker import Worker, load_model
+from monitor.errors import MonitorError
 from monitor.records import Outgoing
 from monitor.store import queries, writes
 from monitor.store.connect import open_db
 from monitor.store.writer import StoreWriter
-from monitor.vision.model import file_signature
 from monitor.vision.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,15 @@ class Daemon:
         self._stages: tuple[Stage, ...] = ()
         self._reloader: Reloader | None = None
         self._requests: Requests | None = None
-        self.mqtt: Any = None  # MqttPublisher, with [mqtt] enabled
-        self._plant: list[Any] = []  # the OPC UA and MQTT sinks that run
+        self._plant = Plant()  # the OPC UA and MQTT sinks that run
         # Threads that face the outside, by name: each must survive any input, and a dead one
         # makes the daemon unhealthy (the systemd watchdog then restarts it).
         self._serving: dict[str, Any] = {}
+
+    @property
+    def mqtt(self) -> Any:
+        """The MqttPublisher, with [mqtt] enabled; else None."""
+        return self._plant.mqtt
 
     @property
     def segmenter(self) -> Segmenter | None:
@@ -117,7 +121,7 @@ class Daemon:
         cfg = self.cfg
         self._init_lock()
         engine, reader = self._init_store()
-        model, weights = self._init_segmenter()
+        model, weights = load_model(cfg)
         alarms = new_engine(cfg, class_names=model.class_names, regions=self.regions,
                             cameras={n: (p.camera.pixel_size_mm, p.camera.layer_thickness_mm)
                                      for n, p in self.printers.items()}, reader=reader)
@@ -161,17 +165,7 @@ class Daemon:
 
     def _init_lock(self) -> None:
         """One daemon per state folder and database: before anything is bound or written."""
-        state = self.cfg.state_dir
-        try:
-            state.mkdir(parents=True, exist_ok=True)
-            probe = state / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise StoreError(f"{state}: state directory is not writable "
-                             f"({e.strerror or e}); set store.state_dir") from e
-        lock = InstanceLock(lock_paths(state, self.cfg.store_url))
-        lock.acquire()
+        lock = claim_state_dir(self.cfg.state_dir, self.cfg.store_url)
         self._stack.append(lock.release)
         for name, p in self.printers.items():  # before the model loads: fail in a second
             check_watch_dir(p.watch, printer=name)
@@ -185,14 +179,6 @@ class Daemon:
         log.info("database %s", url)
         return engine, reader
 
-    def _init_segmenter(self) -> tuple[Segmenter, WeightsWatch]:
-        weights = WeightsWatch(self.cfg.model.weights)
-        with contextlib.suppress(OSError):  # from_config names the problem
-            weights.served = file_signature(self.cfg.model.weights)
-        model = Segmenter.from_config(self.cfg)
-        model.warm_up()
-        return model, weights
-
     def _start_hook(self) -> HookRunner | None:
         h = self.cfg.alarms.hook
         if not h.command:
@@ -205,20 +191,11 @@ class Daemon:
 
     def _init_zmq(self) -> Any:
         """With CURVE, one context and one ZAP authenticator serve both endpoints."""
-        curve = _curve_server(self.cfg)
-        if curve is None:
+        started = start_curve(self.cfg, self._stack)
+        if started is None:
             return None
-        import zmq
-
-        from monitor.daemon.security import ServerAuth
-
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._stack.append(lambda: ctx.term())
-        auth = ServerAuth(ctx, curve.authorized_dir)
-        auth.start()
-        self._stack.append(auth.stop)
+        ctx, auth = started
         self._serving["curve_auth"] = auth
-        log.info("CURVE on: clients must hold a key listed in %s", curve.authorized_dir)
         return ctx
 
     def _start_publisher(self, writer: StoreWriter, ctx: Any) -> tuple[Publisher, Fanout]:
@@ -227,7 +204,7 @@ class Daemon:
             p.endpoint, heartbeat_interval_s=p.heartbeat_interval_s, send_hwm=p.send_hwm,
             startup_grace_s=p.startup_grace_s, health=self.health,
             on_sent=lambda seqs: writer.submit(lambda s: writes.mark_published(s, seqs)),
-            curve=_curve_server(self.cfg), context=ctx,
+            curve=curve_server(self.cfg), context=ctx,
         )
 
         def outbox(s: Session) -> tuple[int, list[Outgoing]]:
@@ -238,42 +215,15 @@ class Daemon:
         publisher.start(last_seq=last - len(pending))
         self._stack.append(publisher.stop)
         self._serving["publisher"] = publisher
-        sinks = Fanout([publisher, *self._start_plant(last - len(pending))])
+        plant = self._plant.start(self.cfg, last_seq=last - len(pending), health=self.health,
+                                  handler=self._request, on_mqtt_drop=self._mqtt_dropped,
+                                  undo=self._stack)
+        sinks = Fanout([publisher, *plant])
         self._stack.append(lambda: _drain(writer))  # runs before the sinks stop
         if pending:
             log.info("re-sending %d message(s) committed but not published before", len(pending))
             sinks.publish(pending)
         return publisher, sinks
-
-    def _start_plant(self, last_seq: int) -> list[Any]:
-        """[mqtt] and [opcua]: more sinks of the committed stream (README "Plant
-        integration")."""
-        cfg = self.cfg
-        if cfg.mqtt.enabled:
-            try:
-                from monitor.daemon.mqtt import MqttPublisher
-            except ImportError as e:
-                raise ConfigError(f"mqtt.enabled needs paho-mqtt ({e}): pip install "
-                                  "'paho-mqtt>=2', or set mqtt.enabled = false") from e
-            mqtt = self.mqtt = MqttPublisher(
-                cfg.mqtt, health=self.health,
-                heartbeat_interval_s=cfg.publish.heartbeat_interval_s,
-                on_drop=self._mqtt_dropped)
-            mqtt.start(last_seq=last_seq)
-            self._stack.append(mqtt.stop)
-            self._plant.append(mqtt)
-        if cfg.opcua.enabled:
-            try:
-                from monitor.daemon.opcua import OpcuaServer
-            except ImportError as e:
-                raise ConfigError(f"opcua.enabled needs asyncua ({e}): pip install "
-                                  "'asyncua>=1.1', or set opcua.enabled = false") from e
-            opcua = OpcuaServer(cfg.opcua, handler=self._request, health=self.health,
-                                heartbeat_interval_s=cfg.publish.heartbeat_interval_s)
-            opcua.start(last_seq=last_seq)
-            self._stack.append(opcua.stop)
-            self._plant.append(opcua)
-        return self._plant
 
     def _mqtt_dropped(self, n: int) -> None:
         if self.metrics is not None:
@@ -290,7 +240,7 @@ class Daemon:
         from monitor.daemon.control import ControlServer
 
         control = ControlServer(self.cfg.publish.state_endpoint, handler,
-                                curve=_curve_server(self.cfg), context=ctx)
+                                curve=curve_server(self.cfg), context=ctx)
         control.start()
         self._stack.append(control.stop)
         self._serving["state_endpoint"] = control
@@ -322,15 +272,8 @@ class Daemon:
             with Session(reader) as s:
                 return queries.known_images(s)
 
-        for name, p in self.printers.items():
-            settler = Settler(
-                p.watch, self._candidates, known=known_images, printer=name,
-                layer_thickness_mm=p.camera.layer_thickness_mm,
-                on_skip=lambda path, why: log.info("skipping %s: %s", path, why),
-            )
-            settler.start()
-            self.settlers[name] = settler
-            self._stack.append(settler.stop)
+        start_settlers(self.printers, self._candidates, known=known_images,
+                       into=self.settlers, undo=self._stack)
 
     def _last_arrivals(self) -> dict[str, float]:
         return self._analyser.last_arrivals if self._analyser else {}
@@ -347,38 +290,18 @@ class Daemon:
         return ignored
 
     def health(self) -> dict[str, Any]:
-        seg = self.segmenter
-        return {
-            "status": "ready" if self.ready.is_set() else "starting",
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "layers_ok": self.counts["ok"],
-            "layers_error": self.counts["error"],
-            "queue": (self._candidates.qsize() + self._decoded.qsize()
-                      + self._segmented.qsize()
-                      + sum(st.pending for st in self.settlers.values())),
-            "device": str(seg.device) if seg else None,
-            "model_sha256": seg.info.sha256 if seg else None,
-            # Why the database refuses writes right now (disk full, locked, its file deleted
-            # under us), else "ok".
-            "store": (self.writer and (self.writer.failing or self.writer.file_problem))
-                     or "ok",
-            "store_queue": self.writer.depth if self.writer else 0,
-            "endpoints": {name: bool(x.alive) for name, x in self._serving.items()},
-            **({"mqtt": "connected" if self.mqtt.connected else "disconnected",
-                "mqtt_dropped": self.mqtt.dropped} if self.mqtt is not None else {}),
-        }
+        return health_report(
+            ready=self.ready.is_set(), started_at=self.started_at, counts=self.counts,
+            queue=(self._candidates.qsize() + self._decoded.qsize() + self._segmented.qsize()
+                   + sum(st.pending for st in self.settlers.values())),
+            segmenter=self.segmenter, writer=self.writer, serving=self._serving,
+            mqtt=self.mqtt)
 
     def healthy(self, within_s: float) -> bool:
-        """Every pipeline stage went round its loop (a layer, or an idle wait) within
-        `within_s`, and the threads they rely on are alive: what the systemd watchdog is told.
-        A stage stuck on one layer (a hung read, a hung model) stops the pings."""
-        now = time.monotonic()
-        stages_ok = bool(self._stages) and all(
-            st.alive and now - st.beat <= within_s for st in self._stages)
-        return (stages_ok and self.writer is not None and self.writer.alive
-                and self.writer.file_problem is None
-                and all(sink.alive for sink in self._plant)
-                and all(x.alive for x in self._serving.values()))
+        """What the systemd watchdog is told (see monitor.daemon.health.is_healthy)."""
+        return is_healthy(stages=self._stages, writer=self.writer,
+                          plant_alive=self._plant.alive, serving=self._serving.values(),
+                          within_s=within_s)
 
 
 def _drain(writer: StoreWriter) -> None:
@@ -390,15 +313,6 @@ def _drain(writer: StoreWriter) -> None:
         except queue.Empty:
             log.error("database writer still busy at stop; unsent messages stay in the "
                       "outbox and go out on restart")
-
-
-def _curve_server(cfg: Config) -> Any:
-    from monitor.daemon.security import CurveServer
-
-    p = cfg.publish
-    if p.curve_secret_key is None or p.curve_authorized_dir is None:
-        return None
-    return CurveServer(p.curve_secret_key, p.curve_authorized_dir)
 
 
 def _model_info(metrics: Metrics, model: Segmenter) -> None:

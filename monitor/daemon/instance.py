@@ -73,3 +73,18 @@ class InstanceLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         return fd
+
+
+def claim_state_dir(state_dir: Path, store_url: str) -> InstanceLock:
+    """Check the state folder is writable, then take the instance lock (held on return)."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise StoreError(f"{state_dir}: state directory is not writable "
+                         f"({e.strerror or e}); set store.state_dir") from e
+    lock = InstanceLock(lock_paths(state_dir, store_url))
+    lock.acquire()
+    return lock

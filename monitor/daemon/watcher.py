@@ -14,11 +14,10 @@ import logging
 import os
 import queue
 import re
-import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -36,7 +35,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from monitor.config import WatchConfig
+from monitor.config import PrinterConfig, WatchConfig
+from monitor.daemon.rescan import signature, special, unrecorded, walk
 from monitor.errors import ImageError
 from monitor.records import storable
 
@@ -116,12 +116,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def inside(path: str | Path, root: Path) -> bool:
-    """Whether path, with every symlink resolved, lies in the watch folder root."""
-    real = Path(os.path.realpath(path))
-    return real.is_relative_to(os.path.realpath(root))
-
-
 def check_opened_inside(fd: int, path: Path, root: Path) -> None:
     """Refuse a layer file whose opened descriptor is not a file of the watch folder (a
     symlink to /etc/passwd or /proc/self/environ). Checks what was opened, not the name,
@@ -138,28 +132,21 @@ def check_opened_inside(fd: int, path: Path, root: Path) -> None:
         raise ImageError(f"leads outside the watch folder (to {real}); refused unread")
 
 
-def _special(path: Path, root: Path) -> bool:
-    """A name that does not hold layer content of its own: a pipe, socket or device, or a
-    symlink out of the watch folder. It gets one error record, never a re-read."""
-    try:
-        st = path.stat()
-    except OSError:
-        return path.is_symlink()  # dangling or a loop: judged by the link itself
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        return True
-    return path.is_symlink() and not inside(path, root)
-
-
-def _signature(path: Path, root: Path | None = None) -> tuple[int, int] | None:
-    """(size, mtime_ns) of the content; of the link itself for a symlink leading out of
-    root (its target is never read, and /proc files change under every look)."""
-    try:
-        st = path.stat()
-        if root is not None and path.is_symlink() and not inside(path, root):
-            st = path.lstat()
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns)
+def _settled(cand: Candidate, sig: tuple[int, int], *, mono: float, wall: float,
+             settle_s: float) -> bool:
+    """Whether a candidate whose file now has signature `sig` is ready to hand over; a
+    changed signature is recorded on `cand` and restarts its settling."""
+    if sig != cand.sig:
+        cand.sig = sig
+        cand.stable_since = mono
+        # mtime tells how long an untouched file found by a rescan has been still.
+        age = wall - sig[1] / 1e9
+        if not cand.complete and age < settle_s:
+            return False
+    empty = sig[0] == 0
+    settled = mono - cand.stable_since >= settle_s or (wall - sig[1] / 1e9 >= settle_s)
+    # An empty file that was closed may be re-opened for writing: let it settle.
+    return (cand.complete and not empty) or settled
 
 
 class _Handler(FileSystemEventHandler):
@@ -294,9 +281,9 @@ class Settler:
     def done(self, cand: Candidate, sig: tuple[int, int] | None) -> None:
         """The worker finished a file whose content had this signature (None: it has no
         content of its own, or it vanished)."""
-        if sig is None and _special(cand.path, self.root):
+        if sig is None and special(cand.path, self.root):
             # A FIFO or device: its stable signature, so rescans do not record it again.
-            sig = _signature(cand.path, self.root)
+            sig = signature(cand.path, self.root)
         with self._lock:
             self._handled[cand.path] = sig
             self._handled.move_to_end(cand.path)
@@ -360,7 +347,7 @@ class Settler:
                 continue
             if kind == "dir":
                 # Files can land in a new folder before its watch is armed: scan it.
-                for f in self._walk(path):
+                for f in walk(path, self.root, recursive=self.cfg.recursive):
                     self._add(f, now, complete=False)
                 continue
             self._add(path, now, complete=kind in ("closed", "moved"))
@@ -378,34 +365,18 @@ class Settler:
             return
         with self._lock:
             if path in self._handled:
-                current = _signature(path, self.root)
+                current = signature(path, self.root)
                 if current is None or self._handled[path] == current:
                     return  # a late event for content already handed over, or a file gone
             self._pending[path] = Candidate(path, key, now, complete=complete,
                                             printer=self.printer,
                                             stable_since=time.monotonic())
 
-    def _walk(self, top: Path) -> Iterator[Path]:
-        # followlinks=False: a symlink loop must not hang the scan.
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            if not self.cfg.recursive and Path(dirpath) != self.root:
-                dirnames[:] = []
-                continue
-            for name in filenames:
-                yield Path(dirpath) / name
-
     def _rescan(self) -> None:
         known = self._known()
         now = time.time()
         found = 0
-        for path in self._walk(self.root):
-            sig = _signature(path, self.root)
-            if sig is None:
-                continue
-            stored = known.get(storable(str(path)))
-            if stored is not None and (stored == sig or _special(path, self.root)):
-                continue  # recorded; a pipe, device or link out has no content to re-read
+        for path, sig in unrecorded(self.root, recursive=self.cfg.recursive, known=known):
             with self._lock:
                 if path in self._pending or self._handled.get(path) == sig:
                     continue
@@ -425,7 +396,7 @@ class Settler:
             for path, cand in list(self._pending.items()):
                 if mono < cand.not_before:
                     continue
-                sig = _signature(path, self.root)
+                sig = signature(path, self.root)
                 if sig is None:
                     # Gone before we read it: the worker records the error for the layer, and
                     # late events about the vanished file are not news.
@@ -433,19 +404,7 @@ class Settler:
                     self._handled[path] = None
                     self._handled.move_to_end(path)
                     continue
-                if sig != cand.sig:
-                    cand.sig = sig
-                    cand.stable_since = mono
-                    # mtime tells how long an untouched file found by a rescan has been still.
-                    age = wall - sig[1] / 1e9
-                    if not cand.complete and age < self.cfg.settle_s:
-                        continue
-                empty = sig[0] == 0
-                settled = mono - cand.stable_since >= self.cfg.settle_s or (
-                    wall - sig[1] / 1e9 >= self.cfg.settle_s
-                )
-                # An empty file that was closed may be re-opened for writing: let it settle.
-                if (cand.complete and not empty) or settled:
+                if _settled(cand, sig, mono=mono, wall=wall, settle_s=self.cfg.settle_s):
                     ready.append(self._pending.pop(path))
                     self._handled[path] = sig  # late events for this content are not news
                     self._handled.move_to_end(path)
@@ -456,3 +415,23 @@ class Settler:
                     break
                 except queue.Full:
                     continue
+
+
+def start_settlers(
+    printers: Mapping[str, PrinterConfig],
+    candidates: queue.Queue[Candidate],
+    *,
+    known: Callable[[], dict[str, tuple[int | None, int | None]]],
+    into: dict[str, Settler],
+    undo: list[Callable[[], None]],
+) -> None:
+    """One started settler per printer, put in `into` by name, each stop pushed on `undo`."""
+    for name, p in printers.items():
+        settler = Settler(
+            p.watch, candidates, known=known, printer=name,
+            layer_thickness_mm=p.camera.layer_thickness_mm,
+            on_skip=lambda path, why: log.info("skipping %s: %s", path, why),
+        )
+        settler.start()
+        into[name] = settler
+        undo.append(settler.stop)

@@ -7,12 +7,14 @@ which it takes with its next batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 from pathlib import Path
 
+from monitor.config import Config
 from monitor.daemon import failpoints
 from monitor.daemon.items import Analysable, Decoded, Failed, Loaded, Segmented
 from monitor.daemon.metrics import Metrics
@@ -107,3 +109,13 @@ class Worker(Stage):
         for x, seg in zip(batch, segs, strict=True):
             self.handoff(self.outbox, Segmented(x, seg, model.class_names, model.info.sha256),
                          until_stop=False)
+
+
+def load_model(cfg: Config) -> tuple[Segmenter, WeightsWatch]:
+    """The configured model, warmed up, and the watch on its weights file."""
+    weights = WeightsWatch(cfg.model.weights)
+    with contextlib.suppress(OSError):  # from_config names the problem
+        weights.served = file_signature(cfg.model.weights)
+    model = Segmenter.from_config(cfg)
+    model.warm_up()
+    return model, weights

@@ -59,6 +59,100 @@ def _disk(r: int) -> npt.NDArray[np.uint8]:
                       np.uint8)
 
 
+@dataclass(frozen=True)
+class _Zone:
+    """The parts' tolerance zones, gathered once.
+
+    Everything but the excess lies in them: the rows `y0:y0 + len(sub)` they span (whole
+    rows: a pixel's index in them is its image index less an offset), and there only the
+    zone's pixels, flat (K,).
+    """
+
+    y0: int
+    sub: Labels                   # the nominal labels of those rows
+    grown: npt.NDArray[Any]       # the labels grown by the tolerance; 0 outside every zone
+    zi: npt.NDArray[np.intp]      # (K,) zone pixels, flat in the rows
+    z: npt.NDArray[np.int32]      # (K,) the part each zone pixel counts for
+    a: npt.NDArray[np.float64]    # (K,) its area, mm²
+    pr: BoolArray                 # (K,) printed?
+    key: npt.NDArray[Any]         # (K,) one key per (part, nominal?, printed?)
+
+
+def _gather_zone(nominal: Labels, printed: BoolArray, area_full: npt.NDArray[np.float32],
+                 tol: int, n: int) -> _Zone:
+    hh = nominal.shape[0]
+    rows = np.flatnonzero(nominal.any(axis=1))
+    y0, y1 = max(0, int(rows[0]) - tol), min(hh, int(rows[-1]) + 1 + tol)
+    sub = nominal[y0:y1]
+    # Tolerance zone of each part: its own pixels, plus the grown rim (where two rims
+    # meet, the larger id takes the pixel: a tie-break, not a measurement). The dilation
+    # covers every zone pixel; which id a pixel gets is decided on the gathered pixels.
+    lab = sub.astype(np.uint16) if n < 65536 else sub.astype(np.float32)
+    grown = cv2.dilate(lab, _disk(tol)) if tol else lab
+    zi = np.flatnonzero(grown)
+    own = sub.ravel()[zi]
+    is_nom = own > 0
+    z = np.where(is_nom, own, grown.ravel()[zi].astype(np.int32))
+    a = area_full[y0:y1].ravel()[zi].astype(np.float64)
+    pr = np.asarray(printed[y0:y1], bool).ravel()[zi]
+    # one key per (part, nominal?, printed?): every sum below is a bincount over it
+    key = z * 4 + is_nom * 2 + pr
+    return _Zone(y0, sub, grown, zi, z, a, pr, key)
+
+
+@dataclass(frozen=True)
+class _Sums:
+    """Per-part sums over the zones (n,): nominal and printed-inside areas, centroids."""
+
+    nominal_mm2: npt.NDArray[np.float64]
+    printed_in: npt.NDArray[np.float64]
+    cents: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]   # nominal (xy, weight)
+    pcents: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]  # printed in the zone
+
+
+def _zone_sums(zone: _Zone, n: int, width: int) -> _Sums:
+    yy, xx = np.divmod(zone.zi, width)
+
+    def by_key(weights: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        return np.bincount(zone.key, weights=weights,
+                           minlength=4 * n).astype(np.float64).reshape(n, 4)
+
+    a = zone.a
+    s_a, s_ax, s_ay = by_key(a), by_key(a * xx), by_key(a * (yy + zone.y0))
+
+    def centroid(cols: list[int]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        w = s_a[:, cols].sum(1)
+        safe_w = np.maximum(w, 1e-12)
+        return np.c_[s_ax[:, cols].sum(1) / safe_w, s_ay[:, cols].sum(1) / safe_w], w
+
+    return _Sums(nominal_mm2=s_a[:, 2] + s_a[:, 3], printed_in=s_a[:, 3],
+                 cents=centroid([2, 3]), pcents=centroid([1, 3]))
+
+
+def _excess_mm2(printed: BoolArray, zone: _Zone, area_full: npt.NDArray[np.float32],
+                n: int) -> npt.NDArray[np.float64]:
+    """Printed outside every zone, given to the nearest part (n,)."""
+    if np.count_nonzero(printed) <= np.count_nonzero(zone.pr):
+        return np.zeros(n)
+    outside = np.asarray(printed, bool).copy()
+    outside[zone.y0:zone.y0 + len(zone.sub)] &= zone.grown == 0
+    return _excess(zone.sub, zone.y0, outside, area_full, n)
+
+
+def _class_mm2(classes: Mapping[str, BoolArray], zone: _Zone,
+               n: int) -> dict[str, npt.NDArray[np.float64]]:
+    """Each class's area per part, counted on the part's tolerance zone (n,)."""
+    out: dict[str, npt.NDArray[np.float64]] = {}
+    y1 = zone.y0 + len(zone.sub)
+    for name, mask in classes.items():
+        if not np.count_nonzero(mask):
+            out[name] = np.zeros(n)
+            continue
+        m = np.asarray(mask[zone.y0:y1], bool).ravel()[zone.zi]
+        out[name] = np.bincount(zone.z[m], weights=zone.a[m], minlength=n).astype(np.float64)
+    return out
+
+
 def part_stats(
     nominal: Labels,
     printed: BoolArray,
@@ -82,62 +176,14 @@ def part_stats(
         return []
     area_full = cal.pixel_area_mm2(nominal.shape)
     tol = tolerance_px(cal, nominal, tolerance_mm)
-    # Everything but the excess lies in the parts' tolerance zones: work on the rows those
-    # span (whole rows: a pixel's index in them is its image index less an offset), and
-    # there only on the zone's pixels, gathered once.
-    hh, ww = nominal.shape
-    rows = np.flatnonzero(nominal.any(axis=1))
-    y0, y1 = max(0, int(rows[0]) - tol), min(hh, int(rows[-1]) + 1 + tol)
-    sub = nominal[y0:y1]
-    # Tolerance zone of each part: its own pixels, plus the grown rim (where two rims
-    # meet, the larger id takes the pixel: a tie-break, not a measurement). The dilation
-    # covers every zone pixel; which id a pixel gets is decided on the gathered pixels.
-    lab = sub.astype(np.uint16) if n < 65536 else sub.astype(np.float32)
-    grown = cv2.dilate(lab, _disk(tol)) if tol else lab
-    zi = np.flatnonzero(grown)                     # (K,) zone pixels, flat in the rows
-    own = sub.ravel()[zi]
-    is_nom = own > 0
-    z = np.where(is_nom, own, grown.ravel()[zi].astype(np.int32))
-    a = area_full[y0:y1].ravel()[zi].astype(np.float64)
-    pr = np.asarray(printed[y0:y1], bool).ravel()[zi]
-    # one key per (part, nominal?, printed?): every sum below is a bincount over it
-    key = z * 4 + is_nom * 2 + pr
-    yy, xx = np.divmod(zi, ww)
-
-    def by_key(weights: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        return np.bincount(key, weights=weights, minlength=4 * n).astype(np.float64).reshape(n, 4)
-
-    s_a, s_ax, s_ay = by_key(a), by_key(a * xx), by_key(a * (yy + y0))
-    nominal_mm2 = s_a[:, 2] + s_a[:, 3]
-    printed_in = s_a[:, 3]
-    ids = np.flatnonzero(nominal_mm2 > 0)
-
-    def centroid(cols: list[int]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        w = s_a[:, cols].sum(1)
-        safe_w = np.maximum(w, 1e-12)
-        return np.c_[s_ax[:, cols].sum(1) / safe_w, s_ay[:, cols].sum(1) / safe_w], w
-
-    cents = centroid([2, 3])      # nominal
-    pcents = centroid([1, 3])     # printed inside the zone
-
-    # Excess: printed outside every zone, given to the nearest part.
-    excess_mm2 = np.zeros(n)
-    if np.count_nonzero(printed) > np.count_nonzero(pr):
-        outside = np.asarray(printed, bool).copy()
-        outside[y0:y1] &= grown == 0
-        excess_mm2 = _excess(sub, y0, outside, area_full, n)
-
-    class_fr: dict[str, npt.NDArray[np.float64]] = {}
-    for name, mask in classes.items():
-        if not np.count_nonzero(mask):
-            class_fr[name] = np.zeros(n)
-            continue
-        m = np.asarray(mask[y0:y1], bool).ravel()[zi]
-        class_fr[name] = np.bincount(z[m], weights=a[m], minlength=n).astype(np.float64)
-
+    zone = _gather_zone(nominal, printed, area_full, tol, n)
+    sums = _zone_sums(zone, n, nominal.shape[1])
+    excess_mm2 = _excess_mm2(printed, zone, area_full, n)
+    class_mm2 = _class_mm2(classes, zone, n)
+    cents, pcents = sums.cents, sums.pcents
     out = []
-    for pid in ids.tolist():
-        nom = float(nominal_mm2[pid])
+    for pid in np.flatnonzero(sums.nominal_mm2 > 0).tolist():
+        nom = float(sums.nominal_mm2[pid])
         shift: float | None = None
         if pcents[1][pid] > 0 and cents[1][pid] > 0:
             c_nom = cal.image_to_mm(cents[0][pid])
@@ -146,10 +192,10 @@ def part_stats(
         safe = nom if nom > 0 else math.inf
         out.append(PartStats(
             id=int(pid), nominal_mm2=nom,
-            printed_fraction=float(printed_in[pid]) / safe,
+            printed_fraction=float(sums.printed_in[pid]) / safe,
             excess_fraction=float(excess_mm2[pid]) / safe if pid < len(excess_mm2) else 0.0,
             centroid_shift_mm=shift,
-            classes={name: float(v[pid]) / safe for name, v in class_fr.items()},
+            classes={name: float(v[pid]) / safe for name, v in class_mm2.items()},
         ))
     return out
 

@@ -16,6 +16,7 @@ See docs/printed-area.md for the measurements behind the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -149,6 +150,91 @@ def _discriminant(
     return sep, 1 if w[0] > 0 else -1, out
 
 
+def _px(v: float, scale: int, lo: int = 1) -> int:
+    """`v` full-resolution pixels at the working scale, at least `lo`."""
+    return max(lo, round(v / scale))
+
+
+def _downscale(img: F32, nominal: BoolArray) -> tuple[F32, BoolArray, int]:
+    """Half resolution when the image is large: the features are box means and the
+    background is smooth, so this quarters the cost for under a pixel of edge error."""
+    scale = 2 if min(img.shape) >= 1024 else 1
+    if scale == 1:
+        return img, nominal, 1
+    small = np.asarray(cv2.resize(img, (img.shape[1] // scale, img.shape[0] // scale),
+                                  interpolation=cv2.INTER_AREA), np.float32)
+    nom = cv2.resize(nominal.view(np.uint8), (small.shape[1], small.shape[0]),
+                     interpolation=cv2.INTER_NEAREST).astype(bool)
+    return small, nom, scale
+
+
+@dataclass(frozen=True)
+class _Bands:
+    """Regions of the working image, each a band of the signed distance to the outline."""
+
+    d_out: npt.NDArray[Any]       # uint8 distance outside the nominal (working-scale px)
+    d_in: npt.NDArray[Any]        # uint8 distance inside it
+    core: BoolArray               # nominal, away from its edge: the melt samples
+    ring: BoolArray               # powder around the parts: the powder samples
+    powder: F32                   # 1 outside the nominal grown by the margin: the background
+
+
+def _bands(nom: BoolArray, p: PrintedParams, scale: int) -> _Bands:
+    # Signed distance to the nominal outline (px at this scale, + inside): every region
+    # below (core, ring, search zone, prior) is a band of it; two distance transforms
+    # instead of five morphological passes with large disks.
+    nom_u8 = nom.view(np.uint8) if nom.dtype == np.bool_ else nom.astype(np.uint8)
+    # (uint8: distances saturate at 255, far beyond every band)
+    d_out = cv2.distanceTransform(1 - nom_u8, cv2.DIST_L2, 3, dstType=cv2.CV_8U)
+    d_in = cv2.distanceTransform(nom_u8, cv2.DIST_L2, 3, dstType=cv2.CV_8U)
+    margin = _px(p.margin_px, scale)
+    core = d_in > margin
+    if not core.any():
+        core = nom
+    ring = (d_out > margin) & (d_out <= margin + _px(p.ring_px, scale))
+    powder = (d_out > margin).astype(np.float32)
+    return _Bands(d_out, d_in, core, ring, powder)
+
+
+def _features(small: F32, powder: F32, p: PrintedParams, scale: int) -> list[F32]:
+    """Per pixel, at each window: intensity and log roughness, relative to the powder."""
+    sq = small * small
+    bg = _Background(powder, _px(p.background_px, scale, 2))
+    feats: list[F32] = []
+    for r in (p.smooth_px, p.coarse_px) if p.coarse_px else (p.smooth_px,):
+        mean, spread = _mean_spread(small, sq, _px(r, scale))
+        # intensity relative to the powder around, log of roughness relative to it
+        feats.append(mean - bg(mean))
+        feats.append(np.asarray(cv2.log((spread + 1.0) / (bg(spread) + 1.0)), np.float32))
+    return feats
+
+
+def _smooth_with_prior(score: F32, bands: _Bands, p: PrintedParams, scale: int) -> F32:
+    """Pixel scores averaged over the vote window, plus the nominal prior."""
+    vote = _px(p.vote_px, scale, 0)
+    if vote:
+        score = np.asarray(cv2.boxFilter(score, cv2.CV_32F, (2 * vote + 1, 2 * vote + 1)),
+                           np.float32)
+    if p.prior:
+        # nominal prior in log-odds, ramped over the registration uncertainty
+        reg = max(0.5, p.registration_px / scale)
+        sd = bands.d_in.astype(np.float32) - bands.d_out.astype(np.float32)
+        score += np.float32(p.prior / reg) * np.clip(sd, -reg, reg)
+    return score
+
+
+def _clean(m8: npt.NDArray[np.uint8], nom: BoolArray, p: PrintedParams,
+           scale: int) -> npt.NDArray[np.uint8]:
+    """Morphological close and open, then the powder-looking holes filled."""
+    if p.close_px > 0:
+        k = _disk(_px(p.close_px, scale))
+        m8 = np.asarray(cv2.morphologyEx(m8, cv2.MORPH_CLOSE, k), np.uint8)
+        m8 = np.asarray(cv2.morphologyEx(m8, cv2.MORPH_OPEN, k), np.uint8)
+    if p.fill_holes:
+        m8 = _fill_holes(m8, nom)
+    return m8
+
+
 def printed_area(
     image: npt.NDArray[np.generic],
     nominal: BoolArray,
@@ -179,64 +265,18 @@ def printed_area(
         full[y0:y1, x0:x1] = sub.mask
         return Printed(full, sub.polarity, sub.separation)
     img = np.asarray(image, dtype=np.float32)
-    # Half resolution when the image is large: the features are box means and the
-    # background is smooth, so this quarters the cost for under a pixel of edge error.
-    scale = 2 if min(img.shape) >= 1024 else 1
-    if scale > 1:
-        small = np.asarray(cv2.resize(img, (img.shape[1] // scale, img.shape[0] // scale),
-                                      interpolation=cv2.INTER_AREA), np.float32)
-        nom = cv2.resize(nominal.view(np.uint8), (small.shape[1], small.shape[0]),
-                         interpolation=cv2.INTER_NEAREST).astype(bool)
-    else:
-        small, nom = img, nominal
-
-    def px(v: float, lo: int = 1) -> int:
-        return max(lo, round(v / scale))
-
-    # Signed distance to the nominal outline (px at this scale, + inside): every region
-    # below (core, ring, search zone, prior) is a band of it; two distance transforms
-    # instead of five morphological passes with large disks.
-    nom_u8 = nom.view(np.uint8) if nom.dtype == np.bool_ else nom.astype(np.uint8)
-    # (uint8: distances saturate at 255, far beyond every band)
-    d_out = cv2.distanceTransform(1 - nom_u8, cv2.DIST_L2, 3, dstType=cv2.CV_8U)
-    d_in = cv2.distanceTransform(nom_u8, cv2.DIST_L2, 3, dstType=cv2.CV_8U)
-    margin = px(p.margin_px)
-    core = d_in > margin
-    if not core.any():
-        core = nom
-    ring = (d_out > margin) & (d_out <= margin + px(p.ring_px))
-    powder = (d_out > margin).astype(np.float32)
-
-    sq = small * small
-    bg = _Background(powder, px(p.background_px, 2))
-    feats: list[F32] = []
-    for r in (p.smooth_px, p.coarse_px) if p.coarse_px else (p.smooth_px,):
-        mean, spread = _mean_spread(small, sq, px(r))
-        # intensity relative to the powder around, log of roughness relative to it
-        feats.append(mean - bg(mean))
-        feats.append(np.asarray(cv2.log((spread + 1.0) / (bg(spread) + 1.0)), np.float32))
+    small, nom, scale = _downscale(img, nominal)
+    bands = _bands(nom, p, scale)
+    feats = _features(small, bands.powder, p, scale)
     rng = np.random.default_rng(0)
     sep, polarity, score = _discriminant(
-        feats, _sample(core, p.samples, rng), _sample(ring, p.samples, rng), p.quadratic)
+        feats, _sample(bands.core, p.samples, rng), _sample(bands.ring, p.samples, rng),
+        p.quadratic)
     if sep < p.min_separation:
         return Printed(np.zeros(img.shape, bool), 0, sep)
-    vote = px(p.vote_px, 0)
-    if vote:
-        score = np.asarray(cv2.boxFilter(score, cv2.CV_32F, (2 * vote + 1, 2 * vote + 1)),
-                           np.float32)
-    if p.prior:
-        # nominal prior in log-odds, ramped over the registration uncertainty
-        reg = max(0.5, p.registration_px / scale)
-        sd = d_in.astype(np.float32) - d_out.astype(np.float32)
-        score += np.float32(p.prior / reg) * np.clip(sd, -reg, reg)
-    tol = px(tolerance_px, 0)
-    m8 = ((score > 0) & (d_out <= tol)).view(np.uint8)
-    if p.close_px > 0:
-        k = _disk(px(p.close_px))
-        m8 = np.asarray(cv2.morphologyEx(m8, cv2.MORPH_CLOSE, k), np.uint8)
-        m8 = np.asarray(cv2.morphologyEx(m8, cv2.MORPH_OPEN, k), np.uint8)
-    if p.fill_holes:
-        m8 = _fill_holes(m8, nom)
+    score = _smooth_with_prior(score, bands, p, scale)
+    tol = _px(tolerance_px, scale, 0)
+    m8 = _clean(((score > 0) & (bands.d_out <= tol)).view(np.uint8), nom, p, scale)
     if scale > 1:
         m8 = np.asarray(cv2.resize(m8, (img.shape[1], img.shape[0]),
                                    interpolation=cv2.INTER_NEAREST), np.uint8)
