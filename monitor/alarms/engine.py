@@ -106,6 +106,32 @@ class _Cond:
     consecutive: int
     cooldown: int
     part: int | None = None
+    unit: str = ""
+    position_px: tuple[float, float] | None = None
+
+
+UNITS = {"area_fraction": "fraction", "area_mm2": "mm²", "components": "count",
+         "largest_component_mm2": "mm²"}
+
+
+def _scope(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, LayerStats],
+           parts_zone: LayerStats | None = None) -> LayerStats | None:
+    if rule.region:
+        return regions.get(rule.region)
+    if rule.scope == "parts" and parts_zone is not None and rule.class_name != NO_DEFECT:
+        return parts_zone
+    return stats
+
+
+def largest_at(class_name: str, *stats: LayerStats | None) -> tuple[float, float] | None:
+    """Centroid (x, y) in pixels of the class's largest component in the first statistics
+    that list one."""
+    for st in stats:
+        c = st.classes.get(class_name) if st is not None else None
+        if c is not None and c.component_list:
+            big = max(c.component_list, key=lambda k: k.area_px)
+            return (big.cx, big.cy)
+    return None
 
 
 def metric_value(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, LayerStats],
@@ -122,6 +148,34 @@ def metric_value(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, Layer
         return None
     c = st.classes.get(rule.class_name)
     return None if c is None else float(getattr(c, rule.metric))
+
+
+def relative_limit(rule: AlarmRule, history: Sequence[float]) -> float | None:
+    """A relative rule's limit from its baseline window; None while it is still learning.
+
+    limit = max(threshold, m * factor, m + min_delta, m + mad_k * 1.4826 * MAD), where m is
+    the median of the window and MAD the median absolute deviation from it.
+    """
+    if len(history) < rule.learn_layers:
+        return None
+    m = statistics.median(history)
+    limit = max(rule.floor, m * rule.factor, m + rule.min_delta)
+    if rule.mad_k:
+        mad = statistics.median(abs(v - m) for v in history)
+        limit = max(limit, m + rule.mad_k * 1.4826 * mad)
+    return limit
+
+
+def _box_centre(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[float, float] | None:
+    if not boxes:
+        return None
+    return ((min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2,
+            (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2)
+
+
+def _learn(rule: AlarmRule, rs: RuleState, value: float) -> None:
+    rs.history.append(value)
+    del rs.history[:-rule.window]
 
 
 class AlarmEngine:
@@ -146,6 +200,9 @@ class AlarmEngine:
         # printer -> (pixel_size_mm, layer_thickness_mm) where a fleet's cameras differ
         self.cameras = dict(cameras or {})
         self._builds: dict[BuildKey, BuildState] = {}
+        # Printers whose camera the weights were not adapted to (monitor.alarms.trust): set
+        # by the daemon when weights load, read by the analyser thread.
+        self.untrusted: frozenset[str] = frozenset()
         self._mutes: set[tuple[BuildKey, str | None]] = set()
 
     def _check(self, cfg: AlarmsConfig) -> None:
@@ -305,21 +362,41 @@ class AlarmEngine:
                     stats: LayerStats, regions: Mapping[str, LayerStats],
                     parts_zone: LayerStats | None) -> list[AlarmEvent]:
         value = metric_value(rule, stats, regions, parts_zone)
-        if value is None or self._in_grace(st, layer, rule.grace_layers):
-            st.rules.setdefault(rule.rule_id, RuleState()).streak = 0
+        rs = st.rules.setdefault(rule.rule_id, RuleState())
+        if value is None:
+            rs.streak = 0
             return []
-        return self._step(key, st, layer, _Cond(
-            rule.rule_id, rule.class_name, rule.severity, value, rule.threshold,
-            value > rule.threshold, rule.consecutive, rule.cooldown_layers))
+        limit = relative_limit(rule, rs.history) if rule.relative else rule.floor
+        if self._in_grace(st, layer, rule.grace_layers) or limit is None:
+            rs.streak = 0
+            if rule.relative:  # grace layers and learning layers teach the baseline
+                _learn(rule, rs, value)
+            return []
+        holds = value > limit
+        where = largest_at(rule.class_name, _scope(rule, stats, regions, parts_zone), stats)
+        events = self._step(key, st, layer, _Cond(
+            rule.rule_id, rule.class_name, rule.severity, value, limit, holds,
+            rule.consecutive, rule.cooldown_layers, unit=UNITS[rule.metric],
+            position_px=where if rule.class_name != NO_DEFECT else None))
+        # A value above the limit is not learnt (a defect must not raise its own baseline)
+        # unless it has held for a whole window: then it is the build's new normal.
+        if rule.relative and (not holds or rs.streak >= rule.window):
+            _learn(rule, rs, value)
+        return events
 
     def _step(self, key: BuildKey, st: BuildState, layer: int, c: _Cond) -> list[AlarmEvent]:
         """One layer of a rule's lifecycle: streak, open (persistence, cooldown, mute), clear."""
         rs = st.rules.setdefault(c.rule_id, RuleState())
         rs.streak = rs.streak + 1 if c.holds else 0
 
+        # Defect-class alarms of a model not adapted to this camera: warning, no hook.
+        capped = bool(c.class_name) and key.printer in self.untrusted
+
         def event(action: Literal["open", "clear"]) -> AlarmEvent:
             return AlarmEvent(action, key.printer, key.build, layer, c.class_name, c.rule_id,
-                              c.severity, c.value, c.threshold, part=c.part)
+                              "warning" if capped else c.severity, c.value, c.threshold,
+                              part=c.part, model_trusted=not capped, unit=c.unit,
+                              position_px=c.position_px)
 
         if not c.holds:
             if rs.active:
@@ -348,11 +425,11 @@ class AlarmEngine:
                 _Cond(part_rule_id(PART_MISSING, p.id), "", cfg.missing_severity,
                       p.printed_fraction, cfg.missing_fraction,
                       p.printed_fraction < cfg.missing_fraction, cfg.missing_layers,
-                      cfg.cooldown_layers, p.id),
+                      cfg.cooldown_layers, p.id, unit="fraction"),
                 _Cond(part_rule_id(PART_EXCESS, p.id), "", cfg.excess_severity,
                       p.excess_fraction, cfg.excess_fraction,
                       p.excess_fraction > cfg.excess_fraction, cfg.excess_layers,
-                      cfg.cooldown_layers, p.id),
+                      cfg.cooldown_layers, p.id, unit="fraction"),
             ):
                 touched.append(c.rule_id)
                 if in_grace:
@@ -368,13 +445,15 @@ class AlarmEngine:
             limit = cfg.missing_fraction if kind == PART_MISSING else cfg.excess_fraction
             sev = cfg.missing_severity if kind == PART_MISSING else cfg.excess_severity
             events += self._step(key, st, layer, _Cond(rule_id, "", sev, 0.0, limit, False, 1,
-                                                       0, pid))
+                                                       0, pid, unit="fraction"))
         return events
 
     def _track_events(self, key: BuildKey, st: BuildState, layer: int,
                       change: TrackChange) -> list[AlarmEvent]:
         cfg = self.cfg.tracks
         events: list[AlarmEvent] = []
+        capped = key.printer in self.untrusted
+        sev = "warning" if capped else cfg.severity
         for t in change.alarms:
             if self._in_grace(st, layer, None) or self.muted(key, t.class_name):
                 t.alarmed = False  # may still alarm once the grace is over or unmuted
@@ -382,15 +461,18 @@ class AlarmEngine:
             by_layers = t.layers >= cfg.alarm_layers
             events.append(AlarmEvent(
                 "open", key.printer, key.build, layer, t.class_name,
-                TRACK_PREFIX + t.class_name, cfg.severity,
+                TRACK_PREFIX + t.class_name, sev,
                 float(t.layers) if by_layers else t.volume_mm3,
-                float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number))
+                float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number,
+                model_trusted=not capped, unit="layers" if by_layers else "mm³",
+                position_px=_box_centre(t.boxes) or ((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)))
         for t in change.ended:
             if t.alarmed:
                 events.append(AlarmEvent(
                     "clear", key.printer, key.build, layer, t.class_name,
-                    TRACK_PREFIX + t.class_name, cfg.severity, float(t.layers),
-                    float(cfg.alarm_layers), track=t.number))
+                    TRACK_PREFIX + t.class_name, sev, float(t.layers),
+                    float(cfg.alarm_layers), track=t.number, model_trusted=not capped,
+                    unit="layers"))
         return events
 
     def last_arrivals(self) -> dict[str, float]:
@@ -404,7 +486,7 @@ class AlarmEngine:
     def _stall_event(self, action: Literal["open", "clear"], key: BuildKey, st: BuildState,
                      value: float, limit: float) -> AlarmEvent:
         return AlarmEvent(action, key.printer, key.build, st.last_arrival_layer or 0, "",
-                          RULE_STALL, self.cfg.stall.severity, value, limit)
+                          RULE_STALL, self.cfg.stall.severity, value, limit, unit="s")
 
     def stall_limit(self, st: BuildState) -> float | None:
         """Seconds without a layer after which the build is stalled; None if unknown yet."""

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor.alarms.regions import Regions
+from monitor.alarms.trust import ModelTrust, model_trust
 from monitor.config import Config
 from monitor.daemon.analyser import Analyser, new_engine
 from monitor.daemon.committer import Committer
@@ -75,6 +76,7 @@ class Daemon:
         self._analyser: Analyser | None = None
         self._stages: tuple[Stage, ...] = ()
         self._reloader: Reloader | None = None
+        self.trust: dict[str, ModelTrust] = {}  # printer -> trust in the served weights
 
     @property
     def segmenter(self) -> Segmenter | None:
@@ -240,6 +242,25 @@ class Daemon:
     def _set_model_info(self, model: Segmenter) -> None:
         if self.metrics is not None:
             _model_info(self.metrics, model)
+        self._set_trust(model)
+
+    def _set_trust(self, model: Segmenter) -> None:
+        """Which cameras the served weights are trusted on; logged when it changes."""
+        trust_unadapted = self.cfg.alarms.trust_unadapted
+        trust = {name: model_trust(model.info.adapted_cameras, p.camera.id,
+                                   trust_unadapted=trust_unadapted)
+                 for name, p in self.printers.items()}
+        if trust != self.trust:
+            for name, t in trust.items():
+                who = f"printer {name}: " if name else ""
+                if not t.trusted:
+                    log.warning("%smodel not trusted on this camera: %s", who, t.reason)
+                elif t.reason:
+                    log.info("%s%s", who, t.reason)
+        self.trust = trust
+        if self._analyser is not None:
+            self._analyser.engine.untrusted = frozenset(
+                n for n, t in trust.items() if not t.trusted)
 
     def _start_stages(self, *stages: Stage) -> None:
         self._stages = stages
@@ -279,6 +300,8 @@ class Daemon:
             raise MonitorError("the daemon is not running; nothing to reload")
         ignored = self._reloader.reload(cfg)
         self.cfg = self._reloader.cfg
+        if self.segmenter is not None:  # alarms.trust_unadapted may have changed
+            self._set_trust(self.segmenter)
         return ignored
 
     def health(self) -> dict[str, Any]:
@@ -293,6 +316,12 @@ class Daemon:
                       + sum(st.pending for st in self.settlers.values())),
             "device": str(seg.device) if seg else None,
             "model_sha256": seg.info.sha256 if seg else None,
+            # False: defect-class alarms are capped at warning and run no hook (reason says
+            # why; per printer in a fleet)
+            "model_trusted": all(t.trusted for t in self.trust.values()),
+            "model_trust_reason": "; ".join(
+                (f"{n}: {t.reason}" if n else t.reason)
+                for n, t in self.trust.items() if t.reason) or None,
             # Why the database refuses writes right now (disk full, locked), else "ok".
             "store": (self.writer.failing if self.writer else None) or "ok",
             "store_queue": self.writer.depth if self.writer else 0,

@@ -1,7 +1,9 @@
-"""The state endpoint's commands (control thread): state, ack, mute, unmute, test-alarm.
+"""The state endpoint's commands (control thread): state, ack, verdict, mute, unmute,
+test-alarm.
 
 State is read from the database; acks and mutes go to the analyser, the alarm engine's owner,
-as requests on its queue; a test alarm goes straight to the committer.
+as requests on its queue; verdicts (which change no alarm state) and test alarms go
+straight to the committer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ from monitor.daemon.items import Ack, Mute
 from monitor.daemon.publisher import alarm_message
 from monitor.errors import MonitorError
 from monitor.store import queries
+from monitor.store.writes import VERDICTS
+
+MAX_NOTE = 2000  # characters of a verdict's note
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+
+
+def alarm_id(value: Any) -> int:
+    """An alarm id from a request: a positive integer the database can hold."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_ID:
+        raise MonitorError(f"id: expected an alarm id (an integer from 1 to {MAX_ID}), got "
+                           f"{value!r}")
+    return value
 
 
 class Requests:
@@ -41,6 +55,16 @@ class Requests:
                 return self.state()
             if cmd == "ack":
                 return self.analyser.ask(Ack(int(req["id"])))
+            if cmd == "verdict":
+                verdict = req.get("verdict")
+                if verdict not in VERDICTS:
+                    raise MonitorError(f"verdict: expected one of {', '.join(VERDICTS)}, got "
+                                       f"{verdict!r}")
+                note = req.get("note")
+                if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
+                    raise MonitorError(f"note: expected a string of at most {MAX_NOTE} "
+                                       f"characters")
+                return self.committer.verdict(alarm_id(req.get("id")), verdict, note or None)
             if cmd in ("mute", "unmute"):
                 return self.analyser.ask(Mute(
                     str(req.get("printer", self.printer)), str(req["build"]),
@@ -53,8 +77,8 @@ class Requests:
             return {"ok": False, "error": str(e)}
         except (KeyError, ValueError, TypeError) as e:
             return {"ok": False, "error": f"bad request {req!r}: {e!r}"}
-        return {"ok": False, "error": f"unknown cmd {cmd!r} (state, ack, mute, unmute, "
-                                      f"test-alarm)"}
+        return {"ok": False, "error": f"unknown cmd {cmd!r} (state, ack, verdict, mute, "
+                                      f"unmute, test-alarm)"}
 
     def state(self) -> dict[str, Any]:
         """Open alarms and the last layer of each active build, with the seq they reflect:
