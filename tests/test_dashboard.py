@@ -92,6 +92,17 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
         button.click()
         assert r.listener is not None
         r.listener.wait(lambda: any(a["state"] == "acknowledged" for a in r.alarms()))
+        # The operator's verdict from the page, beside Ack: stored and published.
+        WebDriverWait(driver, 60).until(lambda _: [
+            b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+            if b.text.strip() == "False alarm" and b.is_enabled()])
+        (button,) = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+                     if b.text.strip() == "False alarm"]
+        button.click()
+        r.listener.wait(lambda: any(a.get("verdict") == "false_alarm" for a in r.alarms()))
+        WebDriverWait(driver, 60).until(lambda _: "verdict false_alarm" in text())
+        # The weights are not adapted to this camera: the page says so.
+        assert "Model not trusted on this camera" in text()
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))  # type: ignore[attr-defined]
         assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
