@@ -380,6 +380,10 @@ class TracksConfig(_Section):
         "alarms.",
     )
     severity: Severity = Field("critical", description="Severity of track alarms.")
+    one_per_part: bool = Field(
+        True, description="While a track alarm of a class is open on a part (or off the "
+        "parts), other tracks of that class there open none; they may once it clears."
+    )
 
 
 class PartAlarmsConfig(_Section):

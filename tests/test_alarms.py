@@ -346,3 +346,22 @@ def test_baseline_survives_a_restart(tmp_path: Path) -> None:
         assert [(e.action, e.layer) for e in never_stopped] == [("open", 10)]
     finally:
         db.dispose()
+
+
+def test_one_track_alarm_per_class_and_part_at_a_time() -> None:
+    """Many specks stacking at once (a model's bias) raise one alarm per class and part."""
+    eng = engine(tracks={"classes": ["swelling"], "alarm_layers": 3})
+    specks = [(x, y, 3, 3) for x in (5, 25, 45, 65) for y in (5, 45)]
+
+    def part(x: float, y: float) -> int | None:  # two parts: left and right halves
+        return 1 if x < 40 else 2
+
+    events: list[AlarmEvent] = []
+    for n in range(1, 6):
+        events += eng.evaluate(KEY, n, stats(*specks), locate=part).events
+    opened = [e for e in events if e.action == "open"]
+    assert len(opened) == 2 and {e.layer for e in opened} == {3}
+    separate = engine(tracks={"classes": ["swelling"], "alarm_layers": 3,
+                              "one_per_part": False})
+    alone = [e for n in range(1, 6) for e in separate.evaluate(KEY, n, stats(*specks)).events]
+    assert len([e for e in alone if e.action == "open"]) == len(specks)

@@ -31,7 +31,7 @@ import itertools
 import logging
 import statistics
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from monitor.records import (
     LayerAlarms,
     PartRecord,
     RuleState,
+    Track,
     TrackChange,
 )
 from monitor.vision.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
@@ -317,6 +318,7 @@ class AlarmEngine:
         self, key: BuildKey, layer: int, stats: LayerStats,
         regions: Mapping[str, LayerStats] | None = None, *,
         parts: Sequence[PartRecord] | None = None, parts_zone: LayerStats | None = None,
+        locate: Callable[[float, float], int | None] | None = None,
     ) -> LayerAlarms:
         """Check the rules, parts and tracks on one layer of a build.
 
@@ -325,6 +327,8 @@ class AlarmEngine:
                 alarms keep their state).
             parts_zone: statistics of the masks on and around the parts, for rules of
                 scope "parts"; None: they use the whole layer.
+            locate: image (x, y) -> the nominal part there (None off the parts); without
+                it every place is "off the parts" (tracks.one_per_part groups by it).
         """
         regions = regions or {}
         st = self._build(key)
@@ -349,7 +353,7 @@ class AlarmEngine:
         if self.cfg.tracks.classes:
             assert st.tracks is not None
             change = st.tracks.update(layer, stats, steps=st.steps)
-            events += self._track_events(key, st, layer, change)
+            events += self._track_events(key, st, layer, change, locate)
         states = {r: st.rules[r].as_row() for r in [*(r.rule_id for r in self.cfg.rules),
                                                      *touched]}
         return LayerAlarms(events, states, st.first_layer, change, evaluated=True)
@@ -448,16 +452,33 @@ class AlarmEngine:
                                                        0, pid, unit="fraction"))
         return events
 
-    def _track_events(self, key: BuildKey, st: BuildState, layer: int,
-                      change: TrackChange) -> list[AlarmEvent]:
+    def _track_events(self, key: BuildKey, st: BuildState, layer: int, change: TrackChange,
+                      locate: Callable[[float, float], int | None] | None
+                      ) -> list[AlarmEvent]:
         cfg = self.cfg.tracks
         events: list[AlarmEvent] = []
         capped = key.printer in self.untrusted
         sev = "warning" if capped else cfg.severity
+
+        def where(t: Track) -> tuple[float, float]:
+            return _box_centre(t.boxes) or ((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)
+
+        def group(t: Track) -> tuple[str, int | None]:
+            return (t.class_name, locate(*where(t)) if locate is not None else None)
+
+        fresh = {id(t) for t in change.alarms}
+        assert st.tracks is not None
+        # (class, part) groups with a track alarm open: one alarm per class and part at a time
+        busy = ({group(t) for t in st.tracks.live if t.alarmed and id(t) not in fresh}
+                if cfg.one_per_part else set())
         for t in change.alarms:
-            if self._in_grace(st, layer, None) or self.muted(key, t.class_name):
-                t.alarmed = False  # may still alarm once the grace is over or unmuted
+            g = group(t) if cfg.one_per_part else None
+            if (self._in_grace(st, layer, None) or self.muted(key, t.class_name)
+                    or g in busy):
+                t.alarmed = False  # may still alarm once the grace is over, unmuted or free
                 continue
+            if g is not None:
+                busy.add(g)
             by_layers = t.layers >= cfg.alarm_layers
             events.append(AlarmEvent(
                 "open", key.printer, key.build, layer, t.class_name,
@@ -465,7 +486,7 @@ class AlarmEngine:
                 float(t.layers) if by_layers else t.volume_mm3,
                 float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number,
                 model_trusted=not capped, unit="layers" if by_layers else "mm³",
-                position_px=_box_centre(t.boxes) or ((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)))
+                position_px=where(t)))
         for t in change.ended:
             if t.alarmed:
                 events.append(AlarmEvent(

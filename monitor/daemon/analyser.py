@@ -153,7 +153,8 @@ class Analyser(Stage):
         self._ensure_restored(key)
         verdict = self.engine.evaluate(key, cand.key.layer, stats, regions,
                                        parts=measured.parts if measured is not None else None,
-                                       parts_zone=zone_stats)
+                                       parts_zone=zone_stats,
+                                       locate=measured.part_at if measured else None)
         verdict = dataclasses.replace(verdict, events=[
             self._where(e, px, measured) for e in verdict.events])
         now = time.time()

@@ -99,7 +99,8 @@ class Runner:
                                     pixel_size_mm=px, max_components=self.max_components)[""]
             parts = measured.parts if measured is not None else None
             for eng, out in ((self.engine, tally.opened), (self.trusting, tally.trusted)):
-                ev = eng.evaluate(key, n, stats, parts=parts, parts_zone=zone).events
+                ev = eng.evaluate(key, n, stats, parts=parts, parts_zone=zone,
+                                  locate=measured.part_at if measured else None).events
                 out += [e for e in ev if e.action == "open"]
             tally.layers += 1
         return tally
