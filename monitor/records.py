@@ -13,6 +13,13 @@ from typing import Any, Literal
 from monitor.vision.stats import LayerStats
 
 
+def storable(text: str) -> str:
+    """A name from the file system as text every database and JSON take: the bytes of a name
+    that is not UTF-8 (os.fsdecode's surrogate escapes) become ``\\xNN``, so
+    b"bad\\xff" is stored, published and reported as ``bad\\xff``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class BuildKey:
     printer: str
@@ -63,6 +70,13 @@ class LayerRecord:
     regions: dict[str, LayerStats] | None = None
     classes: tuple[str, ...] = ()  # the model's, in mask order
     parts: tuple[PartRecord, ...] = ()  # per nominal part; () without a nominal slice
+
+    def __post_init__(self) -> None:
+        # Names and reasons may carry a file name that is not UTF-8.
+        for name in ("build", "image_path", "error"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, storable(value))
 
 
 @dataclass(frozen=True)

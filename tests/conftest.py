@@ -90,6 +90,7 @@ def daemon_toml(weights: Path, *, settle_s: float = 0.3, rescan_interval_s: floa
     return f"""
 [watch]
 dir = "watch"
+create = true
 settle_s = {settle_s}
 rescan_interval_s = {rescan_interval_s}
 [model]

@@ -38,6 +38,7 @@ class Rig:
         self.config = write_config(tmp / "config.toml", f"""
 [watch]
 dir = "watch"
+create = true
 settle_s = 0.3
 rescan_interval_s = 0
 [model]
@@ -355,11 +356,11 @@ def test_fleet_of_two_printers(tmp_path: Path, bright_weights: Path) -> None:
     fleet = """
 [[printers]]
 name = "P1"
-watch = { dir = "p1", settle_s = 0.3, rescan_interval_s = 0 }
+watch = { dir = "p1", create = true, settle_s = 0.3, rescan_interval_s = 0 }
 camera = { pixel_size_mm = 0.1 }
 [[printers]]
 name = "P2"
-watch = { dir = "p2", settle_s = 0.3, rescan_interval_s = 0, pattern = 'PATTERN' }
+watch = { dir = "p2", create = true, settle_s = 0.3, rescan_interval_s = 0, pattern = 'PATTERN' }
 camera = { pixel_size_mm = 0.2 }
 """.replace("PATTERN", r"^cam(?P<build>[A-Z0-9]+)_(?P<layer>\d+)\.png$")
     r = Rig(tmp_path, bright_weights, NO_RULES + fleet)

@@ -4,6 +4,7 @@ a layer; the daemon goes on."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
@@ -13,10 +14,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 from sqlalchemy import create_engine, text
 
-from tests.conftest import encode
+from monitor.cli import main
+from monitor.daemon.daemon import Daemon
+from tests.conftest import encode, wait_for_rows
 from tests.test_alarm_daemon import NO_RULES, Rig, bright_weights, rig  # noqa: F401 (fixtures)
 
 
@@ -200,3 +204,51 @@ def test_unreadable_file(tmp_path: Path, bright_weights: Path) -> None:  # noqa:
         proc.wait(30)
     assert tuple(rows[0][:2]) == (1, "error") and "Permission denied" in rows[0][2], rows
     assert tuple(rows[1][:2]) == (2, "ok")
+
+
+def test_names_that_are_not_utf8_are_stored_published_and_reported(
+        rig: Callable[..., Rig]) -> None:  # noqa: F811
+    """A file and a build folder whose names are not UTF-8: recorded with the bytes as \\xNN,
+    published, reported under that name, and a rescan does not take them again."""
+    r = rig(NO_RULES)
+    png = encode(np.full((64, 64), 120, np.uint8), ".png")
+    root = os.fsencode(r.cfg.watch.dir)
+    with open(os.path.join(root, b"B1", b"layer_\xff\xfe_00001.png"), "wb") as f:
+        f.write(png)
+    os.mkdir(os.path.join(root, b"bad\xff\xfe"))
+    with open(os.path.join(root, b"bad\xff\xfe", b"layer_00002.png"), "wb") as f:
+        f.write(png)
+    assert r.listener is not None
+    r.listener.wait(lambda: {1, 2} <= set(r.listener.layers()))  # type: ignore[union-attr]
+    published = {n: ps[0] for n, ps in r.listener.layers().items()}
+    assert published[1]["build"] == "B1" and published[1]["status"] == "ok", published[1]
+    assert published[2]["build"] == "bad\\xff\\xfe" and published[2]["status"] == "ok"
+    engine = create_engine(r.cfg.store_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT b.name, l.layer, l.status, l.image_path, l.versions "
+                                 "FROM layers l JOIN builds b ON b.id = l.build_id "
+                                 "ORDER BY l.layer")).all()
+    engine.dispose()
+    assert [(b, n, s, v) for b, n, s, _, v in rows] == [("B1", 1, "ok", 1),
+                                                        ("bad\\xff\\xfe", 2, "ok", 1)]
+    assert rows[0][3].endswith("B1/layer_\\xff\\xfe_00001.png")
+    # The name as printed (backslashes typed), and as the raw bytes a shell may pass.
+    for name in ("bad\\xff\\xfe", os.fsdecode(b"bad\xff\xfe")):
+        out = CliRunner().invoke(main, ["report", name, "--config", str(r.config),
+                                        "--format", "json"])
+        assert out.exit_code == 0, out.output
+        assert [la["layer"] for la in json.loads(out.output)["layers"]] == [2]
+    # After a restart, the rescan compares the escaped names with the folder: nothing is
+    # taken again (the startup rescan's files go first; a new build's layer comes after).
+    r.stop()
+    daemon = Daemon(r.cfg)
+    daemon.start()
+    try:
+        os.mkdir(os.path.join(root, b"zzz"))
+        with open(os.path.join(root, b"zzz", b"layer_00009.png"), "wb") as f:
+            f.write(png)
+        rows = wait_for_rows(r.cfg.store_url, "SELECT layer, versions FROM layers "
+                             "ORDER BY layer", 3)
+    finally:
+        daemon.stop()
+    assert [tuple(x) for x in rows] == [(1, 1), (2, 1), (9, 1)]

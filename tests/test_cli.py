@@ -20,7 +20,9 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 
 
 def test_validate_config_ok(tmp_path: Path, tiny_weights: Path) -> None:
-    cfg = write_config(tmp_path / "c.toml", f'[model]\nweights = "{tiny_weights}"\n')
+    (tmp_path / "watch").mkdir()
+    cfg = write_config(tmp_path / "c.toml", f'[model]\nweights = "{tiny_weights}"\n'
+                       '[store]\nstate_dir = "state"\n')
     result = CliRunner().invoke(main, ["validate-config", str(cfg)])
     assert result.exit_code == 0, result.output
     assert "ok" in result.output and "spatter" in result.output
@@ -49,6 +51,7 @@ def test_bad_config_is_one_line_without_traceback(tmp_path: Path, body: str,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_run_with_cuda_on_a_cpu_machine_fails_cleanly(tmp_path: Path, tiny_weights: Path) -> None:
+    (tmp_path / "watch").mkdir()
     cfg = write_config(tmp_path / "c.toml", f"""
 [model]
 weights = "{tiny_weights}"

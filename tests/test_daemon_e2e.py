@@ -69,6 +69,7 @@ def setup(tmp_path: Path, tiny_weights: Path) -> Iterator[tuple[Path, Path, str]
     cfg = write_config(tmp_path / "config.toml", f"""
 [watch]
 dir = "watch"
+create = true
 settle_s = 0.5
 rescan_interval_s = 2
 retry_delay_s = 0.2

@@ -38,3 +38,26 @@ def test_demo_build_reports_with_the_default_model(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["report", "demo-11", "-c", str(cfg), "--format", "html",
                                     "--out", str(html)])
     assert out.exit_code == 0 and 'class="overlay"' in html.read_text()
+
+
+def test_demo_piped_at_80_columns_says_where_its_database_went(tmp_path: Path,
+                                                               tiny_weights: Path) -> None:
+    """Without --workdir: one line per layer, the table whole, and the end says the database
+    went with the temporary folder and how to keep it, naming this executable."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+
+    result = CliRunner(env={"COLUMNS": "80"}).invoke(main, [
+        "demo", "--layers", "2", "--size", "128", "--interval", "0.1", "--seed", "3",
+        "--weights", str(tiny_weights)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    layer_lines = [ln for ln in lines if ln.startswith("  layer ")]
+    assert len(layer_lines) == 2 and all("seq " in ln for ln in layer_lines), result.output
+    assert "under_melting" in result.output and "…" not in result.output
+    # Under pytest, argv[0] is not pbf-monitor: the hint says how to run this one.
+    assert "deleted with its temporary folder" in result.output
+    assert f"{sys.executable} -m monitor demo --workdir DIR" in result.output

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monitor.geometry.calibration import Calibration
-from monitor.geometry.parts import part_stats
+from monitor.geometry.parts import part_stats, tolerance_px
 from monitor.geometry.printed import printed_area
 
 SLM = Path("/work/shared/data/slm")
@@ -62,8 +62,8 @@ def test_ghost_of_previous_layer_is_not_printed() -> None:
     img = img.astype(np.float32)
     img[ghost] -= 8                                  # a faint shadow with powder texture
     pr = printed_area(img.astype(np.uint8), labels > 0, tolerance_px=12)
-    # The box-window features bleed about smooth_px (8) past a melt edge; beyond that the
-    # ghost must stay powder (the bleed is a known limit, docs/printed-area.md).
+    # The box-window features bleed a few px past a melt edge (coarse window 12, vote 6);
+    # beyond 9 px the ghost must stay powder (the bleed is a known limit, docs/printed-area.md).
     near = cv2.dilate((labels == 1).astype(np.uint8), np.ones((19, 19), np.uint8)) > 0
     assert pr.mask[ghost & ~near].mean() < 0.05
     assert pr.mask[melt].mean() > 0.9
@@ -126,7 +126,7 @@ def test_real_layer_iou_floor() -> None:
     pr = printed_area(img, labels > 0, tolerance_px=6)
     nominal = labels > 0
     assert pr.polarity == -1
-    assert (pr.mask & nominal).sum() / (pr.mask | nominal).sum() > 0.7
+    assert (pr.mask & nominal).sum() / (pr.mask | nominal).sum() > 0.85  # 0.89 measured
 
 
 def test_part_stats_excess_shift_and_classes() -> None:
@@ -153,3 +153,91 @@ def test_part_stats_excess_shift_and_classes() -> None:
     assert set(j) == {"id", "nominal_mm2", "printed_fraction", "excess_fraction",
                       "centroid_shift_mm", "classes"}
     assert json.dumps(j)
+
+
+def _part_stats_reference(labels: np.ndarray, printed: np.ndarray, classes: dict[str, np.ndarray],
+                          cal: Calibration, tol: int) -> dict[int, dict[str, float]]:
+    """Per-part statistics the slow, obvious way: one mask per part, an exact distance
+    transform for the nearest part."""
+    from scipy import ndimage
+
+    area = cal.pixel_area_mm2(labels.shape).astype(np.float64)
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tol + 1, 2 * tol + 1))
+    zone = labels.copy()
+    for pid in range(1, labels.max() + 1):  # larger id wins where rims meet
+        grown = cv2.dilate((labels == pid).astype(np.uint8), disk) > 0
+        zone[grown & (labels == 0)] = pid
+    _, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    nearest = labels[iy, ix]
+    yy, xx = np.mgrid[0:labels.shape[0], 0:labels.shape[1]]
+    out = {}
+    for pid in range(1, labels.max() + 1):
+        part, z = labels == pid, zone == pid
+        if not part.any():
+            continue
+        nom = area[part].sum()
+        pz = printed & z
+        ex = printed & (zone == 0) & (nearest == pid)
+        shift = None
+        if pz.any():
+            c0 = [(area * xx)[part].sum() / nom, (area * yy)[part].sum() / nom]
+            w = area[pz].sum()
+            c1 = [(area * xx)[pz].sum() / w, (area * yy)[pz].sum() / w]
+            shift = float(np.hypot(*(cal.image_to_mm(c0) - cal.image_to_mm(c1))[0]))
+        out[pid] = {"nominal_mm2": nom, "printed_fraction": area[printed & part].sum() / nom,
+                    "excess_fraction": area[ex].sum() / nom, "centroid_shift_mm": shift,
+                    **{k: area[m & z].sum() / nom for k, m in classes.items()}}
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_part_stats_match_reference_on_random_geometry(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    h, w = 300, 400
+    labels = np.zeros((h, w), np.int32)
+    for pid in range(1, 13):
+        x, y = int(rng.integers(10, w - 60)), int(rng.integers(10, h - 60))
+        if pid % 2:
+            cv2.rectangle(labels, (x, y), (x + int(rng.integers(4, 50)),
+                                           y + int(rng.integers(3, 50))), pid, -1)
+        else:
+            cv2.circle(labels, (x + 25, y + 25), int(rng.integers(5, 25)), pid, -1)
+            cv2.circle(labels, (x + 25, y + 25), int(rng.integers(0, 5)), 0, -1)
+    # parts overlap by chance: keep the ids that survive, drop none of the maths
+    printed = cv2.dilate((labels > 0).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+    printed ^= rng.random((h, w)) < 0.05          # noise inside and all over the bed
+    printed = np.roll(printed, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), (0, 1))
+    classes = {"a": rng.random((h, w)) < 0.01, "b": np.zeros((h, w), bool)}
+    m = 30.0
+    corners = [[m, m * 0.5], [w - m * 1.5, m], [w - m, h - m], [m * 0.7, h - m * 0.9]]
+    cal = Calibration.from_corners(corners, image_size=(w, h), frame_px=(400, 300),
+                                   frame_mm=(0, 0, 40, 30))
+    tol_mm = 0.3
+    fast = {s.id: s for s in part_stats(labels, printed, classes, cal, tolerance_mm=tol_mm)}
+    ref = _part_stats_reference(labels, printed, classes, cal, tolerance_px(cal, labels, tol_mm))
+    assert set(fast) == set(ref)
+    total_excess = sum(r["excess_fraction"] * r["nominal_mm2"] for r in ref.values())
+    assert sum(f.excess_fraction * f.nominal_mm2 for f in fast.values()) \
+        == pytest.approx(total_excess, rel=1e-6)
+    for pid, r in ref.items():
+        f = fast[pid]
+        assert f.nominal_mm2 == pytest.approx(r["nominal_mm2"], rel=1e-6)
+        assert f.printed_fraction == pytest.approx(r["printed_fraction"], rel=1e-6)
+        # nearest part: a pixel equally far from two parts may fall either way (a few
+        # pixels of the whole bed's excess)
+        assert abs(f.excess_fraction - r["excess_fraction"]) * r["nominal_mm2"] \
+            <= 0.01 * total_excess
+        assert f.classes["a"] == pytest.approx(r["a"], rel=1e-6)
+        assert f.classes["b"] == 0.0
+        if r["centroid_shift_mm"] is None:
+            assert f.centroid_shift_mm is None
+        else:
+            assert f.centroid_shift_mm == pytest.approx(r["centroid_shift_mm"], abs=1e-6)
+
+
+def test_bench_runs_small() -> None:
+    """The benchmark (python -m monitor.geometry.bench) still runs; no timing asserted."""
+    from monitor.geometry.bench import bench
+
+    out = bench(size=256, parts=4, repeats=1)
+    assert set(out) == {"warp", "printed_area", "part_stats", "total"}

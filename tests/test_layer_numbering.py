@@ -118,6 +118,7 @@ def test_height_named_files_get_layer_indices(tmp_path: Path, bright_weights: Pa
     config = write_config(tmp_path / "config.toml", f"""
 [watch]
 dir = "watch"
+create = true
 settle_s = 0.3
 rescan_interval_s = 0
 layer_from = "height_um"

@@ -79,6 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path) -> Iterato
     config = write_config(tmp / "config.toml", f"""
 [watch]
 dir = "watch"
+create = true
 settle_s = 0.3
 rescan_interval_s = 0
 [model]

@@ -58,6 +58,7 @@ def run(config_path: Path | None) -> None:
     finally:
         sdnotify.notify("STOPPING=1", "STATUS=stopping")
         daemon.stop()
+        log.info("pbf-monitor stopped")
 
 
 def _reload(daemon: Any, config_path: Path | None, log: logging.Logger) -> None:
@@ -79,8 +80,10 @@ def _reload(daemon: Any, config_path: Path | None, log: logging.Logger) -> None:
 @click.command("validate-config")
 @click.argument("file", type=click.Path(path_type=Path))
 def validate_config(file: Path) -> None:
-    """Check a config file and the weights it names."""
+    """Check a config file and what `run` needs: the weights, the watch folders, and a
+    writable (or creatable) state folder; nothing is created."""
     from monitor.alarms.engine import AlarmEngine
+    from monitor.daemon.preflight import check_all
     from monitor.errors import ConfigError
     from monitor.vision.model import read_info
 
@@ -95,6 +98,10 @@ def validate_config(file: Path) -> None:
                     part_regions=[r.name for r in cfg.regions if r.kind == "part"])
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from e
+    try:
+        check_all(cfg)
+    except MonitorError as e:
+        raise type(e)(f"{file}: {e}") from e
     click.echo(f"{file}: ok (watch {cfg.watch.dir}, weights {cfg.model.weights.name} with "
                f"classes {', '.join(info.class_names)}, database {cfg.store_url})")
 

@@ -10,8 +10,9 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from monitor.cli.options import CONFIG_OPTION, find_config
+from monitor.cli.options import CONFIG_OPTION, find_config, print_table
 from monitor.config import Config
 from monitor.errors import MonitorError
 
@@ -40,11 +41,11 @@ def builds(config_path: Path | None, as_json: bool) -> None:
         return
     t = Table(title="builds")
     for col in ("build", "layers", "first", "last", "errors"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(r["build"], str(r["layers"]), str(r["first_layer"]), str(r["last_layer"]),
-                  str(r["errors"]))
-    Console().print(t)
+        t.add_row(escape(r["build"]), str(r["layers"]), str(r["first_layer"]),
+                  str(r["last_layer"]), str(r["errors"]))
+    print_table(t)
 
 
 @click.command()
@@ -61,8 +62,10 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
     """Report of one build: a table, JSON, CSV, or a self-contained HTML file with plots."""
     from sqlalchemy.orm import Session
 
+    from monitor.records import storable
     from monitor.reports import report as rep
 
+    build = storable(build)  # a name typed with its raw bytes: stored as \xNN
     span = rep.parse_layers(layer_range) if layer_range else None
     engine = _reader(find_config(config_path))
     with Session(engine) as s:
@@ -77,8 +80,11 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
             return
         data = rep.build_report(s, build, layers=span, printer=printer)
     if fmt == "table":
-        console = Console(file=out.open("w", encoding="utf-8") if out else None)
-        console.print(rep.to_table(data))
+        if out is None:
+            print_table(rep.to_table(data))
+        else:
+            with out.open("w", encoding="utf-8") as f:
+                print_table(rep.to_table(data), file=f)
         return
     text = (json.dumps(data, indent=1) if fmt == "json"
             else rep.alarms_csv(data) if fmt == "alarms-csv" else rep.to_csv(data))
@@ -121,12 +127,12 @@ def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
             return
         t = Table(title=f"{len(rows)} alarm(s) by rule")
         for col in ("rule", "count", "confirmed", "false", "precision"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for r in stats:
             p = r["precision"]
-            t.add_row(r["rule"], str(r["count"]), str(r["confirmed"]), str(r["false"]),
-                      "-" if p is None else f"{p:.2f}")
-        Console().print(t)
+            t.add_row(escape(r["rule"]), str(r["count"]), str(r["confirmed"]),
+                      str(r["false"]), "-" if p is None else f"{p:.2f}")
+        print_table(t)
         return
     if as_json:
         for r in rows:
@@ -135,12 +141,12 @@ def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
     t = Table(title=f"{len(rows)} alarm(s)")
     for col in ("id", "build", "layer", "class", "rule", "severity", "state", "value",
                 "verdict"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(str(r["id"]), r["build"], str(r["layer"]), r["class"], r["rule"],
-                  r["severity"], r["state"], f"{r['value']:.4g} {r['unit']}".strip(),
-                  r["verdict"] or "")
-    Console().print(t)
+        t.add_row(str(r["id"]), escape(r["build"]), str(r["layer"]), escape(r["class"]),
+                  escape(r["rule"]), r["severity"], r["state"],
+                  f"{r['value']:.4g} {r['unit']}".strip(), r["verdict"] or "")
+    print_table(t)
 
 
 @click.command()

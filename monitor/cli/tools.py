@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from monitor.cli.options import setup_logging
+from monitor.cli.options import command_name, setup_logging
 from monitor.errors import MonitorError
 
 
@@ -119,7 +119,7 @@ def demo(layers: int, size: int, interval_s: float, seed: int, workdir: Path | N
 
     setup_logging("WARNING")
     report = run_demo(layers=layers, size=size, interval_s=interval_s, seed=seed,
-                      workdir=workdir, weights=weights)
+                      workdir=workdir, weights=weights, command=command_name())
     if len([r for r in report["layers"] if r["status"] == "ok"]) < layers:
         raise MonitorError(f"demo: only {len(report['layers'])} of {layers} layers processed")
 

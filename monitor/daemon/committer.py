@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 from monitor.daemon import failpoints
 from monitor.daemon.hook import HookRunner
 from monitor.daemon.metrics import Metrics
-from monitor.daemon.publisher import Publisher, alarm_message, layer_message
+from monitor.daemon.publisher import alarm_message, layer_message
+from monitor.daemon.sinks import Sink
 from monitor.errors import MonitorError, StoreError
 from monitor.records import AlarmEvent, LayerAlarms, LayerRecord, Outgoing
 from monitor.store import queries, writes
@@ -32,7 +33,7 @@ Message = tuple[str, dict[str, Any]]
 class Committer:
     """Turns records into transactions and their messages; owns no thread of its own."""
 
-    def __init__(self, *, writer: StoreWriter, publisher: Publisher, hook: HookRunner | None,
+    def __init__(self, *, writer: StoreWriter, publisher: Sink, hook: HookRunner | None,
                  metrics: Metrics, max_components: int, hook_severities: Sequence[str]) -> None:
         self.writer = writer
         self.publisher = publisher

@@ -26,18 +26,21 @@ from monitor.config import Config
 from monitor.daemon.analyser import Analyser, new_engine
 from monitor.daemon.committer import Committer
 from monitor.daemon.hook import HookRunner
+from monitor.daemon.instance import InstanceLock, lock_paths
 from monitor.daemon.items import Analysable, Decoded
 from monitor.daemon.loader import Loader
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
 from monitor.daemon.parts import PartMeter
+from monitor.daemon.preflight import check_watch_dir
 from monitor.daemon.publisher import Publisher
 from monitor.daemon.reload import Reloader
 from monitor.daemon.requests import Requests
+from monitor.daemon.sinks import Fanout
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.daemon.worker import WeightsWatch, Worker
-from monitor.errors import MonitorError, StoreError
+from monitor.errors import ConfigError, MonitorError, StoreError
 from monitor.records import Outgoing
 from monitor.store import queries, writes
 from monitor.store.connect import open_db
@@ -77,6 +80,9 @@ class Daemon:
         self._stages: tuple[Stage, ...] = ()
         self._reloader: Reloader | None = None
         self.trust: dict[str, ModelTrust] = {}  # printer -> trust in the served weights
+        self._requests: Requests | None = None
+        self.mqtt: Any = None  # MqttPublisher, with [mqtt] enabled
+        self._plant: list[Any] = []  # the OPC UA and MQTT sinks that run
 
     @property
     def segmenter(self) -> Segmenter | None:
@@ -108,6 +114,7 @@ class Daemon:
 
     def _start_all(self) -> Publisher:
         cfg = self.cfg
+        self._init_lock()
         engine, reader = self._init_store()
         model, weights = self._init_segmenter()
         alarms = new_engine(cfg, class_names=model.class_names, regions=self.regions,
@@ -118,10 +125,10 @@ class Daemon:
         self._stack.append(writer.stop)
         hook = self.hook = self._start_hook()
         ctx = self._init_zmq()
-        publisher = self._start_publisher(writer, ctx)
+        publisher, sinks = self._start_publisher(writer, ctx)
         metrics = self.metrics = Metrics(queue=self._candidates.qsize,
                                          last_layers=self._last_arrivals)
-        committer = Committer(writer=writer, publisher=publisher, hook=hook, metrics=metrics,
+        committer = Committer(writer=writer, publisher=sinks, hook=hook, metrics=metrics,
                               max_components=cfg.store.max_components,
                               hook_severities=cfg.alarms.hook.severities)
         maps = MapMaker(cfg.store, state_dir=cfg.state_dir, writer=writer)
@@ -143,6 +150,7 @@ class Daemon:
         requests = Requests(printer=self.printer, reader=reader, analyser=analyser,
                             committer=committer, health=self.health,
                             active_s=cfg.alarms.stall.active_s)
+        self._requests = requests
         self._start_control(requests.handle, ctx)
         self._start_metrics(metrics, model)
         self._stack.append(maps.stop)
@@ -150,7 +158,8 @@ class Daemon:
         self._start_settlers(reader)
         return publisher
 
-    def _init_store(self) -> tuple[Engine, Engine]:
+    def _init_lock(self) -> None:
+        """One daemon per state folder and database: before anything is bound or written."""
         state = self.cfg.state_dir
         try:
             state.mkdir(parents=True, exist_ok=True)
@@ -160,6 +169,13 @@ class Daemon:
         except OSError as e:
             raise StoreError(f"{state}: state directory is not writable "
                              f"({e.strerror or e}); set store.state_dir") from e
+        lock = InstanceLock(lock_paths(state, self.cfg.store_url))
+        lock.acquire()
+        self._stack.append(lock.release)
+        for name, p in self.printers.items():  # before the model loads: fail in a second
+            check_watch_dir(p.watch, printer=name)
+
+    def _init_store(self) -> tuple[Engine, Engine]:
         url = self.cfg.store_url
         engine = open_db(url, writer=True)
         self._stack.append(engine.dispose)
@@ -202,7 +218,7 @@ class Daemon:
         log.info("CURVE on: clients must hold a key listed in %s", curve.authorized_dir)
         return ctx
 
-    def _start_publisher(self, writer: StoreWriter, ctx: Any) -> Publisher:
+    def _start_publisher(self, writer: StoreWriter, ctx: Any) -> tuple[Publisher, Fanout]:
         p = self.cfg.publish
         publisher = Publisher(
             p.endpoint, heartbeat_interval_s=p.heartbeat_interval_s, send_hwm=p.send_hwm,
@@ -218,11 +234,52 @@ class Daemon:
         last, pending = writer.call(outbox)
         publisher.start(last_seq=last - len(pending))
         self._stack.append(publisher.stop)
-        self._stack.append(lambda: _drain(writer))  # runs before the publisher stops
+        sinks = Fanout([publisher, *self._start_plant(last - len(pending))])
+        self._stack.append(lambda: _drain(writer))  # runs before the sinks stop
         if pending:
             log.info("re-sending %d message(s) committed but not published before", len(pending))
-            publisher.publish(pending)
-        return publisher
+            sinks.publish(pending)
+        return publisher, sinks
+
+    def _start_plant(self, last_seq: int) -> list[Any]:
+        """[mqtt] and [opcua]: more sinks of the committed stream (README "Plant
+        integration")."""
+        cfg = self.cfg
+        if cfg.mqtt.enabled:
+            try:
+                from monitor.daemon.mqtt import MqttPublisher
+            except ImportError as e:
+                raise ConfigError(f"mqtt.enabled needs paho-mqtt ({e}): pip install "
+                                  "'paho-mqtt>=2', or set mqtt.enabled = false") from e
+            mqtt = self.mqtt = MqttPublisher(
+                cfg.mqtt, health=self.health,
+                heartbeat_interval_s=cfg.publish.heartbeat_interval_s,
+                on_drop=self._mqtt_dropped)
+            mqtt.start(last_seq=last_seq)
+            self._stack.append(mqtt.stop)
+            self._plant.append(mqtt)
+        if cfg.opcua.enabled:
+            try:
+                from monitor.daemon.opcua import OpcuaServer
+            except ImportError as e:
+                raise ConfigError(f"opcua.enabled needs asyncua ({e}): pip install "
+                                  "'asyncua>=1.1', or set opcua.enabled = false") from e
+            opcua = OpcuaServer(cfg.opcua, handler=self._request, health=self.health,
+                                heartbeat_interval_s=cfg.publish.heartbeat_interval_s)
+            opcua.start(last_seq=last_seq)
+            self._stack.append(opcua.stop)
+            self._plant.append(opcua)
+        return self._plant
+
+    def _mqtt_dropped(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.mqtt_dropped.inc(n)
+
+    def _request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The state endpoint's handler, for OPC UA methods (it starts before the handler)."""
+        if self._requests is None:
+            return {"ok": False, "error": "the daemon is starting; try again"}
+        return self._requests.handle(req)
 
     def _start_control(self, handler: Callable[[dict[str, Any]], dict[str, Any]],
                        ctx: Any) -> None:
@@ -322,9 +379,13 @@ class Daemon:
             "model_trust_reason": "; ".join(
                 (f"{n}: {t.reason}" if n else t.reason)
                 for n, t in self.trust.items() if t.reason) or None,
-            # Why the database refuses writes right now (disk full, locked), else "ok".
-            "store": (self.writer.failing if self.writer else None) or "ok",
+            # Why the database refuses writes right now (disk full, locked, its file deleted
+            # under us), else "ok".
+            "store": (self.writer and (self.writer.failing or self.writer.file_problem))
+                     or "ok",
             "store_queue": self.writer.depth if self.writer else 0,
+            **({"mqtt": "connected" if self.mqtt.connected else "disconnected",
+                "mqtt_dropped": self.mqtt.dropped} if self.mqtt is not None else {}),
         }
 
     def healthy(self, within_s: float) -> bool:
@@ -334,13 +395,15 @@ class Daemon:
         now = time.monotonic()
         stages_ok = bool(self._stages) and all(
             st.alive and now - st.beat <= within_s for st in self._stages)
-        return stages_ok and self.writer is not None and self.writer.alive
+        return (stages_ok and self.writer is not None and self.writer.alive
+                and self.writer.file_problem is None
+                and all(sink.alive for sink in self._plant))
 
 
 def _drain(writer: StoreWriter) -> None:
     """On stop, once the stages are done: commit what is queued, so its messages are handed
     to the publisher before the socket closes."""
-    if writer.alive:
+    if writer.alive and writer.file_problem is None:
         try:
             writer.call(lambda s: None, timeout=30)
         except queue.Empty:

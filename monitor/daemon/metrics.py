@@ -60,6 +60,9 @@ class Metrics:
                               ["class_name", "severity"], registry=r)
         self.batch = Histogram("pbf_monitor_batch_layers", "Layers per model call (a backlog "
                                "goes through together)", buckets=(1, 2, 4, 8, 16), registry=r)
+        self.mqtt_dropped = Counter("pbf_monitor_mqtt_dropped", "Messages dropped because "
+                                    "the MQTT broker did not take them in time (queue full)",
+                                    registry=r)
         self.model = Info("pbf_monitor_model", "The model in use", registry=r)
         r.register(_Live(queue, last_layers))
         self._server: Any = None

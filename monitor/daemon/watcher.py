@@ -36,6 +36,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from monitor.config import WatchConfig
+from monitor.records import storable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ HEIGHT_UNITS_MM = {"number": None, "height_um": 0.001, "height_mm": 1.0}
 class LayerKey:
     build: str
     layer: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build", storable(self.build))  # a folder that is not UTF-8
 
 
 def parse_layer_path(
@@ -354,7 +358,7 @@ class Settler:
             sig = _signature(path)
             if sig is None:
                 continue
-            stored = known.get(str(path))
+            stored = known.get(storable(str(path)))
             if stored is not None and stored == sig:
                 continue
             with self._lock:

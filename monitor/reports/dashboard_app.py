@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from monitor.config import Config, load_config
 from monitor.reports.html import alarm_plot, area_plot, heatmaps, track_plot
 from monitor.reports.maps import decode_masks, decode_thumb
-from monitor.reports.report import build_report, class_names
+from monitor.reports.report import build_report, class_names, markdown_text
 from monitor.store import queries
 from monitor.store.connect import open_db
 from monitor.store.schema import LayerMap
@@ -58,8 +58,8 @@ def _builds_sidebar(engine: Engine) -> str | None:
     index = names.index(wanted) if wanted in names else 0
     choice = st.sidebar.radio(
         "Builds (newest first)", names, index=index,
-        format_func=lambda n: f"{n} ({next(b['layers'] for b in builds if b['build'] == n)} "
-                              f"layers)")
+        format_func=lambda n: f"{markdown_text(n)} "
+                              f"({next(b['layers'] for b in builds if b['build'] == n)} layers)")
     st.query_params["build"] = choice
     return str(choice)
 
@@ -92,14 +92,14 @@ def _layer_view(report: dict[str, Any], maps: dict[int, LayerMap],
             st.info("No stored defect map for this layer (maps off, or pruned).")
     with right:
         st.markdown(f"**Layer {layer}**: {row['status']}"
-                    + (f" ({row['error']})" if row["error"] else ""))
+                    + (f" ({markdown_text(row['error'])})" if row["error"] else ""))
         table = [{"class": c, "area mm²": round(st_["area_mm2"], 3),
                   "area %": round(100 * st_["area_fraction"], 4),
                   "components": st_["components"]}
                  for c in names if (st_ := row["classes"].get(c))]
         st.table(table)
         st.caption(f"model {row['model_sha256'][:12]}, latency "
-                   f"{row['latency_ms'] or 0:.0f} ms, image {row['image']}")
+                   f"{row['latency_ms'] or 0:.0f} ms, image {markdown_text(row['image'])}")
         if row.get("parts"):
             st.markdown("**Parts** (fractions of the nominal area)")
             st.table([{"part": p["id"], "nominal mm²": round(p["nominal_mm2"], 1),
@@ -173,7 +173,7 @@ def main() -> None:
         names = class_names(report)
         defects = [c for c in names if c != NO_DEFECT]
         rows = report["layers"]
-        st.title(f"Build {build}")
+        st.title(f"Build {markdown_text(build)}")
         c = st.columns(4)
         c[0].metric("Layers", len(rows))
         c[1].metric("Errors", sum(r["status"] != "ok" for r in rows))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.orm import Session
 
@@ -13,6 +15,14 @@ from monitor.errors import MonitorError
 from monitor.store import queries
 from monitor.store.schema import Layer
 from monitor.vision.stats import NO_DEFECT
+
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+
+
+def markdown_text(text: str) -> str:
+    """A name shown literally in Markdown (Streamlit's, which also reads $math$ and :colour[]):
+    a build called ``[click](javascript:...)`` is text, not a link."""
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 def parse_layers(text: str) -> range:
@@ -176,14 +186,15 @@ def _cell(v: Any) -> Any:
 
 def to_table(report: dict[str, Any]) -> Table:
     names = [c for c in class_names(report) if c != NO_DEFECT]
-    t = Table(title=f"build {report['build']}: {len(report['layers'])} layers")
-    t.add_column("layer", justify="right")
-    t.add_column("status")
+    t = Table(title=f"build {escape(report['build'])}: {len(report['layers'])} layers")
+    t.add_column("layer", justify="right", no_wrap=True)
+    t.add_column("status", overflow="fold")
+    # fold, not an ellipsis: on a narrow terminal a class name breaks, it is never cut.
     for c in names:
-        t.add_column(f"{c}\narea % / n", justify="right")
+        t.add_column(f"{escape(c)}\n% / n", justify="right", overflow="fold")
     for layer in report["layers"]:
         if layer["status"] != "ok":
-            t.add_row(str(layer["layer"]), f"[red]error[/red] {layer['error']}")
+            t.add_row(str(layer["layer"]), f"[red]error[/red] {escape(layer['error'] or '')}")
             continue
         cells = []
         for c in names:

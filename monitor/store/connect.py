@@ -5,16 +5,22 @@ IMMEDIATE write transactions, read-only readers); the writer's upgrades the sche
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from monitor.errors import StoreError
 
 log = logging.getLogger(__name__)
+
+
+class NoDatabase(StoreError):
+    """A reader found no database where the config points: nothing has been stored yet."""
 
 
 def _sqlite_pragmas(engine: Engine, *, writer: bool) -> None:
@@ -42,17 +48,37 @@ def _sqlite_pragmas(engine: Engine, *, writer: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory ones)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1] if "///" in url else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
 def make_engine(url: str, *, writer: bool) -> Engine:
-    """An engine with the SQLite settings pbf-monitor relies on."""
+    """An engine with the SQLite settings pbf-monitor relies on. A reader opens an existing
+    SQLite file read-only (mode=ro): reading never creates a database."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if writer and path and path != ":memory:":
+        path = sqlite_file(url)
+        args: dict[str, Any] = {"check_same_thread": False, "timeout": 30}
+        if writer and path is not None:
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise StoreError(f"{Path(path).parent}: cannot create state directory "
+                raise StoreError(f"{path.parent}: cannot create state directory "
                                  f"({e.strerror})") from e
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        elif path is not None:
+            if not path.is_file():
+                raise NoDatabase(
+                    f"no database yet at {path} (the daemon makes it on its first start); "
+                    "point at one with --config FILE, or set store.state_dir or store.url")
+            ro = f"file:{quote(str(path.absolute()))}?mode=ro"
+            args = {**args, "uri": True}
+            engine = create_engine(url, creator=lambda: sqlite3.connect(ro, **args))
+            _sqlite_pragmas(engine, writer=False)
+            return engine
+        engine = create_engine(url, connect_args=args)
         _sqlite_pragmas(engine, writer=writer)
     else:
         engine = create_engine(url, pool_pre_ping=True)
@@ -68,8 +94,12 @@ def open_db(url: str, *, writer: bool = True) -> Engine:
 
             upgrade(engine, url)
         else:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
+            tables = set(inspect(engine).get_table_names())
+            if "builds" not in tables:
+                engine.dispose()
+                raise NoDatabase(
+                    f"{url}: no pbf-monitor database there yet (no tables); point at one "
+                    "with --config FILE, or set store.state_dir or store.url")
     except SQLAlchemyError as e:
         engine.dispose()
         orig = getattr(e, "orig", None)

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
@@ -41,6 +42,24 @@ class StoreWriter:
         self._on_error = on_error
         # Why writes are failing right now (None when they work): health and heartbeats.
         self.failing: str | None = None
+        # A SQLite file deleted or replaced under the daemon would take writes into the
+        # void: its identity at start is compared before every commit and by health.
+        db = engine.url.database if engine.dialect.name == "sqlite" else None
+        self._file = Path(db) if db and db != ":memory:" else None
+        self._file_id = _file_id(self._file) if self._file is not None else None
+
+    @property
+    def file_problem(self) -> str | None:
+        """Why the database file is no longer the one opened at start, else None. Cheap (a
+        stat), callable from any thread."""
+        if self._file is None or self._file_id is None:
+            return None
+        now = _file_id(self._file)
+        if now == self._file_id:
+            return None
+        what = "deleted" if now is None else "replaced"
+        return (f"{self._file}: the database file was {what} under the running daemon; "
+                "nothing more is stored: restart the daemon (its rescan catches up the layers)")
 
     def start(self) -> None:
         self._thread.start()
@@ -96,6 +115,12 @@ class StoreWriter:
         delay = 0.5
         attempt = job
         while True:
+            if (gone := self.file_problem) is not None:
+                # No retry: this process can never write that file again. The images stay
+                # without a record, and the restart's rescan processes them.
+                self.failing = gone
+                log.error("write dropped: %s", gone)
+                return _STOP
             try:
                 with session.begin():
                     result = attempt(session)
@@ -133,6 +158,14 @@ class StoreWriter:
             if self._thread.is_alive():
                 self._stopping.set()
                 self._thread.join(5)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _bind(fallback: Callable[[Session, Exception], T], error: Exception

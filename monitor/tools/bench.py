@@ -146,7 +146,7 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
     with tempfile.TemporaryDirectory(prefix="pbf-bench-") as tmp:
         work = Path(tmp)
         data: dict[str, Any] = {
-            "watch": {"dir": "watch", "settle_s": 0.5, "rescan_interval_s": 0},
+            "watch": {"dir": "watch", "create": True, "settle_s": 0.5, "rescan_interval_s": 0},
             "model": {"weights": str(weights)}, "store": {"state_dir": "state", "maps": True},
             "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
                         "heartbeat_interval_s": 0.2, "startup_grace_s": 0},

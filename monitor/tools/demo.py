@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.orm import Session
 
 from monitor.config import Config, parse_config
@@ -51,7 +52,7 @@ def demo_config(workdir: Path, *, weights: Path | None = None) -> Config:
 
 def _describe(payload: dict[str, Any]) -> str:
     if payload["status"] != "ok":
-        return f"[red]error[/red]: {payload.get('error')}"
+        return f"[red]error[/red]: {escape(str(payload.get('error')))}"
     parts = []
     for name, c in payload["classes"].items():
         if name != NO_DEFECT and c["components"]:
@@ -78,8 +79,10 @@ def run_demo(
     workdir: Path | None = None,
     weights: Path | None = None,
     console: Console | None = None,
+    command: str = "pbf-monitor",
 ) -> dict[str, Any]:
-    """Run the demo; returns the build's report (also printed)."""
+    """Run the demo; returns the build's report (also printed). `command` is how the hints
+    at the end name pbf-monitor."""
     console = console or Console()
     own_tmp = None
     if workdir is None:
@@ -89,6 +92,7 @@ def run_demo(
     build = f"demo-{seed}"
     console.print(f"[bold]pbf-monitor demo[/bold]: {layers} layers of {size}x{size} px every "
                   f"{interval_s:g} s into {cfg.watch.dir / build}")
+    cfg.watch.dir.mkdir(parents=True, exist_ok=True)  # the daemon watches only what exists
     daemon = Daemon(cfg)
     daemon.start()
     seg = daemon.segmenter
@@ -105,13 +109,15 @@ def run_demo(
                 connected.set()
             elif topic == "layer" and payload["build"] == build:
                 received[payload["layer"]] = payload
+                # soft_wrap: one line per layer, however narrow the terminal or pipe
                 console.print(f"  layer {payload['layer']:>4}  {_describe(payload)}  "
-                              f"[dim]seq {payload['seq']}[/dim]")
+                              f"[dim]seq {payload['seq']}[/dim]", soft_wrap=True)
             elif topic == "alarm":
                 console.print(f"  [bold red]ALARM[/bold red] #{payload['id']} "
-                              f"{payload['state']} {payload['severity']}: {payload['rule']} "
-                              f"{payload['value']:.4g} > {payload['threshold']:.4g} "
-                              f"at layer {payload['layer']}")
+                              f"{payload['state']} {payload['severity']}: "
+                              f"{escape(payload['rule'])} {payload['value']:.4g} > "
+                              f"{payload['threshold']:.4g} at layer {payload['layer']}",
+                              soft_wrap=True)
 
     listener = threading.Thread(target=listen, name="demo-subscriber", daemon=True)
     listener.start()
@@ -142,10 +148,18 @@ def run_demo(
             report = build_report(s, build)
     finally:
         engine.dispose()
-    console.print(to_table(report))
+    table = to_table(report)
+    width = console.width
+    if not console.is_terminal:  # piped: a line per layer, however wide
+        wide = console.options.update_width(100_000)  # measure() clamps to the width given
+        console.width = max(width, console.measure(table, options=wide).maximum)
+    console.print(table)
+    console.width = width
     console.print(f"{len(received)}/{layers} layer messages received")
     if own_tmp is not None:
         own_tmp.cleanup()
+        console.print(f"the demo's database was deleted with its temporary folder {workdir}; "
+                      f"keep it with {command} demo --workdir DIR", soft_wrap=True)
     else:
         # A config naming the demo's folders, for the report, alarms and dashboard commands.
         kept = workdir / "demo.toml"
@@ -154,7 +168,7 @@ def run_demo(
                         '# The layers\' nominal slices.\n'
                         f'nominal = "{NOMINAL_TEMPLATE}"\n[store]\n'
                         '# The demo\'s database.\nstate_dir = "state"\n', encoding="utf-8")
-        console.print(f"state kept in {cfg.state_dir}; look at the build with\n"
-                      f"  pbf-monitor report {build} -c {kept} --format html --out {build}.html"
-                      f"\n  pbf-monitor dashboard -c {kept}")
+        console.print(f"database kept in {cfg.store_url.removeprefix('sqlite:///')}; look at "
+                      f"the build with\n  {command} report {build} -c {kept} --format html "
+                      f"--out {build}.html\n  {command} dashboard -c {kept}", soft_wrap=True)
     return report

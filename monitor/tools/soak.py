@@ -124,6 +124,7 @@ def _config(work: Path, weights: Path | None, endpoint: str) -> Path:
     path.write_text(f"""
 [watch]
 dir = "watch"
+create = true
 settle_s = 0.2
 rescan_interval_s = 10
 [model]
