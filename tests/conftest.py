@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -17,6 +18,55 @@ import torch
 
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from monitor.vision.model import ModelInfo, save_weights
+
+# Where tests may never write: the real home folder, as it was when the session started.
+_REAL_HOME = Path(os.environ.get("HOME") or Path.home())
+_WATCHED = (".local/state/pbf-monitor", "intel", ".cache/pbf-monitor", ".streamlit")
+_HOME_BEFORE: set[str] = set()
+
+
+def _home_snapshot() -> set[str]:
+    found = {p.name for p in _REAL_HOME.iterdir()} if _REAL_HOME.is_dir() else set()
+    for rel in _WATCHED:
+        top = _REAL_HOME / rel
+        if top.is_dir():
+            found |= {str(p.relative_to(_REAL_HOME)) for p in top.rglob("*")}
+    return found
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before collection (a module-level default path is computed at import): every test,
+    and every process a test starts, gets a home, state and cache folder of the session's
+    own, so the ONNX export cache, OpenVINO's files, Streamlit's and matplotlib's caches
+    never land in the real home folder."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="pbf-monitor-test-home-"))
+    _HOME_BEFORE.update(_home_snapshot())
+    os.environ["HOME"] = str(home)
+    for var, sub in (("XDG_STATE_HOME", ".local/state"), ("XDG_CACHE_HOME", ".cache"),
+                     ("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share")):
+        os.environ[var] = str(home / sub)
+    os.environ.pop("STATE_DIRECTORY", None)  # systemd's, if run under a unit
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """New files in the real home folder fail the run under PBF_TEST_STRICT_HOME=1 (CI, a
+    machine of its own); elsewhere another user's processes may write there too, so they
+    are only reported."""
+    import shutil
+    import sys
+
+    new = sorted(_home_snapshot() - _HOME_BEFORE)
+    shutil.rmtree(os.environ["HOME"], ignore_errors=True)
+    if not new:
+        return
+    message = f"files appeared in the real home folder {_REAL_HOME} during the tests: {new[:20]}"
+    if os.environ.get("PBF_TEST_STRICT_HOME") == "1":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(f"\nERROR: {message}", file=sys.stderr)
+    else:
+        print(f"\nWARNING: {message}", file=sys.stderr)
 
 
 @pytest.fixture(autouse=True)

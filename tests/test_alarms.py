@@ -365,3 +365,26 @@ def test_one_track_alarm_per_class_and_part_at_a_time() -> None:
                               "one_per_part": False})
     alone = [e for n in range(1, 6) for e in separate.evaluate(KEY, n, stats(*specks)).events]
     assert len([e for e in alone if e.action == "open"]) == len(specks)
+
+
+@pytest.mark.parametrize("build", ["..", ".", "../regions", "a/../../secret", "a\\b", "B\x00",
+                                   ""])
+def test_build_names_cannot_reach_masks_outside_the_regions_folder(
+        tmp_path: Path, build: str) -> None:
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    outside = np.full((100, 100), 255, np.uint8)
+    cv2.imwrite(str(tmp_path / "secret.png"), outside)  # what "..", "a/../../secret" reach
+    cv2.imwrite(str(tmp_path / "regions.png"), outside)
+    (regions / "a").mkdir()
+    reg = Regions((RegionConfig(name="part", mask=str(regions / "{build}.png")),),
+                  pixel_size_mm=0.1)
+    assert "part" not in reg.for_build(build, (100, 100)).parts
+
+
+def test_ordinary_build_names_still_name_masks(tmp_path: Path) -> None:
+    for name in ("B1", "..B2", "build 7 — Ø"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((10, 10), 255, np.uint8))
+        reg = Regions((RegionConfig(name="part", mask=str(tmp_path / "{build}.png")),),
+                      pixel_size_mm=0.1)
+        assert reg.for_build(name, (10, 10)).parts["part"].all(), name

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +73,27 @@ def test_auto_choice_and_refusals() -> None:
     if OTHERS:
         with pytest.raises(ConfigError, match="runs on the CPU"):
             choose(OTHERS[0], cuda)
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="needs openvino")
+def test_openvino_backend_sends_and_stores_no_telemetry(tmp_path: Path,
+                                                        tiny_weights: Path) -> None:
+    """OpenVINO wrote ~/intel/openvino_ga_cid and ~/intel/stats (its telemetry client id
+    and counters) on a plain read_model; under a fresh home nothing may appear."""
+    home = tmp_path / "home"
+    home.mkdir()
+    probe = ("import sys\n"
+             "from pathlib import Path\n"
+             "import numpy as np\n"
+             "from monitor.vision.segmenter import Segmenter\n"
+             "seg = Segmenter(Path(sys.argv[1]), device='cpu', backend='openvino', "
+             "cache_dir=Path(sys.argv[2]))\n"
+             "print(seg.backend.name, seg.predict(np.zeros((64, 64), np.float32)).masks.shape)\n"
+             "print('openvino_telemetry' in sys.modules and sys.modules['openvino_telemetry'])\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CI", "TF_BUILD", "JENKINS_URL") and not k.startswith("XDG_")}
+    env.update(HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", probe, str(tiny_weights), str(tmp_path / "c")],
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["openvino", "(6,", "64,", "64)", "None"], out
+    assert [p for p in home.rglob("*")] == []

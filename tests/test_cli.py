@@ -96,7 +96,7 @@ def test_infer_corrupt_image(tmp_path: Path, tiny_weights: Path) -> None:
     bad.write_bytes(b"nope")
     result = CliRunner().invoke(main, ["infer", str(bad), "--weights", str(tiny_weights)])
     assert result.exit_code == 2
-    assert "bad.png" in result.output and "not a decodable image" in result.output
+    assert "bad.png" in result.output and "not a supported image format" in result.output
 
 
 def test_builds_and_report_formats(tmp_path: Path, tiny_weights: Path) -> None:

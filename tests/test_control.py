@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +116,29 @@ def test_bad_server_key_is_a_config_error_and_leaves_nothing_running(
     with pytest.raises(ConfigError, match=rf"publish\.curve_secret_key: {missing}"):
         ControlServer(free_endpoint(), handler,
                       curve=CurveServer(missing, server_cfg.authorized_dir)).start()
+
+
+def test_curve_refusals_are_logged_once_per_peer_per_minute(
+        curve: tuple[CurveServer, dict[str, CurveClient]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    server_cfg, clients = curve
+    endpoint = free_endpoint()
+    with caplog.at_level(logging.WARNING, logger="monitor.daemon.security"), \
+            ControlServer(endpoint, handler, curve=server_cfg) as server:
+        for _ in range(3):
+            with pytest.raises(ControlError, match="no answer"):
+                request(endpoint, {"cmd": "state"}, timeout_s=1, curve=clients["mallory"])
+        assert request(endpoint, {}, curve=clients["alice"])["ok"] is True
+        assert server._auth is not None and server._auth.rejected >= 3
+        assert server._auth.alive
+    lines = [r.getMessage() for r in caplog.records if "refused a client" in r.getMessage()]
+    assert lines == ["CURVE: refused a client from 127.0.0.1: Unknown key"], lines
+
+
+def test_alive_follows_the_serving_thread() -> None:
+    endpoint = free_endpoint()
+    server = ControlServer(endpoint, handler)
+    assert not server.alive
+    with server:
+        assert server.alive
+    assert not server.alive

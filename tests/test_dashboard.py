@@ -86,19 +86,47 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
         # The daemon writes on: the page follows without a reload.
         r.write(4, (40, 30, 12, 12))
         WebDriverWait(driver, 60).until(lambda _: "Layer 4: ok" in text())
+        # ... and so does the sidebar: it said "B1 (3 layers)" over a page of 4 layers.
+        WebDriverWait(driver, 60).until(lambda _: "B1 (4 layers)" in text())
+        assert "B1 (3 layers)" not in text()
         # Ack from the page: through the daemon, which publishes the transition.
-        (button,) = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
-                     if b.text.strip() == "Ack"]
-        button.click()
+        # The page redraws itself every few seconds: an element found may be gone a moment
+        # later, so find and click the button again until the click lands.
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def click_ack(_: object) -> bool:
+            try:
+                buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+                           if b.text.strip() == "Ack"]
+                if len(buttons) != 1:
+                    return False
+                buttons[0].click()
+                return True
+            except StaleElementReferenceException:
+                return False
+
+        WebDriverWait(driver, 30).until(click_ack)
         assert r.listener is not None
         r.listener.wait(lambda: any(a["state"] == "acknowledged" for a in r.alarms()))
+        # The page says so where the alarm is listed, not only in a toast over "(open)".
+        WebDriverWait(driver, 30).until(lambda _: "(acknowledged)" in text())
+        assert "(open)" not in text()
+        # Every plot drawn: monitor/reports/html_report.py shadowed the standard library's html in
+        # the Streamlit script's folder, and each plot was a ModuleNotFoundError.
+        assert "Traceback" not in text() and "NotFoundError" not in text(), text()
         # The operator's verdict from the page, beside Ack: stored and published.
-        WebDriverWait(driver, 60).until(lambda _: [
-            b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
-            if b.text.strip() == "False alarm" and b.is_enabled()])
-        (button,) = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
-                     if b.text.strip() == "False alarm"]
-        button.click()
+        def click_false_alarm(_: object) -> bool:
+            try:
+                buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+                           if b.text.strip() == "False alarm" and b.is_enabled()]
+                if len(buttons) != 1:
+                    return False
+                buttons[0].click()
+                return True
+            except StaleElementReferenceException:
+                return False
+
+        WebDriverWait(driver, 30).until(click_false_alarm)
         r.listener.wait(lambda: any(a.get("verdict") == "false_alarm" for a in r.alarms()))
         WebDriverWait(driver, 60).until(lambda _: "verdict false_alarm" in text())
         # The weights are not adapted to this camera: the page says so.

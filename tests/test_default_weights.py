@@ -42,3 +42,21 @@ def test_quiet_on_real_clean_beds(segmenter: Segmenter, tmp_path: Path) -> None:
     defect_area = sum(m["predicted_fraction"] for name, m in j["classes"].items()
                       if name != "no_defect")
     assert defect_area <= 0.01, j
+
+
+def test_model_card_records_no_absolute_paths() -> None:
+    """The card named folders of the machine it was trained on (/work/data/train_101)."""
+    import json
+
+    from monitor.config import DEFAULT_WEIGHTS
+
+    def strings(o: object) -> list[str]:
+        if isinstance(o, dict):
+            return [s for v in o.values() for s in strings(v)]
+        if isinstance(o, list):
+            return [s for v in o for s in strings(v)]
+        return [o] if isinstance(o, str) else []
+
+    card = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    absolute = [s for s in strings(card) if any(w.startswith("/") for w in s.split())]
+    assert absolute == []

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -60,7 +64,7 @@ def _png_header(w: int, h: int) -> bytes:
     ("data", "reason"),
     [
         (b"", "empty file"),
-        (b"hello, this is text\n" * 10, "not a decodable image"),
+        (b"hello, this is text\n" * 10, "not a supported image format"),
         (encode(layer_image(), ".png")[:-40], "truncated PNG"),
         (encode(layer_image(), ".jpg")[:-200], "truncated JPEG"),
         (b"\x89PNG\r\n\x1a\n" + bytes(300), "truncated PNG"),
@@ -88,3 +92,65 @@ def test_overlay_tints_defects_only() -> None:
     assert out.shape == (8, 8, 3)
     assert tuple(out[5, 5]) == (127, 127, 127)
     assert out[0, 0, 2] > out[0, 0, 0]  # red for swelling (BGR)
+
+
+def hdr_header(w: int, h: int) -> bytes:
+    """A Radiance HDR file declaring w x h pixels, with one scanline of data (OpenCV picks
+    its HDR decoder by these bytes whatever the file is called)."""
+    return (b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + f"-Y {h} +X {w}\n".encode()
+            + bytes(4 * 64))
+
+
+OTHER_FORMATS = {
+    "hdr": hdr_header(15000, 15000),
+    "pfm": b"Pf\n15000 15000\n-1.0\n" + bytes(64),
+    "pgm": b"P5\n15000 15000\n255\n" + bytes(64),
+    "pam": b"P7\nWIDTH 15000\nHEIGHT 15000\nDEPTH 1\nMAXVAL 255\nTUPLTYPE GRAYSCALE\nENDHDR\n",
+    "webp": b"RIFF\x24\x00\x00\x00WEBPVP8 " + bytes(40),
+    "jp2": b"\x00\x00\x00\x0cjP  \r\n\x87\n" + bytes(64),
+    "exr": b"v/1\x01" + bytes(64),
+    "sunras": b"\x59\xa6\x6a\x95" + bytes(64),
+    "bigtiff": b"II+\x00" + bytes(64),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_FORMATS))
+def test_formats_whose_size_is_not_checked_are_refused_unread(kind: str) -> None:
+    with pytest.raises(ImageError, match="not a supported image format"):
+        decode(OTHER_FORMATS[kind], max_pixels=50_000_000)
+
+
+@pytest.mark.parametrize("ext", [".hdr", ".pgm", ".pfm"])
+def test_opencv_would_decode_these_by_content(ext: str) -> None:
+    """Why they are refused: OpenCV decodes them whatever the file name says, at the size
+    their header declares, and Pillow cannot read their header to check it first."""
+    img = np.full((20, 20, 3) if ext != ".pgm" else (20, 20), 0.5, np.float32)
+    if ext == ".pgm":
+        img = (img * 255).astype(np.uint8)
+    data = encode(img, ext)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+    with pytest.raises(ImageError, match="not a supported image format"):
+        decode(data)
+
+
+def test_hdr_bomb_is_refused_without_allocating(tmp_path: Path) -> None:
+    """A 15000x15000 Radiance HDR named .png was decoded at 6.7 GB before the pixel limit
+    refused it: now the peak memory of decoding it stays where it was."""
+    bomb = tmp_path / "layer_00005.png"
+    bomb.write_bytes(hdr_header(15000, 15000))
+    probe = (
+        "import resource, sys\n"
+        "from monitor.errors import ImageError\n"
+        "from monitor.vision.imaging import decode\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    decode(data, max_pixels=200_000_000)\n"
+        "except ImageError as e:\n"
+        "    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", probe, str(bomb)], capture_output=True,
+                         text=True, env=env, check=True, timeout=120).stdout.splitlines()
+    assert out[0].startswith("not a supported image format"), out
+    assert int(out[1]) < 10 * 1024, out  # KB: nothing the size of the image was allocated

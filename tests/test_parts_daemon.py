@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from monitor.cli import main
-from monitor.config import load_config
+from monitor.config import AlarmsConfig, load_config
 from monitor.daemon.control import request
 from monitor.daemon.daemon import Daemon
 from monitor.daemon.parts import PartMeter
@@ -33,6 +33,8 @@ LAYERS = 8  # layers 1..8 of B0
 K = 6  # the painted part is gone from this layer on
 CROP = (120, 40, 2280, 1824)  # x0, y0, x1, y1: the plate and a margin, image px
 GOOD = 0.8  # an intact part's printed fraction
+# A missing part must read under the default part_missing limit (what raises the alarm).
+MISSING = AlarmsConfig().parts.missing_fraction
 
 
 def _corners() -> list[list[float]]:
@@ -49,12 +51,21 @@ def _image(layer: int) -> np.ndarray:
 def _paint_over(img: np.ndarray, labels: np.ndarray, pid: int, in_frame: np.ndarray
                 ) -> np.ndarray | None:
     """The image with part `pid` replaced by powder from a same-shaped patch of bare powder
-    nearby (None if there is no such patch)."""
+    nearby (None if there is no such patch).
+
+    The patch must look like the powder bed around the part: the plate's frame reaches
+    beyond the round powder bed, and a patch across the bed's rim (half the lighter, smoother
+    chamber floor, half the rim's ejecta) is not what a missing part leaves; it read as
+    melt (B0 part 34, layers 7-8: median 11-14 grey levels above the ring's, 36-41% of its
+    pixels above the ring's 95th percentile)."""
     part = labels == pid
     ys, xs = np.nonzero(part)
     y0, x0 = ys.min(), xs.min()
     ph, pw = ys.max() - y0 + 1, xs.max() - x0 + 1
     parts = cv2.dilate((labels > 0).astype(np.uint8), np.ones((21, 21), np.uint8)) > 0
+    around = (cv2.dilate(part.astype(np.uint8), np.ones((61, 61), np.uint8)) > 0) & ~parts
+    lo, mid, hi = np.percentile(img[around], [5, 50, 95])
+    inner = part[y0:y0 + ph, x0:x0 + pw]
     h, w = labels.shape
     for r in range(1, 30):
         for dy, dx in [(0, -r * 20), (0, r * 20), (-r * 20, 0), (r * 20, 0),
@@ -65,9 +76,13 @@ def _paint_over(img: np.ndarray, labels: np.ndarray, pid: int, in_frame: np.ndar
                 continue
             sl = (slice(ty, ty + ph), slice(tx, tx + pw))
             if not parts[sl].any() and in_frame[sl].all():
+                src = img[sl][inner]
+                if (abs(float(np.median(src)) - mid) > 4 or (src > hi).mean() > 0.15
+                        or (src < lo).mean() > 0.15):
+                    continue  # not the powder bed around the part
                 out = img.copy()
                 box = out[y0:y0 + ph, x0:x0 + pw]
-                box[part[y0:y0 + ph, x0:x0 + pw]] = img[sl][part[y0:y0 + ph, x0:x0 + pw]]
+                box[inner] = src
                 return out
     return None
 
@@ -181,19 +196,24 @@ def test_painted_over_part_raises_part_missing(run: dict[str, Any]) -> None:
     print(f"painted part {target} from layer {K}; printed fractions per part, layers 1-"
           f"{LAYERS}: {table}")
     assert min(fr[target][n] for n in range(1, K)) > GOOD, table[target]
-    assert max(fr[target][n] for n in range(K, LAYERS + 1)) < 0.3, table[target]
+    assert max(fr[target][n] for n in range(K, LAYERS + 1)) < MISSING, table[target]
     opened = [p for t, p in run["messages"] if t == "alarm" and p["state"] == "open"
               and p["rule"].startswith("part_missing.")]
     mine = [a for a in opened if a["part"] == target]
     assert mine and K <= mine[0]["layer"] <= K + 1, opened
     assert mine[0]["rule"] == f"part_missing.part{target}"
     assert mine[0]["severity"] == "critical" and mine[0]["class"] == ""
-    # Parts that print well before K (every layer > GOOD) stay so, and never go missing.
+    # Parts that print well before K (every layer > GOOD) stay well clear of the alarm on
+    # every layer, read above GOOD on at least 95% of their layers, and never go missing.
+    # (Not every layer: B0 layer 8 is the build's least contrasted photo, where one intact
+    # part reads 0.76.)
     intact = [pid for pid, v in run["before"].items() if pid != target and min(v) > GOOD]
     assert len(intact) >= 5, run["before"]
     for pid in intact:
-        assert min(fr[pid].values()) > GOOD, (pid, table[pid])
-    assert not [a for a in opened if a["part"] in intact], opened
+        assert min(fr[pid].values()) > MISSING + 0.2, (pid, table[pid])
+    good = [f > GOOD for pid in intact for f in fr[pid].values()]
+    assert sum(good) >= 0.95 * len(good), {pid: table[pid] for pid in intact}
+    assert not [a for a in opened if a["part"] != target], opened
 
 
 def test_parts_in_messages_state_and_store(run: dict[str, Any]) -> None:
@@ -223,7 +243,7 @@ def test_reports_carry_the_parts(run: dict[str, Any]) -> None:
     header, *rows = [line for line in r.output.splitlines() if line.startswith(("build,", "B0,"))]
     assert f"part{target}_printed_fraction" in header.split(",") and len(rows) == LAYERS
     col = header.split(",").index(f"part{target}_printed_fraction")
-    assert float(rows[0].split(",")[col]) > GOOD and float(rows[-1].split(",")[col]) < 0.3
+    assert float(rows[0].split(",")[col]) > GOOD and float(rows[-1].split(",")[col]) < MISSING
     out = tmp / "B0.html"
     r = CliRunner().invoke(main, ["report", "B0", "-c", str(cfg), "--format", "html",
                                   "--out", str(out)])

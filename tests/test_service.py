@@ -131,6 +131,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     unit = (REPO / "systemd" / "pbf-monitor.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "StateDirectory=" in unit
     assert "PrivateDevices=yes" not in unit and "MemoryDenyWriteExecute=yes" not in unit
+    assert "MemoryMax=4G" in unit and "LimitNOFILE=65536" in unit
     exe = Path(sys.executable).with_name("pbf-monitor")
     local = tmp_path / "pbf-monitor.service"
     local.write_text(unit.replace("/opt/pbf-monitor/.venv/bin/pbf-monitor", str(exe)))

@@ -75,6 +75,11 @@ class Regions:
             canvas = np.zeros((h, w), np.uint8)
             cv2.fillPoly(canvas, [pts.reshape(-1, 1, 2)], 1)
             return canvas.astype(bool)
+        why = unsafe_name(build)
+        if why is not None:
+            log.warning("region %s: build name %r %s, so it cannot name a mask file; region "
+                        "skipped", r.name, build, why)
+            return None
         path = Path(r.mask.replace("{build}", build))
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if img is None:
@@ -85,6 +90,21 @@ class Regions:
             # A mask drawn at another resolution of the same camera view: scale it.
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST)
         return img > 0
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a name (a build, from a folder or file name) cannot be put into a path, or None.
+
+    A build named ``..`` (a pattern's group can capture anything) turned
+    ``regions/{build}.png`` into a file outside the regions folder.
+    """
+    if not name:
+        return "is empty"
+    if "/" in name or "\\" in name or "\x00" in name:
+        return "holds a path separator or NUL"
+    if name in (".", ".."):
+        return "is a relative path component"
+    return None
 
 
 def apply_ignore(masks: np.ndarray, regions: BuildRegions) -> np.ndarray:

@@ -28,6 +28,7 @@ def run(config_path: Path | None) -> None:
     """
     from monitor.daemon import sdnotify
     from monitor.daemon.daemon import Daemon
+    from monitor.daemon.security import raise_open_files_limit
 
     cfg = find_config(config_path)
     setup_logging(cfg.log.level)
@@ -43,6 +44,7 @@ def run(config_path: Path | None) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    raise_open_files_limit()  # idle peers must not take the descriptors layers need
     daemon = Daemon(cfg)
     daemon.start()
     sdnotify.notify("READY=1", f"STATUS=watching {cfg.watch.dir}")

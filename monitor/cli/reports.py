@@ -70,7 +70,7 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
     engine = _reader(find_config(config_path))
     with Session(engine) as s:
         if fmt == "html":
-            from monitor.reports.html import render_html
+            from monitor.reports.html_report import render_html
 
             html = render_html(s, build, layers=span, printer=printer)
             if out is None:

@@ -14,13 +14,73 @@ from typing import Any
 
 import zmq
 
-from monitor.daemon.security import CurveClient, CurveServer, ServerAuth, apply_client, apply_server
+from monitor.daemon.security import (
+    HANDSHAKE_MS,
+    CurveClient,
+    CurveServer,
+    ServerAuth,
+    apply_client,
+    apply_server,
+)
 from monitor.errors import ConfigError, MonitorError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 _MAX_REQUEST = 1 << 20  # bytes; requests are small, and this caps what a stranger can send
+_MAX_ID = 2**63 - 1  # alarm ids are SQLite/PostgreSQL BIGINTs
+_MAX_NAME = 256  # characters in a build, printer or class name
+_SEVERITIES = ("warning", "critical")
+
+
+def _snippet(obj: Any, limit: int = 200) -> str:
+    """repr(obj) cut to `limit` characters; never raises (deep or huge requests)."""
+    try:
+        text = repr(obj)
+    except Exception:  # RecursionError on a deeply nested request, among others
+        return f"<{type(obj).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _name(req: dict[str, Any], key: str, *, required: bool) -> None:
+    value = req.get(key)
+    if value is None and not required:
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {_snippet(value, 40)}")
+    if not value and required:
+        raise ValueError(f"{key!r} must not be empty")
+    if len(value) > _MAX_NAME or "\x00" in value:
+        raise ValueError(f"{key!r} must be at most {_MAX_NAME} characters, without NUL")
+
+
+def validate_request(req: dict[str, Any]) -> None:
+    """Check the fields of the commands the daemon knows; ValueError names the bad one.
+
+    Done before the handler so that a bad value is answered at once (an alarm id of 2**63
+    used to overflow in the database writer, and the endpoint waited 30 s for it), and so
+    that 1.9 or true is not taken as alarm 1.
+    """
+    cmd = req.get("cmd")
+    if cmd is not None and not isinstance(cmd, str):
+        raise ValueError(f"'cmd' must be a string, got {_snippet(cmd, 40)}")
+    if cmd == "ack":
+        alarm_id = req.get("id")
+        if isinstance(alarm_id, bool) or not isinstance(alarm_id, int):
+            raise ValueError(f"'id' must be an integer alarm id, got {_snippet(alarm_id, 40)}")
+        if not 1 <= alarm_id <= _MAX_ID:
+            raise ValueError(f"'id' must be between 1 and {_MAX_ID}, got {_snippet(alarm_id, 40)}")
+    elif cmd in ("mute", "unmute"):
+        _name(req, "build", required=True)
+        _name(req, "printer", required=False)
+        _name(req, "class", required=False)
+    elif cmd == "test-alarm":
+        severity = req.get("severity", "warning")
+        if severity not in _SEVERITIES:
+            raise ValueError(f"'severity' must be one of {', '.join(_SEVERITIES)}, "
+                             f"got {_snippet(severity, 40)}")
+        if not isinstance(req.get("hook", False), bool):
+            raise ValueError("'hook' must be true or false")
 
 
 class ControlError(MonitorError):
@@ -60,6 +120,13 @@ class ControlServer:
         self._bound = threading.Event()
         self._error: MonitorError | None = None
         self._thread: threading.Thread | None = None
+        self.failed: str | None = None  # why the serving thread died, if it did
+
+    @property
+    def alive(self) -> bool:
+        """The endpoint is bound and its thread still serving: part of the daemon's health."""
+        return (self._thread is not None and self._thread.is_alive() and self._bound.is_set()
+                and self._error is None)
 
     def start(self) -> None:
         """Bind on the owner thread; raises ConfigError if the endpoint or keys are unusable."""
@@ -83,6 +150,10 @@ class ControlServer:
         sock = ctx.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, _MAX_REQUEST)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        # A peer that vanished without a FIN (cable pulled) is found and its descriptor freed.
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
         try:
             try:
                 if self.curve is not None:
@@ -101,30 +172,43 @@ class ControlServer:
             while not self._stop.is_set():
                 if not sock.poll(self.poll_ms):
                     continue
-                reply = self._answer(sock.recv_multipart())
+                frames = sock.recv_multipart()
+                reply = self._answer(frames)
                 self.answered += 1  # before send, so a client that has its reply sees the count
                 try:  # REP drops a reply to a vanished or mute requester; send never blocks
                     sock.send(reply)
                 except zmq.ZMQError as e:
                     log.warning("state endpoint: reply not sent (%s)", e)
+        except BaseException as e:  # _answer never raises: this is the socket itself failing
+            self.failed = f"{type(e).__name__}: {e}"
+            log.critical("state endpoint %s stopped: %s", self.endpoint, self.failed)
+            raise
         finally:
             sock.close(linger=0)
 
     def _answer(self, frames: list[bytes]) -> bytes:
-        """The reply to one request; never raises."""
+        """The reply to one request; never raises, whatever a stranger sends."""
         try:
             if len(frames) != 1:
                 raise ValueError(f"expected one frame, got {len(frames)}")
             req = json.loads(frames[0])
             if not isinstance(req, dict):
                 raise ValueError(f"expected a JSON object, got {type(req).__name__}")
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
-            return _encode({"ok": False, "error": f"bad request: {e}"})
+            validate_request(req)
+        except RecursionError:  # b"[" * 1000: the parser's own recursion limit
+            return _encode({"ok": False, "error": "bad request: JSON nested too deeply"})
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limits
+            return _encode({"ok": False, "error": f"bad request: {str(e)[:300]}"})
+        except Exception as e:  # never let one request end the thread
+            return _encode({"ok": False, "error": f"bad request: {type(e).__name__}"})
         try:
             return _encode({"ok": True, **self.handler(req)})
         except Exception as e:
-            log.exception("state endpoint: request %r failed", req)
-            return _encode({"ok": False, "error": f"internal error: {e}"})
+            log.exception("state endpoint: request %s failed", _snippet(req))
+            try:
+                return _encode({"ok": False, "error": f"internal error: {str(e)[:300]}"})
+            except Exception:
+                return _encode({"ok": False, "error": "internal error"})
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop answering and close the socket. Idempotent."""

@@ -83,6 +83,9 @@ class Daemon:
         self._requests: Requests | None = None
         self.mqtt: Any = None  # MqttPublisher, with [mqtt] enabled
         self._plant: list[Any] = []  # the OPC UA and MQTT sinks that run
+        # Threads that face the outside, by name: each must survive any input, and a dead one
+        # makes the daemon unhealthy (the systemd watchdog then restarts it).
+        self._serving: dict[str, Any] = {}
 
     @property
     def segmenter(self) -> Segmenter | None:
@@ -199,6 +202,7 @@ class Daemon:
         hook = HookRunner(h.command, timeout_s=h.timeout_s)
         hook.start()
         self._stack.append(hook.stop)
+        self._serving["hook"] = hook
         return hook
 
     def _init_zmq(self) -> Any:
@@ -215,6 +219,7 @@ class Daemon:
         auth = ServerAuth(ctx, curve.authorized_dir)
         auth.start()
         self._stack.append(auth.stop)
+        self._serving["curve_auth"] = auth
         log.info("CURVE on: clients must hold a key listed in %s", curve.authorized_dir)
         return ctx
 
@@ -234,6 +239,7 @@ class Daemon:
         last, pending = writer.call(outbox)
         publisher.start(last_seq=last - len(pending))
         self._stack.append(publisher.stop)
+        self._serving["publisher"] = publisher
         sinks = Fanout([publisher, *self._start_plant(last - len(pending))])
         self._stack.append(lambda: _drain(writer))  # runs before the sinks stop
         if pending:
@@ -289,12 +295,14 @@ class Daemon:
                                 curve=_curve_server(self.cfg), context=ctx)
         control.start()
         self._stack.append(control.stop)
+        self._serving["state_endpoint"] = control
 
     def _start_metrics(self, metrics: Metrics, model: Segmenter) -> None:
         self._set_model_info(model)
         if self.cfg.metrics.listen:
             metrics.serve(self.cfg.metrics.listen)
             self._stack.append(metrics.stop)
+            self._serving["metrics"] = metrics
 
     def _set_model_info(self, model: Segmenter) -> None:
         if self.metrics is not None:
@@ -384,6 +392,7 @@ class Daemon:
             "store": (self.writer and (self.writer.failing or self.writer.file_problem))
                      or "ok",
             "store_queue": self.writer.depth if self.writer else 0,
+            "endpoints": {name: bool(x.alive) for name, x in self._serving.items()},
             **({"mqtt": "connected" if self.mqtt.connected else "disconnected",
                 "mqtt_dropped": self.mqtt.dropped} if self.mqtt is not None else {}),
         }
@@ -397,7 +406,8 @@ class Daemon:
             st.alive and now - st.beat <= within_s for st in self._stages)
         return (stages_ok and self.writer is not None and self.writer.alive
                 and self.writer.file_problem is None
-                and all(sink.alive for sink in self._plant))
+                and all(sink.alive for sink in self._plant)
+                and all(x.alive for x in self._serving.values()))
 
 
 def _drain(writer: StoreWriter) -> None:

@@ -15,7 +15,7 @@ from monitor.config import WatchConfig
 from monitor.daemon import failpoints
 from monitor.daemon.items import Decoded, Facts, Failed, Loaded
 from monitor.daemon.stage import Stage
-from monitor.daemon.watcher import Candidate, Settler
+from monitor.daemon.watcher import Candidate, Settler, check_opened_inside
 from monitor.errors import ImageError
 from monitor.vision.imaging import decode
 
@@ -65,6 +65,7 @@ class Loader(Stage):
                     return None
                 if not stat.S_ISREG(st.st_mode):
                     raise ImageError("not a regular file (a pipe, socket or device)")
+                check_opened_inside(f.fileno(), path, w.dir)
                 if st.st_size > w.max_file_mb * 1e6:
                     raise ImageError(f"file is {st.st_size / 1e6:.0f} MB, over "
                                      f"watch.max_file_mb ({w.max_file_mb:g})")

@@ -20,7 +20,13 @@ from typing import Any
 import zmq
 
 from monitor.daemon import failpoints
-from monitor.daemon.security import CurveClient, CurveServer, apply_server, subscriber_socket
+from monitor.daemon.security import (
+    HANDSHAKE_MS,
+    CurveClient,
+    CurveServer,
+    apply_server,
+    subscriber_socket,
+)
 from monitor.errors import ConfigError
 from monitor.records import AlarmRecord, LayerRecord, Outgoing
 
@@ -146,6 +152,12 @@ class Publisher:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context() if own else self._context  # type: ignore[assignment]
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, self.send_hwm)
+        # Peers that connect and never finish the handshake are dropped (see control.py);
+        # subscribers send nothing, so anything they send is capped too.
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 16)
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
         try:
             if self.curve is not None:
                 apply_server(sock, self.curve)
@@ -168,8 +180,12 @@ class Publisher:
                 if item is _STOP:
                     return
                 if item == TOPIC_HEARTBEAT:
-                    payload = {"timestamp": time.time(), "last_seq": self.last_seq,
-                               **self._health()}
+                    try:
+                        health = self._health()
+                    except Exception as e:  # a heartbeat must not end the publisher
+                        log.exception("heartbeat: health failed")
+                        health = {"status": f"health failed: {e!r}"}
+                    payload = {"timestamp": time.time(), "last_seq": self.last_seq, **health}
                     sock.send_multipart(encode(TOPIC_HEARTBEAT, payload))
                     self._next_beat = time.monotonic() + self.heartbeat_interval_s
                     continue
@@ -219,6 +235,11 @@ class Publisher:
                 batch.append(nxt)
             if batch:
                 yield batch
+
+    @property
+    def alive(self) -> bool:
+        """The PUB socket's thread is up and bound: part of the daemon's health."""
+        return self._thread.is_alive() and self._bound.is_set() and self._error is None
 
     def stop(self, timeout: float = 10.0) -> None:
         """Send what is queued, then close the socket. Idempotent."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,10 @@ from zmq.auth.thread import ThreadAuthenticator
 from monitor.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# A peer that connects and never completes the ZMTP handshake (nor CURVE's) holds a
+# descriptor: both endpoints drop it after this long (libzmq's default is 30 s).
+HANDSHAKE_MS = 5000
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,66 @@ def subscriber_socket(
     return sock
 
 
+REJECT_LOG_INTERVAL_S = 60.0  # at most one log line per peer address this often
+
+
+class _LoggingAuthenticator(ThreadAuthenticator):
+    """pyzmq's authenticator, which logs refusals only at debug level: log each peer address
+    refused, at most once per REJECT_LOG_INTERVAL_S, with how many refusals were not logged."""
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], *, log: logging.Logger,
+                 interval_s: float = REJECT_LOG_INTERVAL_S) -> None:
+        super().__init__(context, log=log)
+        self.interval_s = interval_s
+        self.rejected = 0
+        self._address = ""
+        self._last: dict[str, tuple[float, int]] = {}  # address -> (last logged, suppressed)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
+        await super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        if status_code != b"200":
+            self._rejected(self._address, status_text.decode("utf-8", "replace"))
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+    def _rejected(self, address: str, reason: str) -> None:
+        self.rejected += 1
+        now = time.monotonic()
+        last, suppressed = self._last.get(address, (-1e18, 0))
+        if now - last < self.interval_s:
+            self._last[address] = (last, suppressed + 1)
+            return
+        if len(self._last) >= 4096:  # many addresses: forget those not seen for a while
+            self._last = {a: v for a, v in self._last.items() if now - v[0] < self.interval_s}
+        self._last[address] = (now, 0)
+        more = f" ({suppressed} more since the last line)" if suppressed else ""
+        log.warning("CURVE: refused a client from %s: %s%s", address or "?", reason, more)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit; (old, new) soft.
+
+    Every ZeroMQ peer, metrics connection, layer file and SQLite handle is a descriptor; the
+    usual soft limit of 1024 was used up by 1,500 idle connections to the state endpoint,
+    and layers failed with "Too many open files" meanwhile.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, e)
+            return soft, soft
+        log.info("open files limit raised from %d to %d", soft, hard)
+        return soft, hard
+    return soft, soft
+
+
 class ServerAuth:
     """The ZAP handler of one zmq.Context: only clients whose public key is in the folder.
 
@@ -149,7 +215,7 @@ class ServerAuth:
     def __init__(self, context: zmq.Context[zmq.Socket[bytes]], authorized_dir: Path) -> None:
         self.context = context
         self.authorized_dir = authorized_dir
-        self._auth: ThreadAuthenticator | None = None
+        self._auth: _LoggingAuthenticator | None = None
 
     def start(self) -> None:
         what = f"publish.curve_authorized_dir: {self.authorized_dir}"
@@ -161,12 +227,21 @@ class ServerAuth:
                               "copy each client's <name>.key there")
         for k in keys:  # configure_curve only logs a bad file and then denies everyone
             _public_key(k, "publish.curve_authorized_dir")
-        auth = ThreadAuthenticator(self.context, log=log.getChild("zap"))
+        auth = _LoggingAuthenticator(self.context, log=log.getChild("zap"))
         # No allow()/deny(): the client's IP address lets nobody in, only a listed key does.
         auth.configure_curve(domain="*", location=str(self.authorized_dir))
         auth.start()
         self._auth = auth
         log.info("CURVE: %d authorized client key(s) in %s", len(keys), self.authorized_dir)
+
+    @property
+    def alive(self) -> bool:
+        """The ZAP thread is up (or never started): without it no CURVE client gets in."""
+        return self._auth is None or self._auth.is_alive()
+
+    @property
+    def rejected(self) -> int:
+        return self._auth.rejected if self._auth is not None else 0
 
     def stop(self) -> None:
         """Idempotent."""

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from monitor.config import WatchConfig
+from monitor.errors import ImageError
 from monitor.records import storable
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,47 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _signature(path: Path) -> tuple[int, int] | None:
+def inside(path: str | Path, root: Path) -> bool:
+    """Whether path, with every symlink resolved, lies in the watch folder root."""
+    real = Path(os.path.realpath(path))
+    return real.is_relative_to(os.path.realpath(root))
+
+
+def check_opened_inside(fd: int, path: Path, root: Path) -> None:
+    """Refuse a layer file whose opened descriptor is not a file of the watch folder (a
+    symlink to /etc/passwd or /proc/self/environ). Checks what was opened, not the name,
+    so a link swapped between the check and the open cannot slip through.
+
+    Raises:
+        ImageError: saying where it leads.
+    """
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")  # what the descriptor really is (Linux)
+    except OSError:
+        real = os.path.realpath(path)
+    if not Path(real).is_relative_to(os.path.realpath(root)):
+        raise ImageError(f"leads outside the watch folder (to {real}); refused unread")
+
+
+def _special(path: Path, root: Path) -> bool:
+    """A name that does not hold layer content of its own: a pipe, socket or device, or a
+    symlink out of the watch folder. It gets one error record, never a re-read."""
     try:
         st = path.stat()
+    except OSError:
+        return path.is_symlink()  # dangling or a loop: judged by the link itself
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return True
+    return path.is_symlink() and not inside(path, root)
+
+
+def _signature(path: Path, root: Path | None = None) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the content; of the link itself for a symlink leading out of
+    root (its target is never read, and /proc files change under every look)."""
+    try:
+        st = path.stat()
+        if root is not None and path.is_symlink() and not inside(path, root):
+            st = path.lstat()
     except OSError:
         return None
     return (st.st_size, st.st_mtime_ns)
@@ -177,6 +217,7 @@ class Settler:
                                         name=f"settler-{printer}" if printer else "settler")
         self._observer: BaseObserver | None = None
         self._next_rescan = 0.0
+        self.rescans = 0
         self._rescan_requested = threading.Event()
 
     # ------------------------------------------------------------ lifecycle
@@ -251,7 +292,11 @@ class Settler:
             self._pending[cand.path] = cand
 
     def done(self, cand: Candidate, sig: tuple[int, int] | None) -> None:
-        """The worker finished a file whose content had this signature."""
+        """The worker finished a file whose content had this signature (None: it has no
+        content of its own, or it vanished)."""
+        if sig is None and _special(cand.path, self.root):
+            # A FIFO or device: its stable signature, so rescans do not record it again.
+            sig = _signature(cand.path, self.root)
         with self._lock:
             self._handled[cand.path] = sig
             self._handled.move_to_end(cand.path)
@@ -333,7 +378,7 @@ class Settler:
             return
         with self._lock:
             if path in self._handled:
-                current = _signature(path)
+                current = _signature(path, self.root)
                 if current is None or self._handled[path] == current:
                     return  # a late event for content already handed over, or a file gone
             self._pending[path] = Candidate(path, key, now, complete=complete,
@@ -355,12 +400,12 @@ class Settler:
         now = time.time()
         found = 0
         for path in self._walk(self.root):
-            sig = _signature(path)
+            sig = _signature(path, self.root)
             if sig is None:
                 continue
             stored = known.get(storable(str(path)))
-            if stored is not None and stored == sig:
-                continue
+            if stored is not None and (stored == sig or _special(path, self.root)):
+                continue  # recorded; a pipe, device or link out has no content to re-read
             with self._lock:
                 if path in self._pending or self._handled.get(path) == sig:
                     continue
@@ -370,6 +415,7 @@ class Settler:
         if found:
             log.info("rescan found %d unprocessed image(s)", found)
         self._next_rescan = time.monotonic() + self.cfg.rescan_interval_s
+        self.rescans += 1
 
     def _promote(self) -> None:
         """Hand complete candidates to the worker, in build and layer order."""
@@ -379,7 +425,7 @@ class Settler:
             for path, cand in list(self._pending.items()):
                 if mono < cand.not_before:
                     continue
-                sig = _signature(path)
+                sig = _signature(path, self.root)
                 if sig is None:
                     # Gone before we read it: the worker records the error for the layer, and
                     # late events about the vanished file are not news.

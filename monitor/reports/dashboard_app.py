@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor.config import Config, load_config
-from monitor.reports.html import alarm_plot, area_plot, heatmaps, track_plot
+from monitor.reports.html_report import alarm_plot, area_plot, heatmaps, track_plot
 from monitor.reports.maps import decode_masks, decode_thumb
 from monitor.reports.report import build_report, class_names, markdown_text
 from monitor.store import queries
@@ -46,9 +46,21 @@ def _png(b64: str | None) -> bytes | None:
     return base64.b64decode(b64) if b64 else None
 
 
-def _builds_sidebar(engine: Engine) -> str | None:
+def _builds(engine: Engine) -> list[dict[str, Any]]:
     with Session(engine) as s:
-        builds = list(reversed(queries.list_builds(s)))
+        return list(reversed(queries.list_builds(s)))
+
+
+def _summary(builds: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """What the sidebar shows; when it changes, the whole page is drawn again."""
+    return [(b["build"], b["layers"]) for b in builds]
+
+
+def _builds_sidebar(engine: Engine) -> str | None:
+    builds = _builds(engine)
+    # The sidebar is drawn outside the refreshing fragment: remember what it shows, so the
+    # fragment can tell when it went stale (a sidebar saying 3 layers over a page saying 4).
+    st.session_state["sidebar"] = _summary(builds)
     st.sidebar.title("pbf-monitor")
     if not builds:
         st.sidebar.info("No builds in the database yet.")
@@ -128,18 +140,23 @@ def _alarms(cfg: Config, engine: Engine, report: dict[str, Any]) -> None:
         if a.state == "open" and c2.button("Ack", key=f"ack-{a.id}"):
             try:
                 request(cfg.publish.state_endpoint, {"cmd": "ack", "id": a.id}, timeout_s=3)
-                st.toast(f"alarm {a.id} acknowledged")
             except ControlError as e:
                 st.error(f"ack failed: {e}")
+            else:
+                # Draw the list again before saying so: the row above still says "open".
+                st.session_state["toast"] = f"alarm {a.id} acknowledged"
+                st.rerun(scope="fragment")
         for col, verdict, label in ((c3, "confirmed", "Confirm"),
                                     (c4, "false_alarm", "False alarm")):
             if col.button(label, key=f"{verdict}-{a.id}", disabled=a.verdict == verdict):
                 try:
                     request(cfg.publish.state_endpoint,
                             {"cmd": "verdict", "id": a.id, "verdict": verdict}, timeout_s=3)
-                    st.toast(f"alarm {a.id} marked {verdict}")
                 except ControlError as e:
                     st.error(f"verdict failed: {e}")
+                else:
+                    st.session_state["toast"] = f"alarm {a.id} marked {verdict}"
+                    st.rerun(scope="fragment")
 
 
 def _trust_banner(cfg: Config) -> None:
@@ -167,6 +184,10 @@ def main() -> None:
 
     @st.fragment(run_every=REFRESH_S)
     def page() -> None:
+        if st.session_state.get("sidebar") != _summary(_builds(engine)):
+            st.rerun()  # new layers or builds: the sidebar's counts too
+        if toast := st.session_state.pop("toast", None):
+            st.toast(toast)
         with Session(engine) as s:
             report = build_report(s, build)
             maps = queries.layer_maps(s, report["build_id"])
@@ -187,9 +208,12 @@ def main() -> None:
             st.image(png)
         tabs = st.tabs(["Cumulative top view", "Stacking defects", "Alarm timeline"])
         with tabs[0]:
+            found = heatmaps(maps, defects)
             cols = st.columns(3)
-            for i, h in enumerate(heatmaps(maps, defects)):
+            for i, h in enumerate(h for h in found if not h["empty"]):
                 cols[i % 3].image(base64.b64decode(h["png"]))
+            if none := [h["name"] for h in found if h["empty"]]:
+                st.caption(f"Found in no layer: {', '.join(none)}.")
         with tabs[1]:
             if (png := _png(track_plot(report))) is not None:
                 st.image(png)

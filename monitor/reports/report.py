@@ -125,6 +125,18 @@ def part_ids(report: dict[str, Any]) -> list[int]:
     return sorted({p["id"] for layer in report["layers"] for p in layer.get("parts", [])})
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet will not run as a formula: text starting with = + - @, a tab or
+    a carriage return gets a leading apostrophe (OWASP's advice on CSV injection). Numbers,
+    negative ones included, stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(report: dict[str, Any]) -> str:
     """One row per layer: the class statistics, then `part<id>_<metric>` for every part of
     the build (empty where a layer has no such part or no slice)."""
@@ -132,15 +144,16 @@ def to_csv(report: dict[str, Any]) -> str:
     parts = part_ids(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["build", "layer", "status", "error"]
-               + [f"{c}_{m}" for c in names for m in _CSV_METRICS]
-               + [f"part{i}_{m}" for i in parts for m in _CSV_PART_METRICS])
+    w.writerow([csv_cell(h) for h in ["build", "layer", "status", "error"]
+                 + [f"{c}_{m}" for c in names for m in _CSV_METRICS]
+                 + [f"part{i}_{m}" for i in parts for m in _CSV_PART_METRICS]])
     for layer in report["layers"]:
         cells = [layer["classes"].get(c, {}).get(m, "") for c in names for m in _CSV_METRICS]
         by_id = {p["id"]: p for p in layer.get("parts", [])}
         part_cells = [_cell(by_id.get(i, {}).get(m)) for i in parts for m in _CSV_PART_METRICS]
-        w.writerow([report["build"], layer["layer"], layer["status"], layer["error"] or "",
-                    *cells, *part_cells])
+        row = [report["build"], layer["layer"], layer["status"], layer["error"] or "", *cells,
+               *part_cells]
+        w.writerow([csv_cell(c) for c in row])
     return buf.getvalue()
 
 

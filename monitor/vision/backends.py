@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -126,11 +127,29 @@ class OnnxRuntimeBackend:
         return out
 
 
+def import_openvino() -> Any:
+    """The openvino module, with its telemetry off.
+
+    OpenVINO sends usage data to Google Analytics unless the user opted out, and keeps a
+    client id and counters in ~/intel (openvino_ga_cid, stats) on a plain read_model. Its
+    telemetry package is optional (openvino falls back to a stub that sends and writes
+    nothing when it cannot be imported), so it is hidden from this process before openvino
+    is first imported: nothing is changed on the machine, and no opt-out file is written.
+    """
+    if "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]
+    elif sys.modules["openvino_telemetry"] is not None:
+        log.warning("openvino_telemetry was imported before pbf-monitor could turn it off")
+    import openvino as ov
+
+    return ov
+
+
 class OpenVinoBackend:
     name = "openvino"
 
     def __init__(self, onnx_path: Path, *, precision: str = "f32") -> None:
-        import openvino as ov
+        ov = import_openvino()
 
         core = ov.Core()
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",

@@ -22,16 +22,55 @@ _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+# What OpenCV would decode, by the magic bytes it looks at itself (it picks the decoder by
+# content, not by name): only these four are decoded, each after its header's dimensions are
+# checked. Everything else (Radiance HDR, PFM, PNM, EXR, WebP, JPEG 2000, ...) is refused
+# unread: its size could not be checked before the decoder allocates it.
+_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (_PNG_MAGIC, "PNG"),
+    (_JPEG_MAGIC, "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+SUPPORTED = "PNG, JPEG, TIFF or BMP"
+
+
+def sniff(data: bytes) -> str | None:
+    """The image format the bytes start with (PNG, JPEG, TIFF, BMP), or None."""
+    return next((name for magic, name in _FORMATS if data.startswith(magic)), None)
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the file header without decoding pixels; None if unknown."""
+    """(width, height) from the header of a PNG, JPEG, TIFF or BMP, without decoding pixels;
+    None if the format is another one or the header cannot be read."""
+    fmt = sniff(data)
+    if fmt is None:
+        return None
     try:
         # PIL warns about corrupt metadata (EXIF) on the way: the decoder reports the reason.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
                 return im.size
     except Exception:  # PIL raises many types on garbage; the decoder reports the reason
         return None
+
+
+def check_size(data: bytes, *, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an image that may be decoded: one of the supported formats, whose
+    header is readable and declares at most max_pixels. Raises ImageError otherwise."""
+    fmt = sniff(data)
+    if fmt is None:
+        raise ImageError(f"not a supported image format (expected {SUPPORTED}; "
+                         f"the file starts with {data[:8]!r})")
+    size = header_size(data)
+    if size is None:
+        raise ImageError(f"{fmt} header unreadable (truncated or corrupt)")
+    if size[0] * size[1] > max_pixels:
+        raise ImageError(f"image header declares {size[0]}x{size[1]} pixels, over the limit "
+                         f"of {max_pixels} (watch.max_pixels)")
+    return size
 
 
 def _check_complete(data: bytes) -> None:
@@ -74,11 +113,8 @@ def decode(data: bytes, *, max_pixels: int = 200_000_000) -> np.ndarray:
     """
     if not data:
         raise ImageError("empty file")
-    size = header_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageError(f"image header declares {size[0]}x{size[1]} pixels, over the limit "
-                         f"of {max_pixels} (watch.max_pixels)")
     _check_complete(data)
+    check_size(data, max_pixels=max_pixels)  # before the decoder allocates anything
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)

@@ -44,6 +44,13 @@ def _figure(w: float, h: float) -> tuple[Any, Any]:
     return fig, fig.subplots()
 
 
+def _integer_layers(ax: Any) -> None:
+    """Layers are whole numbers: no tick at layer 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -69,9 +76,12 @@ def area_plot(report: dict[str, Any], defects: list[str]) -> str | None:
         if r["status"] != "ok":
             ax.axvline(r["layer"], color="red", alpha=0.3, linewidth=1)
     ax.set_xlabel("layer")
+    _integer_layers(ax)
     ax.set_ylabel("defect area (mm²)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, ncol=len(defects))
+    # Above the axes: inside, it hid the line of the largest class.
+    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=8, ncol=len(defects),
+              frameon=False)
     return _png(fig)
 
 
@@ -90,6 +100,7 @@ def alarm_plot(report: dict[str, Any], last_layer: int) -> str | None:
         ax.plot([a["layer"]], [y], marker="o", color=colour)
     ax.set_yticks(range(len(rules)), rules, fontsize=8)
     ax.set_xlabel("layer (bar: open until cleared; red critical, amber warning)")
+    _integer_layers(ax)
     ax.grid(alpha=0.3, axis="x")
     return _png(fig)
 
@@ -109,12 +120,16 @@ def track_plot(report: dict[str, Any]) -> str | None:
                   [f"#{t['number']} {t['class']}" for t in tracks], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("layer (black outline: raised an alarm)")
+    _integer_layers(ax)
     ax.grid(alpha=0.3, axis="x")
     return _png(fig)
 
 
 def heatmaps(maps: dict[int, LayerMap], defects: list[str]) -> list[dict[str, Any]]:
-    """Per defect class, in how many layers each spot of the bed was defective."""
+    """Per defect class, in how many layers each spot of the bed was defective; ``empty``
+    when no layer held it (drawn black on a 0..1 scale, not a blank colour map)."""
+    from matplotlib.ticker import MaxNLocator
+
     if not maps:
         return []
     classes = json.loads(next(iter(maps.values())).classes)
@@ -126,12 +141,14 @@ def heatmaps(maps: dict[int, LayerMap], defects: list[str]) -> list[dict[str, An
         if c not in classes:
             continue
         heat = counts[classes.index(c)]
+        top = int(heat.max())
         fig, ax = _figure(3.6, 3.6 * shape[1] / max(shape[2], 1))
-        im = ax.imshow(heat, cmap="magma", interpolation="nearest")
-        ax.set_title(f"{c}: max {int(heat.max())} layers", fontsize=9)
+        # vmin 0: a class found nowhere is black, not matplotlib's mid colour on -0.1..0.1.
+        im = ax.imshow(heat, cmap="magma", interpolation="nearest", vmin=0, vmax=max(top, 1))
+        ax.set_title(f"{c}: max {top} layers" if top else f"{c}: in no layer", fontsize=9)
         ax.axis("off")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        out.append({"name": c, "png": _png(fig)})
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, ticks=MaxNLocator(integer=True))
+        out.append({"name": c, "png": _png(fig), "empty": top == 0})
     return out
 
 
