@@ -110,10 +110,10 @@ def test_verdict_end_to_end(rig: Callable[..., Rig], tmp_path: Path) -> None:  #
     r.write(4, BOX)  # cooldown: no second alarm
     r.listener.wait(lambda: r.alarms())  # type: ignore[union-attr]
     alarm_id = r.alarms()[0]["id"]
-    for bad, why in (({"id": True}, "id: expected"), ({"id": "1"}, "id: expected"),
-                     ({"id": -1}, "id: expected"), ({"id": 2**70}, "id: expected"),
-                     ({"id": alarm_id, "verdict": "maybe"}, "verdict: expected"),
-                     ({"id": alarm_id, "note": "x" * 3000}, "note: expected"),
+    for bad, why in (({"id": True}, "'id' must"), ({"id": "1"}, "'id' must"),
+                     ({"id": -1}, "'id' must"), ({"id": 2**70}, "'id' must"),
+                     ({"id": alarm_id, "verdict": "maybe"}, "'verdict' must"),
+                     ({"id": alarm_id, "note": "x" * 3000}, "'note' must"),
                      ({"id": 999}, "no alarm with id 999")):
         with pytest.raises(ControlError, match=why):
             request(r.state, {"cmd": "verdict", "verdict": "confirmed", **bad})

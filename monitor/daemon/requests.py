@@ -21,18 +21,6 @@ from monitor.daemon.items import Ack, Mute
 from monitor.daemon.publisher import alarm_message
 from monitor.errors import MonitorError
 from monitor.store import queries
-from monitor.store.writes import VERDICTS
-
-MAX_NOTE = 2000  # characters of a verdict's note
-MAX_ID = 2**63 - 1  # SQLite's largest integer
-
-
-def alarm_id(value: Any) -> int:
-    """An alarm id from a request: a positive integer the database can hold."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_ID:
-        raise MonitorError(f"id: expected an alarm id (an integer from 1 to {MAX_ID}), got "
-                           f"{value!r}")
-    return value
 
 
 class Requests:
@@ -55,16 +43,9 @@ class Requests:
                 return self.state()
             if cmd == "ack":
                 return self.analyser.ask(Ack(int(req["id"])))
-            if cmd == "verdict":
-                verdict = req.get("verdict")
-                if verdict not in VERDICTS:
-                    raise MonitorError(f"verdict: expected one of {', '.join(VERDICTS)}, got "
-                                       f"{verdict!r}")
-                note = req.get("note")
-                if note is not None and (not isinstance(note, str) or len(note) > MAX_NOTE):
-                    raise MonitorError(f"note: expected a string of at most {MAX_NOTE} "
-                                       f"characters")
-                return self.committer.verdict(alarm_id(req.get("id")), verdict, note or None)
+            if cmd == "verdict":  # fields checked by control.validate_request
+                return self.committer.verdict(int(req["id"]), str(req["verdict"]),
+                                              req.get("note") or None)
             if cmd in ("mute", "unmute"):
                 return self.analyser.ask(Mute(
                     str(req.get("printer", self.printer)), str(req["build"]),
