@@ -388,3 +388,19 @@ def test_ordinary_build_names_still_name_masks(tmp_path: Path) -> None:
         reg = Regions((RegionConfig(name="part", mask=str(tmp_path / "{build}.png")),),
                       pixel_size_mm=0.1)
         assert reg.for_build(name, (10, 10)).parts["part"].all(), name
+
+
+def test_an_alarm_position_names_the_part_under_it() -> None:
+    """The part an alarm lies on: the nominal part there, else the nearest within the
+    tolerance zone, else none."""
+    from monitor.daemon.parts import LayerParts
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 3
+    labels[25:35, 25:35] = 7
+    zone = cv2.dilate((labels > 0).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    lp = LayerParts((), zone, labels)
+    assert lp.part_at(10, 10) == 3 and lp.part_at(30.6, 29.2) == 7
+    assert lp.part_at(16.5, 10) == 3  # in the tolerance zone beside part 3
+    assert lp.part_at(20, 2) is None  # bare powder
+    assert LayerParts((), zone).part_at(10, 10) is None  # no labels: no slices
