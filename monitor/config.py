@@ -144,6 +144,10 @@ class ModelConfig(_Section):
 
 
 class CameraConfig(_Section):
+    id: str = Field(
+        "", description="Names this camera; weights adapted to it (their adapted_cameras) "
+        "are trusted for critical defect alarms. Empty = unnamed (never adapted)."
+    )
     pixel_size_mm: PositiveFloat = Field(0.1, description="Bed size of one pixel in mm.")
     layer_thickness_mm: PositiveFloat = Field(0.05, description="Powder layer thickness in mm.")
     plate_corners_px: tuple[tuple[float, float], ...] | None = Field(
@@ -276,7 +280,28 @@ class AlarmRule(_Section):
     name: str = Field("", description="Rule id in alarms (default: class.metric[@region]).")
     class_name: str = Field(alias="class", description="Class name from the weights file.")
     metric: Metric = Field("area_fraction", description="Statistic compared with threshold.")
-    threshold: float = Field(ge=0, description="The alarm condition is metric > threshold.")
+    threshold: float | None = Field(
+        None, ge=0, description="Absolute rules: the condition is metric > threshold "
+        "(required). Relative rules: a floor the limit never goes below (default 0)."
+    )
+    relative: bool = Field(
+        False, description="Compare the metric with its running baseline in this build: "
+        "limit = max(threshold, baseline * factor, baseline + min_delta, "
+        "baseline + mad_k * 1.4826 * MAD), baseline = median of the last 'window' layers."
+    )
+    factor: float = Field(3.0, ge=1, description="Relative rules: multiple of the baseline.")
+    min_delta: float = Field(
+        0.0, ge=0, description="Relative rules: least rise above the baseline, in the "
+        "metric's unit."
+    )
+    mad_k: float = Field(
+        0.0, ge=0, description="Relative rules: rises within this many robust standard "
+        "deviations (1.4826 * MAD) of the window are noise; 0 = off."
+    )
+    window: int = Field(20, ge=2, description="Relative rules: layers the baseline spans.")
+    learn_layers: int = Field(
+        5, ge=1, description="Relative rules: layers seen before the rule checks anything."
+    )
     severity: Severity = Field("warning", description="warning or critical.")
     consecutive: int = Field(2, ge=1, description="Layers in a row the condition must hold.")
     grace_layers: int | None = Field(
@@ -292,6 +317,20 @@ class AlarmRule(_Section):
         "'plate' the whole layer. No effect without slices, with a region, or for no_defect."
     )
 
+    @model_validator(mode="after")
+    def _threshold(self) -> AlarmRule:
+        if self.threshold is None and not self.relative:
+            raise ValueError("threshold: required unless relative = true")
+        if self.relative and self.learn_layers > self.window:
+            raise ValueError(f"learn_layers ({self.learn_layers}) cannot exceed window "
+                             f"({self.window})")
+        return self
+
+    @property
+    def floor(self) -> float:
+        """The absolute threshold (relative rules: the least limit)."""
+        return self.threshold or 0.0
+
     @property
     def rule_id(self) -> str:
         if self.name:
@@ -300,16 +339,27 @@ class AlarmRule(_Section):
 
 
 def _default_rules() -> tuple[AlarmRule, ...]:
+    # Defect classes compare with the build's own baseline: a model that sees a constant
+    # amount of a class on a healthy build (bias, lighting, a camera it was not trained on)
+    # never alarms, a jump does. The absolute thresholds are floors below which nothing
+    # alarms whatever the history; a large component is dangerous whatever came before, so
+    # the critical rules keep a high absolute floor as well.
+    rel: dict[str, Any] = {"relative": True, "window": 20, "learn_layers": 5, "mad_k": 4.0}
     spec: list[dict[str, Any]] = [
-        {"class": "swelling", "metric": "area_mm2", "threshold": 2.0},
+        {"class": "swelling", "metric": "area_mm2", "threshold": 2.0, **rel,
+         "factor": 3.0, "min_delta": 2.0},
         {"class": "swelling", "metric": "largest_component_mm2", "threshold": 5.0,
-         "severity": "critical", "consecutive": 3},
-        {"class": "spatter", "metric": "components", "threshold": 60, "consecutive": 3},
-        {"class": "misprint", "metric": "area_mm2", "threshold": 2.0},
-        {"class": "over_melting", "metric": "area_fraction", "threshold": 0.005},
-        {"class": "under_melting", "metric": "area_fraction", "threshold": 0.005},
+         "severity": "critical", "consecutive": 3, **rel, "factor": 3.0, "min_delta": 5.0},
+        {"class": "spatter", "metric": "components", "threshold": 60, "consecutive": 3, **rel,
+         "factor": 3.0, "min_delta": 30},
+        {"class": "misprint", "metric": "area_mm2", "threshold": 2.0, **rel,
+         "factor": 3.0, "min_delta": 2.0},
+        {"class": "over_melting", "metric": "area_fraction", "threshold": 0.005, **rel,
+         "factor": 3.0, "min_delta": 0.005},
+        {"class": "under_melting", "metric": "area_fraction", "threshold": 0.005, **rel,
+         "factor": 3.0, "min_delta": 0.005},
         {"class": "under_melting", "metric": "largest_component_mm2", "threshold": 5.0,
-         "severity": "critical", "consecutive": 3},
+         "severity": "critical", "consecutive": 3, **rel, "factor": 3.0, "min_delta": 5.0},
     ]
     return tuple(AlarmRule.model_validate(r) for r in spec)
 
@@ -333,6 +383,10 @@ class TracksConfig(_Section):
         "alarms.",
     )
     severity: Severity = Field("critical", description="Severity of track alarms.")
+    one_per_part: bool = Field(
+        True, description="While a track alarm of a class is open on a part (or off the "
+        "parts), other tracks of that class there open none; they may once it clears."
+    )
 
 
 class PartAlarmsConfig(_Section):
@@ -391,6 +445,14 @@ class AlarmsConfig(_Section):
     )
     rules: tuple[AlarmRule, ...] = Field(default_factory=_default_rules,
                                          description="Threshold rules.")
+    trust_unadapted: bool = Field(
+        False, description="Trust weights not adapted to this camera: their defect-class "
+        "alarms keep their severity and run the hook."
+    )
+    dashboard_url: str = Field(
+        "", description="Dashboard address; alarms then link to their layer's overlay "
+        "(url = dashboard_url?build=...&layer=...). Empty = no link."
+    )
     tracks: TracksConfig = TracksConfig()
     parts: PartAlarmsConfig = PartAlarmsConfig()
     stall: StallConfig = StallConfig()

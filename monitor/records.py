@@ -93,7 +93,12 @@ class AlarmEvent:
     value: float
     threshold: float
     track: int | None = None  # track alarms: the track number in the build
-    part: int | None = None  # part alarms: the nominal part id
+    part: int | None = None  # part alarms: the nominal part id; others: the part it is on
+    model_trusted: bool = True  # False: a defect-class alarm capped by an untrusted model
+    unit: str = ""  # of value and threshold: mm², mm³, fraction, count, layers
+    position_px: tuple[float, float] | None = None  # where to look, image pixels (x, y)
+    position_mm: tuple[float, float] | None = None  # the same on the plate, mm
+    url: str | None = None  # the layer's overlay in the dashboard
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,13 @@ class AlarmRecord:
     cleared_layer: int | None = None
     track: int | None = None
     part: int | None = None
+    model_trusted: bool = True
+    unit: str = ""
+    position_mm: tuple[float, float] | None = None
+    url: str | None = None
+    verdict: str | None = None  # confirmed | false_alarm, by an operator
+    verdict_note: str | None = None
+    verdict_at: float | None = None
 
 
 @dataclass
@@ -126,10 +138,13 @@ class RuleState:
     open: bool = False  # an unacknowledged alarm of the rule is open
     active: bool = False  # an open or acknowledged alarm waits to be cleared
     last_open_layer: int | None = None
+    # Relative rules: the metric's values of the last layers that form the baseline,
+    # oldest first (at most the rule's window).
+    history: list[float] = field(default_factory=list)
 
     def as_row(self) -> dict[str, Any]:
         return {"streak": self.streak, "open": self.open, "active": self.active,
-                "last_open_layer": self.last_open_layer}
+                "last_open_layer": self.last_open_layer, "history": list(self.history)}
 
 
 @dataclass

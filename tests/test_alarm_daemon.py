@@ -106,9 +106,12 @@ def rig(tmp_path: Path, bright_weights: Path) -> Iterator[Callable[..., Rig]]:
         r.stop()
 
 
+# The test weights are adapted to no camera: trusted here, so severities and the hook are as
+# configured (tests/test_alarm_trust.py checks the cap).
 NO_RULES = """
 [alarms]
 grace_layers = 0
+trust_unadapted = true
 rules = []
 [alarms.stall]
 enabled = false

@@ -239,6 +239,134 @@ def test_region_config_needs_one_shape() -> None:
         RegionConfig(name="x", polygon=((0, 0), (1, 1)))
 
 
+# ------------------------------------------------------------ relative rules
+
+REL = {"class": "swelling", "metric": "area_mm2", "relative": True, "factor": 3.0,
+       "min_delta": 0.5, "window": 10, "learn_layers": 4, "consecutive": 2,
+       "cooldown_layers": 0}
+
+
+def boxes_mm2(area_mm2: float) -> LayerStats:
+    """A layer whose swelling covers `area_mm2` (a square of 0.01 mm² pixels)."""
+    side = round((area_mm2 * 100) ** 0.5)
+    return stats((2, 2, side, side)) if side else stats()
+
+
+@pytest.mark.parametrize("bias_mm2", [0.0, 1.0, 4.0, 25.0])
+def test_a_constant_bias_never_alarms(bias_mm2: float) -> None:
+    """A model that always sees the same amount of a class on a healthy build is quiet,
+    however large that amount: the limit follows the build's own baseline."""
+    eng = engine(rules=[REL])
+    assert run(eng, {n: boxes_mm2(bias_mm2) for n in range(1, 60)}) == []
+
+
+def test_a_step_above_the_baseline_alarms_and_clears() -> None:
+    eng = engine(rules=[REL])
+    layers = {n: boxes_mm2(4.0) for n in range(1, 11)}  # the model's bias: 4 mm²
+    layers |= {n: boxes_mm2(16.0) for n in range(11, 14)}  # a jump: 4x the baseline
+    layers |= {n: boxes_mm2(4.0) for n in range(14, 17)}
+    events = run(eng, layers)
+    assert [(e.action, e.layer) for e in events] == [("open", 12), ("clear", 14)]
+    # the limit of the alarm is the baseline's: max(4 * 3, 4 + 0.5) = 12 mm²
+    assert events[0].threshold == pytest.approx(12.0) and events[0].value == pytest.approx(16.0)
+
+
+def test_relative_limit_formula() -> None:
+    from monitor.alarms.engine import relative_limit
+    from monitor.config import AlarmRule
+
+    rule = AlarmRule.model_validate({**REL, "threshold": 1.0, "mad_k": 2.0})
+    assert relative_limit(rule, [1.0, 1.0, 1.0]) is None  # still learning (4 layers)
+    assert relative_limit(rule, [0.0] * 4) == pytest.approx(1.0)  # the absolute floor
+    assert relative_limit(rule, [2.0] * 4) == pytest.approx(6.0)  # baseline * factor
+    assert relative_limit(rule, [0.2] * 4) == pytest.approx(1.0)  # floor over 0.2 + 0.5
+    # median 10, MAD 5: 10 + 2 * 1.4826 * 5 = 24.8 > 10 * 3
+    rule = AlarmRule.model_validate({**REL, "factor": 1.0, "mad_k": 2.0})
+    assert relative_limit(rule, [5.0, 5.0, 10.0, 15.0, 15.0]) == pytest.approx(24.826)
+
+
+def test_a_defect_does_not_teach_its_own_baseline_until_a_window_has_passed() -> None:
+    eng = engine(rules=[{**REL, "window": 6}])
+    layers = {n: boxes_mm2(1.0) for n in range(1, 6)}
+    layers |= {n: boxes_mm2(9.0) for n in range(6, 30)}  # a new level that stays
+    events = run(eng, layers)
+    opened = [e.layer for e in events if e.action == "open"]
+    cleared = [e.layer for e in events if e.action == "clear"]
+    assert opened == [7]  # held, not re-learnt at once
+    assert cleared and 7 + 6 <= cleared[0] < 30  # adopted as the new normal after a window
+
+
+def test_absolute_rules_need_a_threshold(tmp_path: Path) -> None:
+    from monitor.config import load_config
+
+    for rule, why in (('{ class = "swelling" }', "threshold: required unless relative"),
+                      ('{ class = "swelling", relative = true, learn_layers = 30 }',
+                       "learn_layers")):
+        path = tmp_path / "c.toml"
+        path.write_text(f"[alarms]\nrules = [{rule}]\n")
+        with pytest.raises(ConfigError, match=why):
+            load_config(path)
+
+
+def test_baseline_survives_a_restart(tmp_path: Path) -> None:
+    """The baseline is stored with the rule states of each layer: an engine restored from
+    the database goes on where the other stopped (same alarms as one that never stopped)."""
+    from sqlalchemy.orm import Session
+
+    from monitor.records import LayerRecord
+    from monitor.store import migrate, queries, writes
+    from monitor.store.connect import open_db
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    db = open_db(url)
+    migrate.upgrade(db, url)
+    layers = {n: boxes_mm2(4.0) for n in range(1, 9)} | {9: boxes_mm2(16.0),
+                                                         10: boxes_mm2(16.0)}
+    try:
+        first = engine(rules=[REL])
+        for n in range(1, 8):
+            out = first.evaluate(KEY, n, layers[n])
+            with Session(db) as s, s.begin():
+                bid, _ = writes.put_layer(s, LayerRecord(
+                    printer="", build=KEY.build, layer=n, status="ok", error=None,
+                    image_path=f"/w/{n}.png", image_size=1, image_mtime_ns=1,
+                    image_sha256=None, model_sha256="", detected_at=float(n),
+                    processed_at=float(n), stats=layers[n]))
+                writes.set_evaluated(s, bid, first_layer=out.first_layer, layer=n)
+                writes.put_rule_states(s, bid, out.rule_states)
+        with Session(db) as s:
+            state = queries.load_engine_state(s, "", KEY.build)
+        assert state is not None
+        assert state.rules["swelling.area_mm2"].history == pytest.approx([4.0] * 7)
+        second = engine(rules=[REL])
+        second.restore_build(KEY, state)
+        events = run(second, {n: layers[n] for n in (8, 9, 10)})
+        never_stopped = run(engine(rules=[REL]), layers)
+        assert [(e.action, e.layer) for e in events] == [("open", 10)]
+        assert [(e.action, e.layer) for e in never_stopped] == [("open", 10)]
+    finally:
+        db.dispose()
+
+
+def test_one_track_alarm_per_class_and_part_at_a_time() -> None:
+    """Many specks stacking at once (a model's bias) raise one alarm per class and part."""
+    eng = engine(tracks={"classes": ["swelling"], "alarm_layers": 3})
+    specks = [(x, y, 3, 3) for x in (5, 25, 45, 65) for y in (5, 45)]
+
+    def part(x: float, y: float) -> int | None:  # two parts: left and right halves
+        return 1 if x < 40 else 2
+
+    events: list[AlarmEvent] = []
+    for n in range(1, 6):
+        events += eng.evaluate(KEY, n, stats(*specks), locate=part).events
+    opened = [e for e in events if e.action == "open"]
+    assert len(opened) == 2 and {e.layer for e in opened} == {3}
+    separate = engine(tracks={"classes": ["swelling"], "alarm_layers": 3,
+                              "one_per_part": False})
+    alone = [e for n in range(1, 6) for e in separate.evaluate(KEY, n, stats(*specks)).events]
+    assert len([e for e in alone if e.action == "open"]) == len(specks)
+
+
 @pytest.mark.parametrize("build", ["..", ".", "../regions", "a/../../secret", "a\\b", "B\x00",
                                    ""])
 def test_build_names_cannot_reach_masks_outside_the_regions_folder(
@@ -260,3 +388,19 @@ def test_ordinary_build_names_still_name_masks(tmp_path: Path) -> None:
         reg = Regions((RegionConfig(name="part", mask=str(tmp_path / "{build}.png")),),
                       pixel_size_mm=0.1)
         assert reg.for_build(name, (10, 10)).parts["part"].all(), name
+
+
+def test_an_alarm_position_names_the_part_under_it() -> None:
+    """The part an alarm lies on: the nominal part there, else the nearest within the
+    tolerance zone, else none."""
+    from monitor.daemon.parts import LayerParts
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:15, 5:15] = 3
+    labels[25:35, 25:35] = 7
+    zone = cv2.dilate((labels > 0).astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    lp = LayerParts((), zone, labels)
+    assert lp.part_at(10, 10) == 3 and lp.part_at(30.6, 29.2) == 7
+    assert lp.part_at(16.5, 10) == 3  # in the tolerance zone beside part 3
+    assert lp.part_at(20, 2) is None  # bare powder
+    assert LayerParts((), zone).part_at(10, 10) is None  # no labels: no slices

@@ -64,7 +64,8 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    r = rig(RULE)  # an alarm opens at layer 2
+    # an alarm opens at layer 2; the test weights are not trusted here (a banner says so)
+    r = rig(RULE.replace("trust_unadapted = true", "trust_unadapted = false"))
     for n in (1, 2, 3):
         r.write(n, (20 + 5 * n, 30, 12, 12))
     port = int(free_endpoint().rsplit(":", 1)[1])
@@ -114,6 +115,23 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
         # Every plot drawn: monitor/reports/html_report.py shadowed the standard library's html in
         # the Streamlit script's folder, and each plot was a ModuleNotFoundError.
         assert "Traceback" not in text() and "NotFoundError" not in text(), text()
+        # The operator's verdict from the page, beside Ack: stored and published.
+        def click_false_alarm(_: object) -> bool:
+            try:
+                buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+                           if b.text.strip() == "False alarm" and b.is_enabled()]
+                if len(buttons) != 1:
+                    return False
+                buttons[0].click()
+                return True
+            except StaleElementReferenceException:
+                return False
+
+        WebDriverWait(driver, 30).until(click_false_alarm)
+        r.listener.wait(lambda: any(a.get("verdict") == "false_alarm" for a in r.alarms()))
+        WebDriverWait(driver, 60).until(lambda _: "verdict false_alarm" in text())
+        # The weights are not adapted to this camera: the page says so.
+        assert "Model not trusted on this camera" in text()
         ARTIFACTS.mkdir(exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))  # type: ignore[attr-defined]
         assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -31,7 +31,7 @@ import itertools
 import logging
 import statistics
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from monitor.records import (
     LayerAlarms,
     PartRecord,
     RuleState,
+    Track,
     TrackChange,
 )
 from monitor.vision.stats import AREA_ONLY_METRICS, NO_DEFECT, LayerStats
@@ -106,6 +107,32 @@ class _Cond:
     consecutive: int
     cooldown: int
     part: int | None = None
+    unit: str = ""
+    position_px: tuple[float, float] | None = None
+
+
+UNITS = {"area_fraction": "fraction", "area_mm2": "mm²", "components": "count",
+         "largest_component_mm2": "mm²"}
+
+
+def _scope(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, LayerStats],
+           parts_zone: LayerStats | None = None) -> LayerStats | None:
+    if rule.region:
+        return regions.get(rule.region)
+    if rule.scope == "parts" and parts_zone is not None and rule.class_name != NO_DEFECT:
+        return parts_zone
+    return stats
+
+
+def largest_at(class_name: str, *stats: LayerStats | None) -> tuple[float, float] | None:
+    """Centroid (x, y) in pixels of the class's largest component in the first statistics
+    that list one."""
+    for st in stats:
+        c = st.classes.get(class_name) if st is not None else None
+        if c is not None and c.component_list:
+            big = max(c.component_list, key=lambda k: k.area_px)
+            return (big.cx, big.cy)
+    return None
 
 
 def metric_value(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, LayerStats],
@@ -122,6 +149,34 @@ def metric_value(rule: AlarmRule, stats: LayerStats, regions: Mapping[str, Layer
         return None
     c = st.classes.get(rule.class_name)
     return None if c is None else float(getattr(c, rule.metric))
+
+
+def relative_limit(rule: AlarmRule, history: Sequence[float]) -> float | None:
+    """A relative rule's limit from its baseline window; None while it is still learning.
+
+    limit = max(threshold, m * factor, m + min_delta, m + mad_k * 1.4826 * MAD), where m is
+    the median of the window and MAD the median absolute deviation from it.
+    """
+    if len(history) < rule.learn_layers:
+        return None
+    m = statistics.median(history)
+    limit = max(rule.floor, m * rule.factor, m + rule.min_delta)
+    if rule.mad_k:
+        mad = statistics.median(abs(v - m) for v in history)
+        limit = max(limit, m + rule.mad_k * 1.4826 * mad)
+    return limit
+
+
+def _box_centre(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[float, float] | None:
+    if not boxes:
+        return None
+    return ((min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2,
+            (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2)
+
+
+def _learn(rule: AlarmRule, rs: RuleState, value: float) -> None:
+    rs.history.append(value)
+    del rs.history[:-rule.window]
 
 
 class AlarmEngine:
@@ -146,6 +201,9 @@ class AlarmEngine:
         # printer -> (pixel_size_mm, layer_thickness_mm) where a fleet's cameras differ
         self.cameras = dict(cameras or {})
         self._builds: dict[BuildKey, BuildState] = {}
+        # Printers whose camera the weights were not adapted to (monitor.alarms.trust): set
+        # by the daemon when weights load, read by the analyser thread.
+        self.untrusted: frozenset[str] = frozenset()
         self._mutes: set[tuple[BuildKey, str | None]] = set()
 
     def _check(self, cfg: AlarmsConfig) -> None:
@@ -260,6 +318,7 @@ class AlarmEngine:
         self, key: BuildKey, layer: int, stats: LayerStats,
         regions: Mapping[str, LayerStats] | None = None, *,
         parts: Sequence[PartRecord] | None = None, parts_zone: LayerStats | None = None,
+        locate: Callable[[float, float], int | None] | None = None,
     ) -> LayerAlarms:
         """Check the rules, parts and tracks on one layer of a build.
 
@@ -268,6 +327,8 @@ class AlarmEngine:
                 alarms keep their state).
             parts_zone: statistics of the masks on and around the parts, for rules of
                 scope "parts"; None: they use the whole layer.
+            locate: image (x, y) -> the nominal part there (None off the parts); without
+                it every place is "off the parts" (tracks.one_per_part groups by it).
         """
         regions = regions or {}
         st = self._build(key)
@@ -292,7 +353,7 @@ class AlarmEngine:
         if self.cfg.tracks.classes:
             assert st.tracks is not None
             change = st.tracks.update(layer, stats, steps=st.steps)
-            events += self._track_events(key, st, layer, change)
+            events += self._track_events(key, st, layer, change, locate)
         states = {r: st.rules[r].as_row() for r in [*(r.rule_id for r in self.cfg.rules),
                                                      *touched]}
         return LayerAlarms(events, states, st.first_layer, change, evaluated=True)
@@ -305,21 +366,41 @@ class AlarmEngine:
                     stats: LayerStats, regions: Mapping[str, LayerStats],
                     parts_zone: LayerStats | None) -> list[AlarmEvent]:
         value = metric_value(rule, stats, regions, parts_zone)
-        if value is None or self._in_grace(st, layer, rule.grace_layers):
-            st.rules.setdefault(rule.rule_id, RuleState()).streak = 0
+        rs = st.rules.setdefault(rule.rule_id, RuleState())
+        if value is None:
+            rs.streak = 0
             return []
-        return self._step(key, st, layer, _Cond(
-            rule.rule_id, rule.class_name, rule.severity, value, rule.threshold,
-            value > rule.threshold, rule.consecutive, rule.cooldown_layers))
+        limit = relative_limit(rule, rs.history) if rule.relative else rule.floor
+        if self._in_grace(st, layer, rule.grace_layers) or limit is None:
+            rs.streak = 0
+            if rule.relative:  # grace layers and learning layers teach the baseline
+                _learn(rule, rs, value)
+            return []
+        holds = value > limit
+        where = largest_at(rule.class_name, _scope(rule, stats, regions, parts_zone), stats)
+        events = self._step(key, st, layer, _Cond(
+            rule.rule_id, rule.class_name, rule.severity, value, limit, holds,
+            rule.consecutive, rule.cooldown_layers, unit=UNITS[rule.metric],
+            position_px=where if rule.class_name != NO_DEFECT else None))
+        # A value above the limit is not learnt (a defect must not raise its own baseline)
+        # unless it has held for a whole window: then it is the build's new normal.
+        if rule.relative and (not holds or rs.streak >= rule.window):
+            _learn(rule, rs, value)
+        return events
 
     def _step(self, key: BuildKey, st: BuildState, layer: int, c: _Cond) -> list[AlarmEvent]:
         """One layer of a rule's lifecycle: streak, open (persistence, cooldown, mute), clear."""
         rs = st.rules.setdefault(c.rule_id, RuleState())
         rs.streak = rs.streak + 1 if c.holds else 0
 
+        # Defect-class alarms of a model not adapted to this camera: warning, no hook.
+        capped = bool(c.class_name) and key.printer in self.untrusted
+
         def event(action: Literal["open", "clear"]) -> AlarmEvent:
             return AlarmEvent(action, key.printer, key.build, layer, c.class_name, c.rule_id,
-                              c.severity, c.value, c.threshold, part=c.part)
+                              "warning" if capped else c.severity, c.value, c.threshold,
+                              part=c.part, model_trusted=not capped, unit=c.unit,
+                              position_px=c.position_px)
 
         if not c.holds:
             if rs.active:
@@ -348,11 +429,11 @@ class AlarmEngine:
                 _Cond(part_rule_id(PART_MISSING, p.id), "", cfg.missing_severity,
                       p.printed_fraction, cfg.missing_fraction,
                       p.printed_fraction < cfg.missing_fraction, cfg.missing_layers,
-                      cfg.cooldown_layers, p.id),
+                      cfg.cooldown_layers, p.id, unit="fraction"),
                 _Cond(part_rule_id(PART_EXCESS, p.id), "", cfg.excess_severity,
                       p.excess_fraction, cfg.excess_fraction,
                       p.excess_fraction > cfg.excess_fraction, cfg.excess_layers,
-                      cfg.cooldown_layers, p.id),
+                      cfg.cooldown_layers, p.id, unit="fraction"),
             ):
                 touched.append(c.rule_id)
                 if in_grace:
@@ -368,29 +449,51 @@ class AlarmEngine:
             limit = cfg.missing_fraction if kind == PART_MISSING else cfg.excess_fraction
             sev = cfg.missing_severity if kind == PART_MISSING else cfg.excess_severity
             events += self._step(key, st, layer, _Cond(rule_id, "", sev, 0.0, limit, False, 1,
-                                                       0, pid))
+                                                       0, pid, unit="fraction"))
         return events
 
-    def _track_events(self, key: BuildKey, st: BuildState, layer: int,
-                      change: TrackChange) -> list[AlarmEvent]:
+    def _track_events(self, key: BuildKey, st: BuildState, layer: int, change: TrackChange,
+                      locate: Callable[[float, float], int | None] | None
+                      ) -> list[AlarmEvent]:
         cfg = self.cfg.tracks
         events: list[AlarmEvent] = []
+        capped = key.printer in self.untrusted
+        sev = "warning" if capped else cfg.severity
+
+        def where(t: Track) -> tuple[float, float]:
+            return _box_centre(t.boxes) or ((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)
+
+        def group(t: Track) -> tuple[str, int | None]:
+            return (t.class_name, locate(*where(t)) if locate is not None else None)
+
+        fresh = {id(t) for t in change.alarms}
+        assert st.tracks is not None
+        # (class, part) groups with a track alarm open: one alarm per class and part at a time
+        busy = ({group(t) for t in st.tracks.live if t.alarmed and id(t) not in fresh}
+                if cfg.one_per_part else set())
         for t in change.alarms:
-            if self._in_grace(st, layer, None) or self.muted(key, t.class_name):
-                t.alarmed = False  # may still alarm once the grace is over or unmuted
+            g = group(t) if cfg.one_per_part else None
+            if (self._in_grace(st, layer, None) or self.muted(key, t.class_name)
+                    or g in busy):
+                t.alarmed = False  # may still alarm once the grace is over, unmuted or free
                 continue
+            if g is not None:
+                busy.add(g)
             by_layers = t.layers >= cfg.alarm_layers
             events.append(AlarmEvent(
                 "open", key.printer, key.build, layer, t.class_name,
-                TRACK_PREFIX + t.class_name, cfg.severity,
+                TRACK_PREFIX + t.class_name, sev,
                 float(t.layers) if by_layers else t.volume_mm3,
-                float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number))
+                float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number,
+                model_trusted=not capped, unit="layers" if by_layers else "mm³",
+                position_px=where(t)))
         for t in change.ended:
             if t.alarmed:
                 events.append(AlarmEvent(
                     "clear", key.printer, key.build, layer, t.class_name,
-                    TRACK_PREFIX + t.class_name, cfg.severity, float(t.layers),
-                    float(cfg.alarm_layers), track=t.number))
+                    TRACK_PREFIX + t.class_name, sev, float(t.layers),
+                    float(cfg.alarm_layers), track=t.number, model_trusted=not capped,
+                    unit="layers"))
         return events
 
     def last_arrivals(self) -> dict[str, float]:
@@ -404,7 +507,7 @@ class AlarmEngine:
     def _stall_event(self, action: Literal["open", "clear"], key: BuildKey, st: BuildState,
                      value: float, limit: float) -> AlarmEvent:
         return AlarmEvent(action, key.printer, key.build, st.last_arrival_layer or 0, "",
-                          RULE_STALL, self.cfg.stall.severity, value, limit)
+                          RULE_STALL, self.cfg.stall.severity, value, limit, unit="s")
 
     def stall_limit(self, st: BuildState) -> float | None:
         """Seconds without a layer after which the build is stalled; None if unknown yet."""

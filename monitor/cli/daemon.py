@@ -236,6 +236,26 @@ def ack(alarm_id: int, config_path: Path | None, server_key: Path | None,
 
 
 @click.command()
+@click.argument("alarm_id", type=click.IntRange(1, 2**63 - 1))
+@click.argument("verdict", type=click.Choice(["confirmed", "false_alarm"]))
+@click.option("--note", default=None, help="Why (at most 2000 characters).")
+@CONFIG_OPTION
+@curve_options
+def verdict(alarm_id: int, verdict: str, note: str | None, config_path: Path | None,
+            server_key: Path | None, client_secret: Path | None) -> None:
+    """Mark an alarm confirmed or a false alarm (through the running daemon, which stores
+    and publishes it); `pbf-monitor alarms --stats` sums verdicts per rule."""
+    msg: dict[str, Any] = {"cmd": "verdict", "id": alarm_id, "verdict": verdict}
+    if note is not None:
+        msg["note"] = note
+    reply = _control(find_config(config_path), msg, server_key=server_key,
+                     client_secret=client_secret)
+    a = reply["alarm"]
+    click.echo(f"alarm {a['id']} marked {a['verdict']} ({a['build']} layer {a['layer']} "
+               f"{a['rule']})")
+
+
+@click.command()
 @click.argument("build")
 @click.option("--class", "cls", help="Only this class (default: every class and stalls).")
 @click.option("--printer", default="", help="Printer of the build (fleets).")
@@ -311,5 +331,5 @@ def db_upgrade(config_path: Path | None) -> None:
 
 
 # Registered on the `pbf-monitor` group by monitor.cli.
-COMMANDS: list[click.Command] = [run, validate_config, subscribe_cmd, ack, mute, test_alarm, keys,
-                                 db]
+COMMANDS: list[click.Command] = [run, validate_config, subscribe_cmd, ack, verdict, mute,
+                                 test_alarm, keys, db]

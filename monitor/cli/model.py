@@ -150,7 +150,10 @@ def calibrate(dataset: Path, weights: Path, out: Path | None, config_path: Path 
 @click.option("--part-events", is_flag=True,
               help="A part breaks off and another distorts (listed in the manifest's "
                    "source.part_events).")
-def synth(out: Path, layers: int, size: int, seed: int, part_events: bool) -> None:
+@click.option("--no-defects", is_flag=True,
+              help="Draw no defect classes: a healthy build (to count false alarms).")
+def synth(out: Path, layers: int, size: int, seed: int, part_events: bool,
+          no_defects: bool) -> None:
     """Write a synthetic build (images, masks, nominal slices, manifest) in the dataset
     format."""
     from rich.progress import Progress
@@ -160,7 +163,7 @@ def synth(out: Path, layers: int, size: int, seed: int, part_events: bool) -> No
     with Progress() as progress:
         task = progress.add_task(f"synth {out}", total=layers)
         manifest = write_dataset(out, layers=layers, size=size, seed=seed,
-                                 part_events=part_events,
+                                 part_events=part_events, defects=not no_defects,
                                  progress=lambda i: progress.update(task, completed=i + 1))
     click.echo(f"wrote {manifest}")
 

@@ -51,8 +51,9 @@ def builds(config_path: Path | None, as_json: bool) -> None:
 @click.command()
 @click.argument("build")
 @CONFIG_OPTION
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "html"]),
-              default="table")
+@click.option("--format", "fmt",
+              type=click.Choice(["table", "json", "csv", "alarms-csv", "html"]),
+              default="table", help="alarms-csv: one row per alarm, with its verdict.")
 @click.option("--out", type=click.Path(path_type=Path), help="Write to a file, not stdout.")
 @click.option("--layers", "layer_range", help="Only layers A:B (inclusive), A: or :B.")
 @click.option("--printer", default=None, help="Printer of the build (fleets).")
@@ -85,7 +86,8 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
             with out.open("w", encoding="utf-8") as f:
                 print_table(rep.to_table(data), file=f)
         return
-    text = json.dumps(data, indent=1) if fmt == "json" else rep.to_csv(data)
+    text = (json.dumps(data, indent=1) if fmt == "json"
+            else rep.alarms_csv(data) if fmt == "alarms-csv" else rep.to_csv(data))
     if out:
         out.write_text(text, encoding="utf-8")
     else:
@@ -97,13 +99,16 @@ def report(build: str, config_path: Path | None, fmt: str, out: Path | None,
 @click.option("--build", help="Only this build.")
 @click.option("--open", "open_only", is_flag=True, help="Only open or acknowledged alarms.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+@click.option("--stats", "per_rule", is_flag=True,
+              help="Per rule: alarms, operators' verdicts and precision.")
 def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
-               as_json: bool) -> None:
+               as_json: bool, per_rule: bool) -> None:
     """List alarms from the database, newest first."""
     from rich.table import Table
     from sqlalchemy.orm import Session
 
     from monitor.daemon.publisher import alarm_message
+    from monitor.reports.report import verdict_stats
     from monitor.store.queries import alarm_records
 
     cfg = find_config(config_path)
@@ -114,16 +119,33 @@ def alarms_cmd(config_path: Path | None, build: str | None, open_only: bool,
                     for a in alarm_records(s, build=build, open_only=open_only)]
     finally:
         engine.dispose()
+    if per_rule:
+        stats = verdict_stats(rows)
+        if as_json:
+            for r in stats:
+                click.echo(json.dumps(r))
+            return
+        t = Table(title=f"{len(rows)} alarm(s) by rule")
+        for col in ("rule", "count", "confirmed", "false", "precision"):
+            t.add_column(col, overflow="fold")
+        for r in stats:
+            p = r["precision"]
+            t.add_row(escape(r["rule"]), str(r["count"]), str(r["confirmed"]),
+                      str(r["false"]), "-" if p is None else f"{p:.2f}")
+        print_table(t)
+        return
     if as_json:
         for r in rows:
             click.echo(json.dumps(r))
         return
     t = Table(title=f"{len(rows)} alarm(s)")
-    for col in ("id", "build", "layer", "class", "rule", "severity", "state", "value"):
+    for col in ("id", "build", "layer", "class", "rule", "severity", "state", "value",
+                "verdict"):
         t.add_column(col, overflow="fold")
     for r in rows:
         t.add_row(str(r["id"]), escape(r["build"]), str(r["layer"]), escape(r["class"]),
-                  escape(r["rule"]), r["severity"], r["state"], f"{r['value']:.4g}")
+                  escape(r["rule"]), r["severity"], r["state"],
+                  f"{r['value']:.4g} {r['unit']}".strip(), r["verdict"] or "")
     print_table(t)
 
 

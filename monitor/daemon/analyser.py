@@ -7,12 +7,14 @@ model finished before the worker stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -29,7 +31,7 @@ from monitor.daemon.parts import LayerParts, PartMeter
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
-from monitor.records import BuildKey, LayerAlarms, LayerRecord
+from monitor.records import AlarmEvent, BuildKey, LayerAlarms, LayerRecord
 from monitor.store import queries, writes
 from monitor.vision.stats import layer_stats
 
@@ -86,6 +88,7 @@ class Analyser(Stage):
         self.counts = counts  # "ok"/"error" -> layers, written here only
         self.inbox = inbox
         self.upstream = upstream
+        self.dashboard_url = cfg.alarms.dashboard_url
         self.parts = dict(parts or {})  # printer -> its nominal slices ([geometry] nominal)
         # When the last layer of each active build arrived: a copy for the metrics thread.
         self.last_arrivals: dict[str, float] = engine.last_arrivals()
@@ -150,7 +153,10 @@ class Analyser(Stage):
         self._ensure_restored(key)
         verdict = self.engine.evaluate(key, cand.key.layer, stats, regions,
                                        parts=measured.parts if measured is not None else None,
-                                       parts_zone=zone_stats)
+                                       parts_zone=zone_stats,
+                                       locate=measured.part_at if measured else None)
+        verdict = dataclasses.replace(verdict, events=[
+            self._where(e, px, measured) for e in verdict.events])
         now = time.time()
         rec = LayerRecord(
             printer=cand.printer, build=cand.key.build, layer=cand.key.layer, status="ok",
@@ -164,6 +170,24 @@ class Analyser(Stage):
         self._finish(cand, x.sig, rec, verdict)
         if self.store_maps:
             self.maps.later(rec, x.gray, masks)
+
+    def _where(self, ev: AlarmEvent, px: float, measured: LayerParts | None) -> AlarmEvent:
+        """An opening alarm with what to look at: the part it is on, its position on the
+        plate in mm, and the link to the layer's overlay."""
+        if ev.action != "open":
+            return ev
+        pos_mm, part = None, ev.part
+        if ev.position_px is not None:
+            x, y = ev.position_px
+            if measured is not None and measured.calibration is not None:
+                mm = measured.calibration.image_to_mm([[x, y]])[0]
+                pos_mm = (float(mm[0]), float(mm[1]))
+            else:
+                pos_mm = (x * px, y * px)
+            if part is None and measured is not None:
+                part = measured.part_at(x, y)
+        return dataclasses.replace(ev, position_mm=pos_mm, part=part,
+                                   url=overlay_url(self.dashboard_url, ev))
 
     def _measure_parts(self, item: Segmented, masks: np.ndarray) -> LayerParts | None:
         """The layer against its nominal slice; None without one (analysed as before)."""
@@ -260,6 +284,16 @@ class Analyser(Stage):
     def _reload(self, req: Reload) -> None:
         self.engine.reload(req.alarms)  # ConfigError before anything changes
         req.reply.set_result({})
+
+
+def overlay_url(base: str, ev: AlarmEvent) -> str | None:
+    """The dashboard's page of the alarm's layer; None without [alarms] dashboard_url."""
+    if not base:
+        return None
+    q = {"build": ev.build, "layer": str(ev.layer)}
+    if ev.printer:
+        q = {"printer": ev.printer, **q}
+    return f"{base}{'&' if '?' in base else '?'}{urlencode(q)}"
 
 
 def _error_record(item: Failed, model_sha256: str) -> LayerRecord:

@@ -109,6 +109,23 @@ class Committer:
 
         self._reply(job, done, reply)
 
+    def verdict(self, alarm_id: int, verdict: str, note: str | None) -> dict[str, Any]:
+        """An operator's verdict on an alarm, stored and published (control thread: waits
+        for the commit)."""
+        reply: Future[dict[str, Any]] = Future()
+
+        def job(s: Session) -> list[Outgoing]:
+            rec = writes.set_verdict(s, alarm_id, verdict, note, time.time())
+            return writes.put_outbox(s, [("alarm", alarm_message(rec))])
+
+        def done(out: list[Outgoing]) -> dict[str, Any]:
+            self.publisher.publish(out)
+            log.info("alarm %d: verdict %s", alarm_id, verdict)
+            return {"alarm": {**out[0].payload, "seq": out[0].seq}}
+
+        self._reply(job, done, reply)
+        return wait(reply)
+
     def mute(self, printer: str, build: str, class_name: str | None, *, mute: bool,
              reply: Future[dict[str, Any]]) -> None:
         def job(s: Session) -> None:
@@ -131,6 +148,8 @@ class Committer:
         msg = {"id": 0, "printer": printer, "build": "", "layer": 0, "class": "",
                "rule": RULE_TEST, "severity": severity, "state": "open", "value": 0.0,
                "threshold": 0.0, "cleared_layer": None, "track": None, "part": None,
+               "unit": "", "position_mm": None, "url": None, "model_trusted": True,
+               "verdict": None, "verdict_note": None,
                "timestamp": time.time(), "test": True}
         reply: Future[dict[str, Any]] = Future()
 
@@ -174,8 +193,10 @@ class Committer:
                                            m.payload.get("severity", "")).inc()
         if self.hook is not None:
             for m in out:
+                # Alarms of weights not adapted to this camera never run the hook.
                 if (m.topic == "alarm" and m.payload.get("state") == "open"
-                        and m.payload.get("severity") in self.hook_severities):
+                        and m.payload.get("severity") in self.hook_severities
+                        and m.payload.get("model_trusted", True)):
                     self.hook.submit({**m.payload, "seq": m.seq})
 
 

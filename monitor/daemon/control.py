@@ -31,6 +31,8 @@ _MAX_REQUEST = 1 << 20  # bytes; requests are small, and this caps what a strang
 _MAX_ID = 2**63 - 1  # alarm ids are SQLite/PostgreSQL BIGINTs
 _MAX_NAME = 256  # characters in a build, printer or class name
 _SEVERITIES = ("warning", "critical")
+_VERDICTS = ("confirmed", "false_alarm")  # an operator's verdict on an alarm
+_MAX_NOTE = 2000  # characters in a verdict's note
 
 
 def _snippet(obj: Any, limit: int = 200) -> str:
@@ -64,12 +66,21 @@ def validate_request(req: dict[str, Any]) -> None:
     cmd = req.get("cmd")
     if cmd is not None and not isinstance(cmd, str):
         raise ValueError(f"'cmd' must be a string, got {_snippet(cmd, 40)}")
-    if cmd == "ack":
+    if cmd in ("ack", "verdict"):
         alarm_id = req.get("id")
         if isinstance(alarm_id, bool) or not isinstance(alarm_id, int):
             raise ValueError(f"'id' must be an integer alarm id, got {_snippet(alarm_id, 40)}")
         if not 1 <= alarm_id <= _MAX_ID:
             raise ValueError(f"'id' must be between 1 and {_MAX_ID}, got {_snippet(alarm_id, 40)}")
+    if cmd == "verdict":
+        if req.get("verdict") not in _VERDICTS:
+            raise ValueError(f"'verdict' must be one of {', '.join(_VERDICTS)}, "
+                             f"got {_snippet(req.get('verdict'), 40)}")
+        note = req.get("note")
+        if note is not None and (not isinstance(note, str) or len(note) > _MAX_NOTE
+                                 or "\x00" in note):
+            raise ValueError(f"'note' must be a string of at most {_MAX_NOTE} characters, "
+                             f"without NUL")
     elif cmd in ("mute", "unmute"):
         _name(req, "build", required=True)
         _name(req, "printer", required=False)

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor.alarms.regions import Regions
+from monitor.alarms.trust import ModelTrust, model_trust
 from monitor.config import Config
 from monitor.daemon.analyser import Analyser, new_engine
 from monitor.daemon.committer import Committer
@@ -78,6 +79,7 @@ class Daemon:
         self._analyser: Analyser | None = None
         self._stages: tuple[Stage, ...] = ()
         self._reloader: Reloader | None = None
+        self.trust: dict[str, ModelTrust] = {}  # printer -> trust in the served weights
         self._requests: Requests | None = None
         self._plant = Plant()  # the OPC UA and MQTT sinks that run
         # Threads that face the outside, by name: each must survive any input, and a dead one
@@ -255,6 +257,25 @@ class Daemon:
     def _set_model_info(self, model: Segmenter) -> None:
         if self.metrics is not None:
             _model_info(self.metrics, model)
+        self._set_trust(model)
+
+    def _set_trust(self, model: Segmenter) -> None:
+        """Which cameras the served weights are trusted on; logged when it changes."""
+        trust_unadapted = self.cfg.alarms.trust_unadapted
+        trust = {name: model_trust(model.info.adapted_cameras, p.camera.id,
+                                   trust_unadapted=trust_unadapted)
+                 for name, p in self.printers.items()}
+        if trust != self.trust:
+            for name, t in trust.items():
+                who = f"printer {name}: " if name else ""
+                if not t.trusted:
+                    log.warning("%smodel not trusted on this camera: %s", who, t.reason)
+                elif t.reason:
+                    log.info("%s%s", who, t.reason)
+        self.trust = trust
+        if self._analyser is not None:
+            self._analyser.engine.untrusted = frozenset(
+                n for n, t in trust.items() if not t.trusted)
 
     def _start_stages(self, *stages: Stage) -> None:
         self._stages = stages
@@ -287,6 +308,8 @@ class Daemon:
             raise MonitorError("the daemon is not running; nothing to reload")
         ignored = self._reloader.reload(cfg)
         self.cfg = self._reloader.cfg
+        if self.segmenter is not None:  # alarms.trust_unadapted may have changed
+            self._set_trust(self.segmenter)
         return ignored
 
     def health(self) -> dict[str, Any]:
@@ -295,7 +318,7 @@ class Daemon:
             queue=(self._candidates.qsize() + self._decoded.qsize() + self._segmented.qsize()
                    + sum(st.pending for st in self.settlers.values())),
             segmenter=self.segmenter, writer=self.writer, serving=self._serving,
-            mqtt=self.mqtt)
+            mqtt=self.mqtt, trust=self.trust)
 
     def healthy(self, within_s: float) -> bool:
         """What the systemd watchdog is told (see monitor.daemon.health.is_healthy)."""

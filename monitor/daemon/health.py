@@ -14,7 +14,8 @@ from monitor.vision.segmenter import Segmenter
 
 def health_report(*, ready: bool, started_at: float, counts: Mapping[str, int], queue: int,
                   segmenter: Segmenter | None, writer: StoreWriter | None,
-                  serving: Mapping[str, Any], mqtt: Any) -> dict[str, Any]:
+                  serving: Mapping[str, Any], mqtt: Any,
+                  trust: Mapping[str, Any]) -> dict[str, Any]:
     """What `state` answers: readiness, counts, queue depths, model, store and endpoints."""
     seg = segmenter
     return {
@@ -25,6 +26,12 @@ def health_report(*, ready: bool, started_at: float, counts: Mapping[str, int], 
         "queue": queue,
         "device": str(seg.device) if seg else None,
         "model_sha256": seg.info.sha256 if seg else None,
+        # False: defect-class alarms are capped at warning and run no hook (reason says
+        # why; per printer in a fleet)
+        "model_trusted": all(t.trusted for t in trust.values()),
+        "model_trust_reason": "; ".join(
+            (f"{n}: {t.reason}" if n else t.reason)
+            for n, t in trust.items() if t.reason) or None,
         # Why the database refuses writes right now (disk full, locked, its file deleted
         # under us), else "ok".
         "store": (writer and (writer.failing or writer.file_problem)) or "ok",

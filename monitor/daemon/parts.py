@@ -37,6 +37,24 @@ class LayerParts:
 
     parts: tuple[PartRecord, ...]
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm, image pixels
+    labels: npt.NDArray[np.integer] | None = None  # (H, W) nominal part ids, 0 outside
+    calibration: Calibration | None = None  # image pixels <-> plate mm
+
+    def part_at(self, x: float, y: float) -> int | None:
+        """The nominal part whose zone holds image point (x, y), if any."""
+        if self.labels is None:
+            return None
+        h, w = self.labels.shape
+        xi, yi = min(max(int(x), 0), w - 1), min(max(int(y), 0), h - 1)
+        pid = int(self.labels[yi, xi])
+        if pid:
+            return pid
+        if not self.zone[yi, xi]:
+            return None
+        r = 8  # inside the tolerance zone but off the nominal: the nearest part around
+        win = self.labels[max(yi - r, 0):yi + r + 1, max(xi - r, 0):xi + r + 1]
+        ids = win[win > 0]
+        return int(np.bincount(ids).argmax()) if ids.size else None
 
 
 class PartMeter:
@@ -109,4 +127,4 @@ class PartMeter:
                                  excess_fraction=p.excess_fraction,
                                  centroid_shift_mm=p.centroid_shift_mm,
                                  classes=dict(p.classes)) for p in stats)
-        return LayerParts(parts, zone)
+        return LayerParts(parts, zone, labels, cal)

@@ -79,6 +79,12 @@ def alarm_message(rec: AlarmRecord) -> dict[str, Any]:
         "cleared_layer": rec.cleared_layer,
         "track": rec.track,
         "part": rec.part,
+        "unit": rec.unit,
+        "position_mm": None if rec.position_mm is None else [round(v, 2) for v in rec.position_mm],
+        "url": rec.url,
+        "model_trusted": rec.model_trusted,
+        "verdict": rec.verdict,
+        "verdict_note": rec.verdict_note,
         "timestamp": rec.cleared_at or rec.acked_at or rec.opened_at,
     }
 

@@ -1,7 +1,9 @@
-"""The state endpoint's commands (control thread): state, ack, mute, unmute, test-alarm.
+"""The state endpoint's commands (control thread): state, ack, verdict, mute, unmute,
+test-alarm.
 
 State is read from the database; acks and mutes go to the analyser, the alarm engine's owner,
-as requests on its queue; a test alarm goes straight to the committer.
+as requests on its queue; verdicts (which change no alarm state) and test alarms go
+straight to the committer.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Requests:
                 return self.state()
             if cmd == "ack":
                 return self.analyser.ask(Ack(int(req["id"])))
+            if cmd == "verdict":  # fields checked by control.validate_request
+                return self.committer.verdict(int(req["id"]), str(req["verdict"]),
+                                              req.get("note") or None)
             if cmd in ("mute", "unmute"):
                 return self.analyser.ask(Mute(
                     str(req.get("printer", self.printer)), str(req["build"]),
@@ -53,8 +58,8 @@ class Requests:
             return {"ok": False, "error": str(e)}
         except (KeyError, ValueError, TypeError) as e:
             return {"ok": False, "error": f"bad request {req!r}: {e!r}"}
-        return {"ok": False, "error": f"unknown cmd {cmd!r} (state, ack, mute, unmute, "
-                                      f"test-alarm)"}
+        return {"ok": False, "error": f"unknown cmd {cmd!r} (state, ack, verdict, mute, "
+                                      f"unmute, test-alarm)"}
 
     def state(self) -> dict[str, Any]:
         """Open alarms and the last layer of each active build, with the seq they reflect:

@@ -129,9 +129,14 @@ def _alarms(cfg: Config, engine: Engine, report: dict[str, Any]) -> None:
         rows = queries.list_alarms(s, build_id=report["build_id"], open_only=True)
     st.subheader(f"Open alarms ({len(rows)})")
     for a, _, _ in rows:
-        c1, c2 = st.columns([5, 1])
-        c1.markdown(f"**#{a.id}** {a.severity} `{a.rule}` at layer {a.layer}: {a.value:.4g} "
-                    f"> {a.threshold:.4g} ({a.state})")
+        c1, c2, c3, c4 = st.columns([5, 1, 1, 1])
+        where = (f" on part {a.part}" if a.part is not None else "") + (
+            f" at ({a.position_x_mm:.1f}, {a.position_y_mm:.1f}) mm"
+            if a.position_x_mm is not None and a.position_y_mm is not None else "")
+        c1.markdown(f"**#{a.id}** {a.severity} `{a.rule}` at layer {a.layer}{where}: "
+                    f"{a.value:.4g} > {a.threshold:.4g} {a.unit} ({a.state})"
+                    + ("" if a.model_trusted else " *model not trusted on this camera*")
+                    + (f" — verdict **{a.verdict}**" if a.verdict else ""))
         if a.state == "open" and c2.button("Ack", key=f"ack-{a.id}"):
             try:
                 request(cfg.publish.state_endpoint, {"cmd": "ack", "id": a.id}, timeout_s=3)
@@ -141,6 +146,30 @@ def _alarms(cfg: Config, engine: Engine, report: dict[str, Any]) -> None:
                 # Draw the list again before saying so: the row above still says "open".
                 st.session_state["toast"] = f"alarm {a.id} acknowledged"
                 st.rerun(scope="fragment")
+        for col, verdict, label in ((c3, "confirmed", "Confirm"),
+                                    (c4, "false_alarm", "False alarm")):
+            if col.button(label, key=f"{verdict}-{a.id}", disabled=a.verdict == verdict):
+                try:
+                    request(cfg.publish.state_endpoint,
+                            {"cmd": "verdict", "id": a.id, "verdict": verdict}, timeout_s=3)
+                except ControlError as e:
+                    st.error(f"verdict failed: {e}")
+                else:
+                    st.session_state["toast"] = f"alarm {a.id} marked {verdict}"
+                    st.rerun(scope="fragment")
+
+
+def _trust_banner(cfg: Config) -> None:
+    """The daemon's trust in its model (from the state endpoint; nothing if it is down)."""
+    from monitor.daemon.control import ControlError, request
+
+    try:
+        health = request(cfg.publish.state_endpoint, {"cmd": "state"},
+                         timeout_s=1).get("health", {})
+    except ControlError:
+        return
+    if health.get("model_trusted") is False:
+        st.warning(f"Model not trusted on this camera: {health.get('model_trust_reason')}")
 
 
 def main() -> None:
@@ -171,6 +200,7 @@ def main() -> None:
         c[1].metric("Errors", sum(r["status"] != "ok" for r in rows))
         c[2].metric("Alarms", len(report["alarms"]))
         c[3].metric("Stacking defects", sum(t["alarmed"] for t in report["tracks"]))
+        _trust_banner(cfg)
         _layer_view(report, maps, names)
         _alarms(cfg, engine, report)
         st.subheader("Defect area by layer")

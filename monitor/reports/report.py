@@ -63,7 +63,11 @@ def build_report(s: Session, build: str, *, printer: str | None = None,
              "severity": a.severity, "state": a.state, "value": a.value,
              "threshold": a.threshold, "opened_at": a.opened_at, "acked_at": a.acked_at,
              "cleared_at": a.cleared_at, "cleared_layer": a.cleared_layer, "track": a.track,
-             "part": a.part}
+             "part": a.part, "unit": a.unit,
+             "position_mm": (None if a.position_x_mm is None or a.position_y_mm is None
+                             else [a.position_x_mm, a.position_y_mm]),
+             "url": a.url, "model_trusted": a.model_trusted, "verdict": a.verdict,
+             "verdict_note": a.verdict_note, "verdict_at": a.verdict_at}
             for a, _, _ in reversed(queries.list_alarms(s, build_id=bid)) if a.layer in span
         ],
         "tracks": [
@@ -151,6 +155,42 @@ def to_csv(report: dict[str, Any]) -> str:
                *part_cells]
         w.writerow([csv_cell(c) for c in row])
     return buf.getvalue()
+
+
+_CSV_ALARM_COLUMNS = ("id", "layer", "class", "rule", "severity", "state", "value",
+                      "threshold", "unit", "part", "track", "position_mm", "cleared_layer",
+                      "model_trusted", "verdict", "verdict_note", "url")
+
+
+def alarms_csv(report: dict[str, Any]) -> str:
+    """One row per alarm of the build, oldest first, with its verdict."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["build", *_CSV_ALARM_COLUMNS])
+    for a in report["alarms"]:
+        pos = a["position_mm"]
+        w.writerow([report["build"], *(
+            (f"{pos[0]:.2f} {pos[1]:.2f}" if pos else "") if c == "position_mm"
+            else _cell(a[c]) for c in _CSV_ALARM_COLUMNS)])
+    return buf.getvalue()
+
+
+def verdict_stats(alarms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per rule: alarms opened, how many operators confirmed or called false, and the
+    precision confirmed / (confirmed + false) (None before any verdict)."""
+    rules: dict[str, dict[str, Any]] = {}
+    for a in alarms:
+        r = rules.setdefault(a["rule"], {"rule": a["rule"], "count": 0, "confirmed": 0,
+                                         "false": 0})
+        r["count"] += 1
+        if a.get("verdict") == "confirmed":
+            r["confirmed"] += 1
+        elif a.get("verdict") == "false_alarm":
+            r["false"] += 1
+    for r in rules.values():
+        judged = r["confirmed"] + r["false"]
+        r["precision"] = round(r["confirmed"] / judged, 4) if judged else None
+    return sorted(rules.values(), key=lambda r: (-r["count"], r["rule"]))
 
 
 def _cell(v: Any) -> Any:

@@ -75,7 +75,8 @@ def load_engine_state(s: Session, printer: str, name: str) -> EngineState | None
     if build is None:
         return None
     rules = {r.rule: RuleState(streak=r.streak, open=r.open, active=r.active,
-                               last_open_layer=r.last_open_layer)
+                               last_open_layer=r.last_open_layer,
+                               history=[float(v) for v in json.loads(r.history or "[]")])
              for r in s.scalars(select(RuleStateRow).where(RuleStateRow.build_id == build.id))}
     live = [
         Track(number=t.number, class_name=t.class_name, first_layer=t.first_layer,

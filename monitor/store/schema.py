@@ -193,6 +193,7 @@ class RuleStateRow(Base):
     open: Mapped[bool] = mapped_column(Boolean, default=False)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     last_open_layer: Mapped[int | None] = mapped_column(Integer)
+    history: Mapped[str] = mapped_column(Text, default="[]")  # relative rules' baseline, JSON
 
 
 class LayerMap(Base):
@@ -238,7 +239,16 @@ class Alarm(Base):
     cleared_at: Mapped[float | None] = mapped_column(Float)
     cleared_layer: Mapped[int | None] = mapped_column(Integer)
     track: Mapped[int | None] = mapped_column(Integer)  # track alarms: the track number
-    part: Mapped[int | None] = mapped_column(Integer)  # part alarms: the nominal part id
+    part: Mapped[int | None] = mapped_column(Integer)  # the nominal part it is on
+    # False: a defect-class alarm of weights not adapted to this camera (capped, no hook)
+    model_trusted: Mapped[bool] = mapped_column(Boolean, default=True)
+    unit: Mapped[str] = mapped_column(String(20), default="")  # of value and threshold
+    position_x_mm: Mapped[float | None] = mapped_column(Float)  # where to look on the plate
+    position_y_mm: Mapped[float | None] = mapped_column(Float)
+    url: Mapped[str | None] = mapped_column(Text)  # the layer's overlay in the dashboard
+    verdict: Mapped[str | None] = mapped_column(String(20))  # confirmed | false_alarm
+    verdict_note: Mapped[str | None] = mapped_column(Text)
+    verdict_at: Mapped[float | None] = mapped_column(Float)
 
     def record(self, printer: str, build: str) -> AlarmRecord:
         """This row as the plain record messages are built from."""
@@ -247,7 +257,12 @@ class Alarm(Base):
             class_name=self.class_name, rule=self.rule, severity=self.severity,
             state=self.state, value=self.value, threshold=self.threshold,
             opened_at=self.opened_at, acked_at=self.acked_at, cleared_at=self.cleared_at,
-            cleared_layer=self.cleared_layer, track=self.track, part=self.part)
+            cleared_layer=self.cleared_layer, track=self.track, part=self.part,
+            model_trusted=self.model_trusted, unit=self.unit,
+            position_mm=(None if self.position_x_mm is None or self.position_y_mm is None
+                         else (self.position_x_mm, self.position_y_mm)),
+            url=self.url, verdict=self.verdict, verdict_note=self.verdict_note,
+            verdict_at=self.verdict_at)
 
 
 class OutboxRow(Base):

@@ -129,7 +129,10 @@ def apply_alarm(s: Session, build_id: int, ev: AlarmEvent, now: float) -> list[A
     if ev.action == "open":
         row = Alarm(build_id=build_id, layer=ev.layer, class_name=ev.class_name, rule=ev.rule,
                     severity=ev.severity, state="open", value=ev.value, threshold=ev.threshold,
-                    opened_at=now, track=ev.track, part=ev.part)
+                    opened_at=now, track=ev.track, part=ev.part,
+                    model_trusted=ev.model_trusted, unit=ev.unit, url=ev.url,
+                    position_x_mm=ev.position_mm[0] if ev.position_mm else None,
+                    position_y_mm=ev.position_mm[1] if ev.position_mm else None)
         s.add(row)
         s.flush()
         return [row.record(ev.printer, ev.build)]
@@ -158,6 +161,24 @@ def acknowledge_alarm(s: Session, alarm_id: int, now: float) -> AlarmRecord:
     return row.record(build.printer, build.name)
 
 
+VERDICTS = ("confirmed", "false_alarm")
+
+
+def set_verdict(s: Session, alarm_id: int, verdict: str, note: str | None, now: float
+                ) -> AlarmRecord:
+    """An operator's verdict on an alarm (in any state; a new verdict replaces the old)."""
+    if verdict not in VERDICTS:
+        raise StoreError(f"verdict {verdict!r}: expected one of {', '.join(VERDICTS)}")
+    row = s.get(Alarm, alarm_id)
+    if row is None:
+        raise StoreError(f"no alarm with id {alarm_id}")
+    row.verdict, row.verdict_note, row.verdict_at = verdict, note or None, now
+    s.flush()
+    build = s.get(Build, row.build_id)
+    assert build is not None  # the foreign key
+    return row.record(build.printer, build.name)
+
+
 def set_evaluated(s: Session, build_id: int, *, first_layer: int | None, layer: int) -> None:
     """The alarm engine evaluated `layer` of the build (its first layer as it saw it)."""
     build = s.get(Build, build_id)
@@ -170,7 +191,8 @@ def put_rule_states(s: Session, build_id: int, states: Mapping[str, dict[str, An
                     ) -> None:
     existing = {r.rule: r for r in s.scalars(
         select(RuleStateRow).where(RuleStateRow.build_id == build_id))}
-    for rule, st in states.items():
+    for rule, state in states.items():
+        st = {**state, "history": json.dumps(state.get("history", []))}
         row = existing.get(rule)
         if row is None:
             s.add(RuleStateRow(build_id=build_id, rule=rule, **st))

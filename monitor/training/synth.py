@@ -44,6 +44,7 @@ The plan lives in :mod:`monitor.training.synth_plan`, the drawing in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class BuildGenerator:
     """A synthetic build: `layer(i)` renders layer i deterministically from (size, layers, seed)."""
 
     def __init__(self, *, size: int = 512, layers: int = 40, seed: int = 0,
-                 part_events: bool = False) -> None:
+                 part_events: bool = False, defects: bool = True) -> None:
         if size < _MIN_SIZE:
             raise ValueError(f"size={size} is too small; use at least {_MIN_SIZE} px")
         if layers < 1:
@@ -84,6 +85,10 @@ class BuildGenerator:
             raise ValueError(f"seed={seed}; use a non-negative integer")
         self.size, self.layers, self.seed = size, layers, seed
         self._plan = plan_build(seed, layers)
+        if not defects:  # a healthy build: parts, lighting and recoater streaks only
+            self._plan = dataclasses.replace(
+                self._plan, swellings=(), spatter=frozenset(), misprint=frozenset(),
+                over_melting=frozenset(), under_melting=frozenset())
         self.events: tuple[PartEvent, ...] = (
             plan_part_events(seed, layers, len(self._plan.parts)) if part_events else ())
 
@@ -140,6 +145,7 @@ def write_dataset(
     seed: int,
     start_layer: int = 1,
     part_events: bool = False,
+    defects: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write a build in the dataset format; returns the manifest path.
@@ -151,6 +157,8 @@ def write_dataset(
         seed: build seed.
         start_layer: layer number of the first image (names are ``layer_%05d``).
         part_events: a part breaks off and another distorts (see the module docstring).
+        defects: False draws no defect (swelling, spatter, misprint, over/under melting): a
+            healthy build, e.g. to count false alarms.
         progress: called with each layer's 0-based index once that layer is written.
 
     Returns:
@@ -158,7 +166,8 @@ def write_dataset(
     """
     if start_layer < 0:
         raise ValueError(f"start_layer={start_layer}; use a non-negative layer number")
-    gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=part_events)
+    gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=part_events,
+                         defects=defects)
     writer = DatasetWriter(Path(out), CLASS_NAMES)
     nominal = Path(out) / NOMINAL_DIR
     nominal.mkdir(parents=True, exist_ok=True)
@@ -171,6 +180,8 @@ def write_dataset(
     source: dict[str, object] = {"generator": GENERATOR_NAME, "seed": seed, "size": size,
                                  "layers": layers,
                                  "nominal": f"{NOMINAL_DIR}/layer_{{layer:05d}}.png"}
+    if not defects:
+        source["defects"] = False
     if part_events:
         source["part_events"] = gen.events_json(start_layer)
     return writer.finish(source)

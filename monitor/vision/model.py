@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,9 @@ class ModelInfo:
     # Per-class probability thresholds calibrated on validation data; config overrides them.
     thresholds: dict[str, float] = field(default_factory=dict)
     sha256: str = ""  # of the file it was loaded from
+    # Cameras ([camera] id) the weights were adapted to: only there are their defect classes
+    # trusted enough for critical alarms and the hook (see monitor.alarms.trust).
+    adapted_cameras: tuple[str, ...] = ()
 
     @property
     def out_channels(self) -> int:
@@ -121,6 +125,7 @@ def save_weights(path: Path, model: UNet, info: ModelInfo) -> str:
         "normalization": json.dumps({"mean": info.mean, "std": info.std}),
         "training": json.dumps(info.training),
         "thresholds": json.dumps(info.thresholds),
+        "adapted_cameras": json.dumps(list(info.adapted_cameras)),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +165,8 @@ def _info(path: Path, meta: dict[str, str]) -> ModelInfo:
             training=json.loads(meta.get("training", "{}")),
             thresholds={str(k): float(v)
                         for k, v in json.loads(meta.get("thresholds", "{}")).items()},
+            adapted_cameras=tuple(str(c) for c in json.loads(meta.get("adapted_cameras",
+                                                                      "[]"))),
         )
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: incomplete model metadata ({e!r})") from e
@@ -217,3 +224,10 @@ def load_weights(path: Path, *, expected_sha256: str = "") -> tuple[UNet, ModelI
         raise WeightsError(f"{path}: tensors do not match the model in its metadata ({e})") from e
     model.eval()
     return model, ModelInfo(**{**info.__dict__, "sha256": sha})
+
+
+def set_adapted_cameras(path: Path, cameras: Sequence[str]) -> str:
+    """Rewrite a weights file saying it was adapted to `cameras` ([camera] id values); the
+    tensors are unchanged. Returns the new sha256 (what `pbf-monitor adapt` will call)."""
+    model, info = load_weights(path)
+    return save_weights(path, model, replace(info, adapted_cameras=tuple(cameras)))
