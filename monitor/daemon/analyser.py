@@ -196,9 +196,13 @@ class Analyser(Stage):
         if meter is None:
             return None
         try:
-            return meter.measure(cand.key.build, cand.key.layer, path=cand.path,
-                                 gray=item.loaded.gray, masks=masks,
-                                 class_names=item.class_names)
+            ahead = item.loaded.geometry
+            if ahead is None:
+                return meter.measure(cand.key.build, cand.key.layer, path=cand.path,
+                                     gray=item.loaded.gray, masks=masks,
+                                     class_names=item.class_names)
+            prep = ahead.result()  # prepared while the model ran
+            return None if prep is None else meter.finish(prep, masks, item.class_names)
         except Exception:  # a geometry failure must not cost the layer its statistics
             log.exception("layer %s/%d: part statistics failed; analysed without them",
                           cand.key.build, cand.key.layer)

@@ -31,7 +31,7 @@ from monitor.daemon.items import Analysable, Decoded
 from monitor.daemon.loader import Loader
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
-from monitor.daemon.parts import PartMeter
+from monitor.daemon.parts import GeometryAhead, PartMeter
 from monitor.daemon.plant import Plant
 from monitor.daemon.preflight import check_watch_dir
 from monitor.daemon.publisher import Publisher
@@ -139,9 +139,15 @@ class Daemon:
                               max_components=cfg.store.max_components,
                               hook_severities=cfg.alarms.hook.severities)
         maps = MapMaker(cfg.store, state_dir=cfg.state_dir, writer=writer)
+        meters = {n: PartMeter(p.camera, p.geometry)
+                  for n, p in self.printers.items() if p.geometry.nominal}
+        ahead = None
+        if meters:
+            ahead = GeometryAhead(meters)
+            self._stack.append(ahead.stop)  # after the stages stop: nothing submits then
         loader = Loader(inbox=self._candidates, outbox=self._decoded,
                         watch={n: p.watch for n, p in self.printers.items()},
-                        settlers=self.settlers, stop=self._stop)
+                        settlers=self.settlers, stop=self._stop, geometry=ahead)
         worker = self._worker = Worker(model=model, weights=weights, metrics=metrics,
                                        inbox=self._decoded, outbox=self._segmented,
                                        stop=self._stop)
@@ -150,8 +156,7 @@ class Daemon:
             pixel_size_mm={n: p.camera.pixel_size_mm for n, p in self.printers.items()},
             reader=reader, committer=committer, maps=maps, settlers=self.settlers,
             metrics=metrics, counts=self.counts, inbox=self._segmented, upstream=worker,
-            stop=self._stop, parts={n: PartMeter(p.camera, p.geometry)
-                                    for n, p in self.printers.items() if p.geometry.nominal})
+            stop=self._stop, parts=meters)
         self._reloader = Reloader(cfg, worker=worker, analyser=analyser,
                                   on_model=self._set_model_info)
         requests = Requests(printer=self.printer, reader=reader, analyser=analyser,

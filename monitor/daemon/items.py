@@ -35,6 +35,8 @@ class Loaded:
     sig: tuple[int, int]  # (size, mtime_ns) of what was read
     facts: Facts
     decode_ms: float
+    # the layer's slice and printed area, being prepared beside the model (daemon/parts.py)
+    geometry: Future[Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from monitor.config import WatchConfig
 from monitor.daemon import failpoints
 from monitor.daemon.items import Decoded, Facts, Failed, Loaded
+from monitor.daemon.parts import GeometryAhead
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler, check_opened_inside
 from monitor.errors import ImageError
@@ -27,11 +28,12 @@ class Loader(Stage):
 
     def __init__(self, *, inbox: queue.Queue[Candidate], outbox: queue.Queue[Decoded],
                  watch: Mapping[str, WatchConfig], settlers: Mapping[str, Settler],
-                 stop: threading.Event) -> None:
+                 stop: threading.Event, geometry: GeometryAhead | None = None) -> None:
         super().__init__("loader", stop=stop)
         self.inbox, self.outbox = inbox, outbox
         self.watch = watch  # printer -> its [watch] settings
         self.settlers = settlers
+        self.geometry = geometry  # prepares each layer's slice and printed area beside the model
 
     def _loop(self) -> None:
         while not self.stop_event.is_set():
@@ -93,4 +95,6 @@ class Loader(Stage):
                                                   changed=changed)
                 return None
             return Failed(cand, sig, str(e), facts)
-        return Loaded(cand, gray, sig, facts, (time.perf_counter() - t0) * 1000.0)
+        geometry = None if self.geometry is None else self.geometry.submit(
+            cand.printer, cand.key.build, cand.key.layer, path=cand.path, gray=gray)
+        return Loaded(cand, gray, sig, facts, (time.perf_counter() - t0) * 1000.0, geometry)

@@ -1,16 +1,20 @@
-"""The analyser's geometry step: a layer against its nominal slice -> per-part statistics,
-and the parts' zone (the nominal parts grown by the tolerance) that `scope = "parts"` rules
-count defects in.
+"""The geometry step: a layer against its nominal slice -> per-part statistics, and the
+parts' zone (the nominal parts grown by the tolerance) that `scope = "parts"` rules count
+defects in.
 
-One `PartMeter` per printer, built once from its `[camera]` and `[geometry]`; used by the
-analyser thread only. A layer without a slice, or whose slice cannot be read, is analysed as
-if no slices were configured (logged once per layer).
+One `PartMeter` per printer, built once from its `[camera]` and `[geometry]`. The step is in
+two halves: `prepare` (the slice, its registration and the printed area: all the image
+needs) runs on the `GeometryAhead` thread while the model segments the same layer, and
+`finish` (per-part statistics, which need the model's masks) runs on the analyser. A layer
+without a slice, or whose slice cannot be read, is analysed as if no slices were configured
+(logged once per layer).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +61,16 @@ class LayerParts:
         return int(np.bincount(ids).argmax()) if ids.size else None
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a layer's geometry needs of the image alone, computed ahead of the model."""
+
+    labels: npt.NDArray[np.int32]  # (H, W) nominal part ids in image pixels, 0 outside
+    calibration: Calibration
+    printed: BoolArray  # (H, W) freshly melted pixels
+    zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm
+
+
 class PartMeter:
     """Nominal slices and calibrations of one printer (cached per image and frame size)."""
 
@@ -84,14 +98,9 @@ class PartMeter:
                 frame_mm=self.geometry.frame_mm, pixel_size_mm=self.camera.pixel_size_mm)
         return cal
 
-    def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
-                masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:
-        """Per-part statistics of one layer; None when it has no usable slice.
-
-        Args:
-            gray: (H, W) the decoded camera image.
-            masks: (C, H, W) class masks in `class_names` order (after ignore regions).
-        """
+    def prepare(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic]
+                ) -> Prepared | None:
+        """The layer's slice in image pixels and its printed area; None without a slice."""
         h, w = gray.shape[:2]
         try:
             nominal = self.slices.get(build, layer, stem=path.stem, image_size=(w, h))
@@ -114,17 +123,49 @@ class PartMeter:
         # grey levels 0-255 whatever the file's depth: the printed-area texture floor is in them
         printed = printed_area(np.asarray(gray, np.float32) * np.float32(255), inside,
                                tolerance_px=tol, params=self.params)
-        classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
-        stats = part_stats(labels, printed.mask, classes, cal,
-                           tolerance_mm=self.geometry.tolerance_mm)
         if tol:
             disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tol + 1, 2 * tol + 1))
             zone = cv2.dilate(inside.astype(np.uint8), disk).astype(bool)
         else:
             zone = inside
+        return Prepared(labels, cal, printed.mask, zone)
+
+    def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]
+               ) -> LayerParts:
+        """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
+        `class_names` order, after ignore regions)."""
+        classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
+        stats = part_stats(prep.labels, prep.printed, classes, prep.calibration,
+                           tolerance_mm=self.geometry.tolerance_mm)
         parts = tuple(PartRecord(id=p.id, nominal_mm2=p.nominal_mm2,
                                  printed_fraction=p.printed_fraction,
                                  excess_fraction=p.excess_fraction,
                                  centroid_shift_mm=p.centroid_shift_mm,
                                  classes=dict(p.classes)) for p in stats)
-        return LayerParts(parts, zone, labels, cal)
+        return LayerParts(parts, prep.zone, prep.labels, prep.calibration)
+
+    def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
+                masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:
+        """Both halves at once (tools and tests); None when the layer has no usable slice."""
+        prep = self.prepare(build, layer, path=path, gray=gray)
+        return None if prep is None else self.finish(prep, masks, class_names)
+
+
+class GeometryAhead:
+    """One thread that owns the meters' slices and calibration caches and prepares each
+    layer's geometry as soon as it is decoded, so that it overlaps the model instead of
+    adding to a layer's latency after it."""
+
+    def __init__(self, meters: Mapping[str, PartMeter]) -> None:
+        self.meters = dict(meters)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="geometry")
+
+    def submit(self, printer: str, build: str, layer: int, *, path: Path,
+               gray: npt.NDArray[np.generic]) -> Future[Prepared | None] | None:
+        meter = self.meters.get(printer)
+        if meter is None:
+            return None
+        return self._pool.submit(meter.prepare, build, layer, path=path, gray=gray)
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
