@@ -23,9 +23,9 @@ daemon's analyser thread: layers, stall checks, acks, mutes and reloads reach it
 through the analyser's queue, so it takes no lock.
 Its state is persisted with each layer.
 
-The engine keeps the builds' state and calls the checks: threshold rules
-(monitor.alarms.rules), part alarms (.parts), track alarms (.tracks) and stalls (.stall),
-which share one lifecycle (.lifecycle).
+The engine keeps the builds' state (monitor.alarms.lifecycle) and calls the checks:
+threshold rules (monitor.alarms.rules), part alarms (.parts), track alarms (.tracks) and
+stalls (.stall).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A build's alarm state and one layer of a rule's lifecycle: streak, open, clear.
 
-Threshold rules, part alarms and tracks all go through ``step``; the lifecycle and how
-layers are counted are described in monitor.alarms.engine.
+Threshold rules and part alarms go through ``step``; the lifecycle and how layers are
+counted are described in monitor.alarms.engine.
 """
 
 from __future__ import annotations
