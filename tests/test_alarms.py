@@ -272,7 +272,7 @@ def test_a_step_above_the_baseline_alarms_and_clears() -> None:
 
 
 def test_relative_limit_formula() -> None:
-    from monitor.alarms.engine import relative_limit
+    from monitor.alarms.rules import relative_limit
     from monitor.config import AlarmRule
 
     rule = AlarmRule.model_validate({**REL, "threshold": 1.0, "mad_k": 2.0})

@@ -6,7 +6,8 @@ overlaps the box of one of the track's components in the track's last layer (at 
 A track's volume is the sum of its components' areas times the layer thickness. A track
 that spans ``alarm_layers`` layers, or whose volume exceeds ``alarm_volume_mm3``, is a
 defect growing through the part: it raises one alarm, which clears when the track stops (no
-continuation within the gap).
+continuation within the gap). ``track_events`` turns a layer's track changes into those
+alarms (rule ``track.<class>``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from monitor.config import TracksConfig
-from monitor.records import Track, TrackChange
+from monitor.records import AlarmEvent, BuildKey, Track, TrackChange
 from monitor.vision.stats import Component, LayerStats
+
+TRACK_PREFIX = "track."
 
 
 def _box(c: Component) -> tuple[int, int, int, int]:
@@ -119,3 +122,61 @@ class BuildTracks:
 def track_classes_known(cfg: TracksConfig, class_names: Sequence[str]) -> list[str]:
     """Configured track classes the model does not have."""
     return [c for c in cfg.classes if c not in class_names]
+
+
+def _box_centre(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[float, float] | None:
+    if not boxes:
+        return None
+    return ((min(b[0] for b in boxes) + max(b[2] for b in boxes)) / 2,
+            (min(b[1] for b in boxes) + max(b[3] for b in boxes)) / 2)
+
+
+def track_events(key: BuildKey, layer: int, change: TrackChange, live: Iterable[Track], *,
+                 cfg: TracksConfig, in_grace: bool, muted: Callable[[str], bool],
+                 capped: bool, locate: Callable[[float, float], int | None] | None
+                 ) -> list[AlarmEvent]:
+    """A layer's track alarms: tracks that reached the limits open one, ended ones clear.
+
+    Args:
+        live: the build's live tracks (after the layer's update).
+        in_grace: the layer is in the build's grace layers (no track alarm opens).
+        muted: class -> whether the build's class is muted.
+        capped: the model is not trusted on this camera (warning, no hook).
+        locate: image (x, y) -> the nominal part there, for tracks.one_per_part.
+    """
+    events: list[AlarmEvent] = []
+    sev = "warning" if capped else cfg.severity
+
+    def where(t: Track) -> tuple[float, float]:
+        return _box_centre(t.boxes) or ((t.x0 + t.x1) / 2, (t.y0 + t.y1) / 2)
+
+    def group(t: Track) -> tuple[str, int | None]:
+        return (t.class_name, locate(*where(t)) if locate is not None else None)
+
+    fresh = {id(t) for t in change.alarms}
+    # (class, part) groups with a track alarm open: one alarm per class and part at a time
+    busy = ({group(t) for t in live if t.alarmed and id(t) not in fresh}
+            if cfg.one_per_part else set())
+    for t in change.alarms:
+        g = group(t) if cfg.one_per_part else None
+        if in_grace or muted(t.class_name) or g in busy:
+            t.alarmed = False  # may still alarm once the grace is over, unmuted or free
+            continue
+        if g is not None:
+            busy.add(g)
+        by_layers = t.layers >= cfg.alarm_layers
+        events.append(AlarmEvent(
+            "open", key.printer, key.build, layer, t.class_name,
+            TRACK_PREFIX + t.class_name, sev,
+            float(t.layers) if by_layers else t.volume_mm3,
+            float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number,
+            model_trusted=not capped, unit="layers" if by_layers else "mm³",
+            position_px=where(t)))
+    for t in change.ended:
+        if t.alarmed:
+            events.append(AlarmEvent(
+                "clear", key.printer, key.build, layer, t.class_name,
+                TRACK_PREFIX + t.class_name, sev, float(t.layers),
+                float(cfg.alarm_layers), track=t.number, model_trusted=not capped,
+                unit="layers"))
+    return events

@@ -241,6 +241,16 @@ class ControlServer:
         self.stop()
 
 
+def start_control(endpoint: str, handler: Handler, *, curve: CurveServer | None,
+                  context: zmq.Context[zmq.Socket[bytes]] | None,
+                  undo: list[Callable[[], None]]) -> ControlServer:
+    """The state endpoint, started (its stop pushed on `undo`)."""
+    control = ControlServer(endpoint, handler, curve=curve, context=context)
+    control.start()
+    undo.append(control.stop)
+    return control
+
+
 def request(
     endpoint: str,
     msg: dict[str, Any],

@@ -19,13 +19,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor.alarms.regions import Regions
-from monitor.alarms.trust import ModelTrust, model_trust
+from monitor.alarms.trust import ModelTrust
 from monitor.config import Config
 from monitor.daemon.analyser import Analyser, new_engine
 from monitor.daemon.committer import Committer
 from monitor.daemon.curve import curve_server, start_curve
 from monitor.daemon.health import health_report, is_healthy
-from monitor.daemon.hook import HookRunner
+from monitor.daemon.hook import HookRunner, start_hook
 from monitor.daemon.instance import claim_state_dir
 from monitor.daemon.items import Analysable, Decoded
 from monitor.daemon.loader import Loader
@@ -39,6 +39,7 @@ from monitor.daemon.reload import Reloader
 from monitor.daemon.requests import Requests
 from monitor.daemon.sinks import Fanout
 from monitor.daemon.stage import Stage
+from monitor.daemon.trust import fleet_trust, log_trust, untrusted
 from monitor.daemon.watcher import Candidate, Settler, start_settlers
 from monitor.daemon.worker import Worker, load_model
 from monitor.errors import MonitorError
@@ -159,10 +160,9 @@ class Daemon:
             stop=self._stop, parts=meters)
         self._reloader = Reloader(cfg, worker=worker, analyser=analyser,
                                   on_model=self._set_model_info)
-        requests = Requests(printer=self.printer, reader=reader, analyser=analyser,
-                            committer=committer, health=self.health,
-                            active_s=cfg.alarms.stall.active_s)
-        self._requests = requests
+        requests = self._requests = Requests(
+            printer=self.printer, reader=reader, analyser=analyser, committer=committer,
+            health=self.health, active_s=cfg.alarms.stall.active_s)
         self._start_control(requests.handle, ctx)
         self._start_metrics(metrics, model)
         self._stack.append(maps.stop)
@@ -187,13 +187,9 @@ class Daemon:
         return engine, reader
 
     def _start_hook(self) -> HookRunner | None:
-        h = self.cfg.alarms.hook
-        if not h.command:
-            return None
-        hook = HookRunner(h.command, timeout_s=h.timeout_s)
-        hook.start()
-        self._stack.append(hook.stop)
-        self._serving["hook"] = hook
+        hook = start_hook(self.cfg.alarms.hook, undo=self._stack)
+        if hook is not None:
+            self._serving["hook"] = hook
         return hook
 
     def _init_zmq(self) -> Any:
@@ -213,12 +209,7 @@ class Daemon:
             on_sent=lambda seqs: writer.submit(lambda s: writes.mark_published(s, seqs)),
             curve=curve_server(self.cfg), context=ctx,
         )
-
-        def outbox(s: Session) -> tuple[int, list[Outgoing]]:
-            writes.prune_outbox(s)
-            return queries.last_seq(s), queries.pending_outbox(s)
-
-        last, pending = writer.call(outbox)
+        last, pending = writer.call(_outbox)
         publisher.start(last_seq=last - len(pending))
         self._stack.append(publisher.stop)
         self._serving["publisher"] = publisher
@@ -244,13 +235,11 @@ class Daemon:
 
     def _start_control(self, handler: Callable[[dict[str, Any]], dict[str, Any]],
                        ctx: Any) -> None:
-        from monitor.daemon.control import ControlServer
+        from monitor.daemon.control import start_control
 
-        control = ControlServer(self.cfg.publish.state_endpoint, handler,
-                                curve=curve_server(self.cfg), context=ctx)
-        control.start()
-        self._stack.append(control.stop)
-        self._serving["state_endpoint"] = control
+        self._serving["state_endpoint"] = start_control(
+            self.cfg.publish.state_endpoint, handler, curve=curve_server(self.cfg),
+            context=ctx, undo=self._stack)
 
     def _start_metrics(self, metrics: Metrics, model: Segmenter) -> None:
         self._set_model_info(model)
@@ -266,21 +255,13 @@ class Daemon:
 
     def _set_trust(self, model: Segmenter) -> None:
         """Which cameras the served weights are trusted on; logged when it changes."""
-        trust_unadapted = self.cfg.alarms.trust_unadapted
-        trust = {name: model_trust(model.info.adapted_cameras, p.camera.id,
-                                   trust_unadapted=trust_unadapted)
-                 for name, p in self.printers.items()}
+        trust = fleet_trust(model, self.printers,
+                            trust_unadapted=self.cfg.alarms.trust_unadapted)
         if trust != self.trust:
-            for name, t in trust.items():
-                who = f"printer {name}: " if name else ""
-                if not t.trusted:
-                    log.warning("%smodel not trusted on this camera: %s", who, t.reason)
-                elif t.reason:
-                    log.info("%s%s", who, t.reason)
+            log_trust(trust, log)
         self.trust = trust
         if self._analyser is not None:
-            self._analyser.engine.untrusted = frozenset(
-                n for n, t in trust.items() if not t.trusted)
+            self._analyser.engine.untrusted = untrusted(trust)
 
     def _start_stages(self, *stages: Stage) -> None:
         self._stages = stages
@@ -294,11 +275,7 @@ class Daemon:
         self._stack.append(join)
 
     def _start_settlers(self, reader: Engine) -> None:
-        def known_images() -> dict[str, tuple[int | None, int | None]]:
-            with Session(reader) as s:
-                return queries.known_images(s)
-
-        start_settlers(self.printers, self._candidates, known=known_images,
+        start_settlers(self.printers, self._candidates, known=lambda: _known_images(reader),
                        into=self.settlers, undo=self._stack)
 
     def _last_arrivals(self) -> dict[str, float]:
@@ -330,6 +307,17 @@ class Daemon:
         return is_healthy(stages=self._stages, writer=self.writer,
                           plant_alive=self._plant.alive, serving=self._serving.values(),
                           within_s=within_s)
+
+
+def _outbox(s: Session) -> tuple[int, list[Outgoing]]:
+    """The last sequence number and the messages committed but not yet published."""
+    writes.prune_outbox(s)
+    return queries.last_seq(s), queries.pending_outbox(s)
+
+
+def _known_images(reader: Engine) -> dict[str, tuple[int | None, int | None]]:
+    with Session(reader) as s:
+        return queries.known_images(s)
 
 
 def _drain(writer: StoreWriter) -> None:

@@ -18,8 +18,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from monitor.config import HookConfig
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +212,14 @@ def _talk(proc: subprocess.Popen[bytes], stdin: bytes, timeout_s: float) -> tupl
         for f in (proc.stdin, proc.stderr):
             if not f.closed:
                 f.close()
+
+
+def start_hook(cfg: HookConfig, *, undo: list[Callable[[], None]]) -> HookRunner | None:
+    """The hook's thread, started (its stop pushed on `undo`), when [alarms.hook] names a
+    command; else None."""
+    if not cfg.command:
+        return None
+    hook = HookRunner(cfg.command, timeout_s=cfg.timeout_s)
+    hook.start()
+    undo.append(hook.stop)
+    return hook

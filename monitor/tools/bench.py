@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.config import DEFAULT_TILE_SIZE
+from monitor.config import DEFAULT_TILE_SIZE, Config
 from monitor.training.synth import BuildGenerator
 from monitor.vision.backends import BACKENDS, cpu_threads, installed
 from monitor.vision.model import ModelInfo, UNet, load_weights
@@ -128,6 +128,104 @@ def _backend_time(loaded: _Loaded, backend: str, images: list[np.ndarray], tile:
     return _median_predict(seg, images)
 
 
+@dataclass
+class _Arrivals:
+    """The bench's subscriber: when each layer's message arrived, and its inference time."""
+
+    got: dict[int, tuple[float, float]] = field(default_factory=dict)
+    beat: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+    # waited on, not polled: the daemon has the CPU
+    arrived: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+
+    def start(self, endpoint: str) -> None:
+        self.thread = threading.Thread(target=self._listen, args=(endpoint,),
+                                       name="bench-subscriber", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def _listen(self, endpoint: str) -> None:
+        from monitor.daemon.publisher import subscribe
+
+        for topic, msg in subscribe(endpoint, stop=self.stop):
+            if topic == "heartbeat":
+                self.beat.set()
+            elif topic == "layer":
+                with self.arrived:
+                    self.got[msg["layer"]] = (time.time(), float(msg.get("infer_ms") or 0))
+                    self.arrived.notify_all()
+
+
+def _e2e_config(work: Path, weights: Path, *, geometry: bool) -> Config:
+    from monitor.config import parse_config
+    from monitor.tools.demo import free_tcp_endpoint
+
+    data: dict[str, Any] = {
+        "watch": {"dir": "watch", "create": True, "settle_s": 0.5, "rescan_interval_s": 0},
+        "model": {"weights": str(weights)}, "store": {"state_dir": "state", "maps": True},
+        "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
+                    "heartbeat_interval_s": 0.2, "startup_grace_s": 0},
+        "metrics": {"listen": ""}, "alarms": {"stall": {"enabled": False}},
+    }
+    if geometry:
+        data["geometry"] = {"nominal": "nominal/{build}/layer_{layer:05d}.png"}
+    return parse_config(data, base_dir=work)
+
+
+def _latencies(cfg: Config, write: Callable[[int], None], layers: int,
+               sub: _Arrivals) -> tuple[list[float], float]:
+    """Layers written one at a time, each once the last one's message came: the sorted
+    latencies (ms) and the median inference time (ms)."""
+    from monitor.daemon.daemon import Daemon
+
+    daemon = Daemon(cfg)
+    daemon.start()
+    sub.start(cfg.publish.endpoint)
+    try:
+        sub.beat.wait(10)
+        closed: dict[int, float] = {}
+        for i in range(layers):
+            write(i)
+            closed[i + 1] = time.time()
+            with sub.arrived:
+                sub.arrived.wait_for(functools.partial(sub.got.__contains__, i + 1),
+                                     timeout=120)
+        got = sub.got
+        lat = sorted((got[n][0] - closed[n]) * 1000 for n in closed if n in got)
+        infer = statistics.median(got[n][1] for n in closed if n in got)
+    finally:
+        daemon.stop()
+    return lat, infer
+
+
+def _backlog_rate(cfg: Config, write: Callable[[int], None], layers: int, backlog: int,
+                  sub: _Arrivals) -> float:
+    """Layers written while the daemon is down, then a start: layers per second."""
+    from monitor.daemon.daemon import Daemon
+
+    rate = float("nan")
+    for i in range(layers, layers + backlog):
+        write(i)
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        with sub.arrived:
+            sub.arrived.wait_for(lambda: len(sub.got) >= layers + backlog, timeout=600)
+        # The steady rate, first message to last: not the start-up (model load, warm-up).
+        done = sorted(sub.got[n][0] for n in range(layers + 1, layers + backlog + 1)
+                      if n in sub.got)
+        if len(done) > 1:
+            rate = (len(done) - 1) / (done[-1] - done[0])
+    finally:
+        daemon.stop()
+    return rate
+
+
 def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
                geometry: bool = False) -> dict[str, float]:
     """Latency from a closed file to a received message on the real daemon, and the rate at
@@ -137,24 +235,12 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
     `[geometry] nominal` names them, so the daemon also finds each layer's printed area
     and part statistics (once it is wired to; until then the key changes nothing).
     """
-    from monitor.config import parse_config
-    from monitor.daemon.daemon import Daemon
-    from monitor.daemon.publisher import subscribe
-    from monitor.tools.demo import free_tcp_endpoint, write_layer_file
+    from monitor.tools.demo import write_layer_file
 
     gen = BuildGenerator(size=size, layers=layers + backlog, seed=5)
     with tempfile.TemporaryDirectory(prefix="pbf-bench-") as tmp:
         work = Path(tmp)
-        data: dict[str, Any] = {
-            "watch": {"dir": "watch", "create": True, "settle_s": 0.5, "rescan_interval_s": 0},
-            "model": {"weights": str(weights)}, "store": {"state_dir": "state", "maps": True},
-            "publish": {"endpoint": free_tcp_endpoint(), "state_endpoint": free_tcp_endpoint(),
-                        "heartbeat_interval_s": 0.2, "startup_grace_s": 0},
-            "metrics": {"listen": ""}, "alarms": {"stall": {"enabled": False}},
-        }
-        if geometry:
-            data["geometry"] = {"nominal": "nominal/{build}/layer_{layer:05d}.png"}
-        cfg = parse_config(data, base_dir=work)
+        cfg = _e2e_config(work, weights, geometry=geometry)
 
         def write(i: int) -> None:
             if geometry:
@@ -164,58 +250,12 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
 
         build = cfg.watch.dir / "B"
         build.mkdir(parents=True)
-        got: dict[int, tuple[float, float]] = {}
-        beat = threading.Event()
-        stop = threading.Event()
-        arrived = threading.Condition()  # waited on, not polled: the daemon has the CPU
-
-        def listen() -> None:
-            for topic, msg in subscribe(cfg.publish.endpoint, stop=stop):
-                if topic == "heartbeat":
-                    beat.set()
-                elif topic == "layer":
-                    with arrived:
-                        got[msg["layer"]] = (time.time(), float(msg.get("infer_ms") or 0))
-                        arrived.notify_all()
-
-        daemon = Daemon(cfg)
-        daemon.start()
-        thread = threading.Thread(target=listen, name="bench-subscriber", daemon=True)
-        thread.start()
+        sub = _Arrivals()
         try:
-            beat.wait(10)
-            closed: dict[int, float] = {}
-            for i in range(layers):
-                write(i)
-                closed[i + 1] = time.time()
-                with arrived:
-                    arrived.wait_for(functools.partial(got.__contains__, i + 1), timeout=120)
-            lat = sorted((got[n][0] - closed[n]) * 1000 for n in closed if n in got)
-            infer = statistics.median(got[n][1] for n in closed if n in got)
+            lat, infer = _latencies(cfg, write, layers, sub)
+            rate = _backlog_rate(cfg, write, layers, backlog, sub) if backlog else float("nan")
         finally:
-            daemon.stop()
-        rate = float("nan")
-        try:
-            if backlog:
-                # Backlog: layers written while the daemon is down, then a start.
-                for i in range(layers, layers + backlog):
-                    write(i)
-                daemon = Daemon(cfg)
-                daemon.start()
-                try:
-                    with arrived:
-                        arrived.wait_for(lambda: len(got) >= layers + backlog, timeout=600)
-                    # The steady rate, first message to last: not the start-up (model load,
-                    # warm-up).
-                    done = sorted(got[n][0] for n in range(layers + 1, layers + backlog + 1)
-                                  if n in got)
-                    if len(done) > 1:
-                        rate = (len(done) - 1) / (done[-1] - done[0])
-                finally:
-                    daemon.stop()
-        finally:
-            stop.set()
-            thread.join(5)
+            sub.close()
 
     def pct(p: float) -> float:
         return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))]
@@ -271,6 +311,62 @@ def layer_peak_rss(weights: Path, size: int) -> tuple[float, float]:
     return before, after
 
 
+def _backend_rows(res: BenchResult, loaded: _Loaded, images: list[np.ndarray], *, tile: int,
+                  cache: Path, device: torch.device, gflop: float, base: float,
+                  progress: Callable[[str], None]) -> tuple[str, float] | None:
+    """A row per installed backend (and OpenVINO bf16); returns the default backend's
+    (name, seconds per layer)."""
+    default = None
+    variants = [(b, "f32") for b in BACKENDS if installed(b)]
+    if installed("openvino"):
+        variants.append(("openvino", "bf16"))
+    for backend, precision in variants:
+        progress(f"{backend} {precision}")
+        t = _backend_time(loaded, backend, images, tile, cache, precision)
+        label = f"{backend}" + (" (channels_last)" if backend == "torch" else "") + (
+            " bf16" if precision == "bf16" else "")
+        res.rows.append({"what": label, "ms": t * 1e3, "speedup": base / t,
+                         "gflops": gflop / t})
+        if precision == "f32" and backend == _default_backend(device):
+            default = (backend, t)
+    return default
+
+
+def _seed_rows(res: BenchResult, info: ModelInfo, images: list[np.ndarray], *, seed_size: int,
+               tile: int, cache: Path, device: torch.device,
+               progress: Callable[[str], None]) -> None:
+    """The seed-width model (64) at `seed_size` px: eager fp32 and the default backend."""
+    progress(f"seed-width model (64) at {seed_size} px")
+    seed_w = cache / "seed.safetensors"
+    from monitor.vision.model import save_weights
+
+    seed_info = ModelInfo(class_names=info.class_names, base_channels=64)
+    save_weights(seed_w, seed_info.build(), seed_info)
+    seed_imgs = [im[:seed_size, :seed_size] for im in images]
+    seed = _Loaded.read(seed_w)
+    sb = _eager_fp32(seed, seed_imgs)
+    sd = _backend_time(seed, _default_backend(device), seed_imgs, tile, cache)
+    sg = model_gflop(seed_info, seed_size)
+    res.rows.append({"what": f"seed width 64 eager fp32 @ {seed_size}", "ms": sb * 1e3,
+                     "speedup": 1.0, "gflops": sg / sb})
+    res.rows.append({"what": f"seed width 64 {_default_backend(device)} @ {seed_size}",
+                     "ms": sd * 1e3, "speedup": sb / sd, "gflops": sg / sd})
+
+
+def _end_to_end_pair(weights: Path, size: int, e2e_layers: int, *,
+                     progress: Callable[[str], None]) -> dict[str, float]:
+    """End to end without, then with, nominal slices; geometry's overhead is their p50s'
+    ratio."""
+    progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
+    e2e = end_to_end(weights, size, e2e_layers)
+    progress(f"end to end with [geometry] nominal slices: {e2e_layers} layers of {size} px")
+    geo = end_to_end(weights, size, e2e_layers, backlog=0, geometry=True)
+    e2e.update({"geometry_e2e_p50_ms": geo["e2e_p50_ms"],
+                "geometry_e2e_p95_ms": geo["e2e_p95_ms"],
+                "geometry_overhead": geo["e2e_p50_ms"] / e2e["e2e_p50_ms"]})
+    return e2e
+
+
 def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: int = 20,
               seed_size: int = 512, memory_size: int = 4096,
               progress: Callable[[str], None] = print) -> BenchResult:
@@ -292,47 +388,17 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
     # beside the baseline so the gain from tiling and the gain from the engine are apart.
     progress("eager fp32 PyTorch in 1024 px tiles")
     base_tiled = _eager_fp32(loaded, images, 1024)
-    default = None
     with tempfile.TemporaryDirectory(prefix="pbf-bench-cache-") as cache:
-        variants = [(b, "f32") for b in BACKENDS if installed(b)]
-        if installed("openvino"):
-            variants.append(("openvino", "bf16"))
         res.rows.append({"what": f"eager fp32 (width {info.base_channels}), whole image",
                          "ms": base * 1e3, "speedup": 1.0, "gflops": gflop / base})
         res.rows.append({"what": "eager fp32, 1024 px tiles", "ms": base_tiled * 1e3,
                          "speedup": base / base_tiled, "gflops": gflop / base_tiled})
-        for backend, precision in variants:
-            progress(f"{backend} {precision}")
-            t = _backend_time(loaded, backend, images, tile, Path(cache), precision)
-            label = f"{backend}" + (" (channels_last)" if backend == "torch" else "") + (
-                " bf16" if precision == "bf16" else "")
-            res.rows.append({"what": label, "ms": t * 1e3, "speedup": base / t,
-                             "gflops": gflop / t})
-            if precision == "f32" and backend == _default_backend(device):
-                default = (backend, t)
+        default = _backend_rows(res, loaded, images, tile=tile, cache=Path(cache),
+                                device=device, gflop=gflop, base=base, progress=progress)
         if seed_size and device.type == "cpu":
-            progress(f"seed-width model (64) at {seed_size} px")
-            seed_w = Path(cache) / "seed.safetensors"
-            from monitor.vision.model import save_weights
-
-            seed_info = ModelInfo(class_names=info.class_names, base_channels=64)
-            save_weights(seed_w, seed_info.build(), seed_info)
-            seed_imgs = [im[:seed_size, :seed_size] for im in images]
-            seed = _Loaded.read(seed_w)
-            sb = _eager_fp32(seed, seed_imgs)
-            sd = _backend_time(seed, _default_backend(device), seed_imgs, tile, Path(cache))
-            sg = model_gflop(seed_info, seed_size)
-            res.rows.append({"what": f"seed width 64 eager fp32 @ {seed_size}", "ms": sb * 1e3,
-                             "speedup": 1.0, "gflops": sg / sb})
-            res.rows.append({"what": f"seed width 64 {_default_backend(device)} @ {seed_size}",
-                             "ms": sd * 1e3, "speedup": sb / sd, "gflops": sg / sd})
-    progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
-    e2e = end_to_end(weights, size, e2e_layers)
-    progress(f"end to end with [geometry] nominal slices: {e2e_layers} layers of {size} px")
-    geo = end_to_end(weights, size, e2e_layers, backlog=0, geometry=True)
-    e2e.update({"geometry_e2e_p50_ms": geo["e2e_p50_ms"],
-                "geometry_e2e_p95_ms": geo["e2e_p95_ms"],
-                "geometry_overhead": geo["e2e_p50_ms"] / e2e["e2e_p50_ms"]})
+            _seed_rows(res, info, images, seed_size=seed_size, tile=tile, cache=Path(cache),
+                       device=device, progress=progress)
+    e2e = _end_to_end_pair(weights, size, e2e_layers, progress=progress)
     if memory_size:
         progress(f"peak memory of a fresh process serving one {memory_size} px layer")
         loaded_mb, layer_mb = layer_peak_rss(weights, memory_size)

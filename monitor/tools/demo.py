@@ -70,6 +70,79 @@ def write_layer_file(path: Path, image: Any) -> None:
     path.write_bytes(buf.tobytes())
 
 
+def _listen(endpoint: str, build: str, console: Console, received: dict[int, dict[str, Any]],
+            connected: threading.Event, done: threading.Event) -> None:
+    """The demo's subscriber: prints each layer and alarm of the build as it is published."""
+    for topic, payload in subscribe(endpoint, stop=done):
+        if topic == "heartbeat":
+            connected.set()
+        elif topic == "layer" and payload["build"] == build:
+            received[payload["layer"]] = payload
+            # soft_wrap: one line per layer, however narrow the terminal or pipe
+            console.print(f"  layer {payload['layer']:>4}  {_describe(payload)}  "
+                          f"[dim]seq {payload['seq']}[/dim]", soft_wrap=True)
+        elif topic == "alarm":
+            console.print(f"  [bold red]ALARM[/bold red] #{payload['id']} "
+                          f"{payload['state']} {payload['severity']}: "
+                          f"{escape(payload['rule'])} {payload['value']:.4g} > "
+                          f"{payload['threshold']:.4g} at layer {payload['layer']}",
+                          soft_wrap=True)
+
+
+def _write_build(cfg: Config, workdir: Path, build: str, *, layers: int, size: int,
+                 interval_s: float, seed: int, console: Console) -> None:
+    """The synthetic build, a layer every `interval_s`: its nominal slice, then its image."""
+    gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=True)
+    for ev in gen.events_json():
+        console.print(f"  [dim]part event: part {ev['part']} {ev.get('mode') or ev['kind']}"
+                      f" in layers {ev['first_layer']}-{ev['last_layer']}[/dim]")
+    for i in range(layers):
+        layer = gen.layer(i)
+        # the slice first: the daemon looks for it when the image arrives
+        write_layer_file(workdir / NOMINAL_TEMPLATE.format(build=build, layer=i + 1),
+                         gen.nominal(i))
+        write_layer_file(cfg.watch.dir / build / f"layer_{i + 1:05d}.png", layer.image)
+        time.sleep(interval_s)
+
+
+def _read_report(cfg: Config, build: str) -> dict[str, Any]:
+    engine = open_db(cfg.store_url, writer=False)
+    try:
+        with Session(engine) as s:
+            return build_report(s, build)
+    finally:
+        engine.dispose()
+
+
+def _print_table(console: Console, report: dict[str, Any]) -> None:
+    table = to_table(report)
+    width = console.width
+    if not console.is_terminal:  # piped: a line per layer, however wide
+        wide = console.options.update_width(100_000)  # measure() clamps to the width given
+        console.width = max(width, console.measure(table, options=wide).maximum)
+    console.print(table)
+    console.width = width
+
+
+def _print_where(console: Console, cfg: Config, workdir: Path, build: str, *, kept_dir: bool,
+                 command: str) -> None:
+    """Where the demo's database is, and the commands that look at the build."""
+    if not kept_dir:
+        console.print(f"the demo's database was deleted with its temporary folder {workdir}; "
+                      f"keep it with {command} demo --workdir DIR", soft_wrap=True)
+        return
+    # A config naming the demo's folders, for the report, alarms and dashboard commands.
+    kept = workdir / "demo.toml"
+    kept.write_text('# Written by `pbf-monitor demo`: the demo\'s folders.\n[watch]\n'
+                    '# Where the demo wrote its layers.\ndir = "watch"\n[geometry]\n'
+                    '# The layers\' nominal slices.\n'
+                    f'nominal = "{NOMINAL_TEMPLATE}"\n[store]\n'
+                    '# The demo\'s database.\nstate_dir = "state"\n', encoding="utf-8")
+    console.print(f"database kept in {cfg.store_url.removeprefix('sqlite:///')}; look at "
+                  f"the build with\n  {command} report {build} -c {kept} --format html "
+                  f"--out {build}.html\n  {command} dashboard -c {kept}", soft_wrap=True)
+
+
 def run_demo(
     *,
     layers: int = 12,
@@ -102,39 +175,15 @@ def run_demo(
     received: dict[int, dict[str, Any]] = {}
     connected = threading.Event()
     done = threading.Event()
-
-    def listen() -> None:
-        for topic, payload in subscribe(cfg.publish.endpoint, stop=done):
-            if topic == "heartbeat":
-                connected.set()
-            elif topic == "layer" and payload["build"] == build:
-                received[payload["layer"]] = payload
-                # soft_wrap: one line per layer, however narrow the terminal or pipe
-                console.print(f"  layer {payload['layer']:>4}  {_describe(payload)}  "
-                              f"[dim]seq {payload['seq']}[/dim]", soft_wrap=True)
-            elif topic == "alarm":
-                console.print(f"  [bold red]ALARM[/bold red] #{payload['id']} "
-                              f"{payload['state']} {payload['severity']}: "
-                              f"{escape(payload['rule'])} {payload['value']:.4g} > "
-                              f"{payload['threshold']:.4g} at layer {payload['layer']}",
-                              soft_wrap=True)
-
-    listener = threading.Thread(target=listen, name="demo-subscriber", daemon=True)
+    listener = threading.Thread(
+        target=_listen, args=(cfg.publish.endpoint, build, console, received, connected, done),
+        name="demo-subscriber", daemon=True)
     listener.start()
     try:
         # Slow joiner: wait for a heartbeat so no layer message is sent before we listen.
         connected.wait(10)
-        gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=True)
-        for ev in gen.events_json():
-            console.print(f"  [dim]part event: part {ev['part']} {ev.get('mode') or ev['kind']}"
-                          f" in layers {ev['first_layer']}-{ev['last_layer']}[/dim]")
-        for i in range(layers):
-            layer = gen.layer(i)
-            # the slice first: the daemon looks for it when the image arrives
-            write_layer_file(workdir / NOMINAL_TEMPLATE.format(build=build, layer=i + 1),
-                             gen.nominal(i))
-            write_layer_file(cfg.watch.dir / build / f"layer_{i + 1:05d}.png", layer.image)
-            time.sleep(interval_s)
+        _write_build(cfg, workdir, build, layers=layers, size=size, interval_s=interval_s,
+                     seed=seed, console=console)
         deadline = time.monotonic() + 60 + 10 * layers
         while len(received) < layers and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -142,33 +191,10 @@ def run_demo(
         done.set()
         daemon.stop()
         listener.join(5)
-    engine = open_db(cfg.store_url, writer=False)
-    try:
-        with Session(engine) as s:
-            report = build_report(s, build)
-    finally:
-        engine.dispose()
-    table = to_table(report)
-    width = console.width
-    if not console.is_terminal:  # piped: a line per layer, however wide
-        wide = console.options.update_width(100_000)  # measure() clamps to the width given
-        console.width = max(width, console.measure(table, options=wide).maximum)
-    console.print(table)
-    console.width = width
+    report = _read_report(cfg, build)
+    _print_table(console, report)
     console.print(f"{len(received)}/{layers} layer messages received")
     if own_tmp is not None:
         own_tmp.cleanup()
-        console.print(f"the demo's database was deleted with its temporary folder {workdir}; "
-                      f"keep it with {command} demo --workdir DIR", soft_wrap=True)
-    else:
-        # A config naming the demo's folders, for the report, alarms and dashboard commands.
-        kept = workdir / "demo.toml"
-        kept.write_text('# Written by `pbf-monitor demo`: the demo\'s folders.\n[watch]\n'
-                        '# Where the demo wrote its layers.\ndir = "watch"\n[geometry]\n'
-                        '# The layers\' nominal slices.\n'
-                        f'nominal = "{NOMINAL_TEMPLATE}"\n[store]\n'
-                        '# The demo\'s database.\nstate_dir = "state"\n', encoding="utf-8")
-        console.print(f"database kept in {cfg.store_url.removeprefix('sqlite:///')}; look at "
-                      f"the build with\n  {command} report {build} -c {kept} --format html "
-                      f"--out {build}.html\n  {command} dashboard -c {kept}", soft_wrap=True)
+    _print_where(console, cfg, workdir, build, kept_dir=own_tmp is None, command=command)
     return report
