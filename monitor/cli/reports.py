@@ -237,9 +237,7 @@ def _write_masks(cfg: Config, image: Path, gray: Any, masks: Any, class_names: A
     import numpy as np
 
     from monitor.cli.geometry import image_layer, write_png
-    from monitor.geometry.layer import layer_geometry, nominal_slices
-    from monitor.geometry.parts import tolerance_px
-    from monitor.geometry.printed import PrintedParams, printed_area
+    from monitor.daemon.parts import PartMeter
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -256,16 +254,10 @@ def _write_masks(cfg: Config, image: Path, gray: Any, masks: Any, class_names: A
         except MonitorError as e:  # no layer in the name: no slice to compare with
             click.echo(f"no printed.png: {e}", err=True)
             return written
-        g = printer.geometry
-        geo = layer_geometry(printer.camera, g, nominal_slices(printer.camera, g), build=b,
-                             layer=n, stem=image.stem, image_shape=gray.shape)
-        if geo.labels is not None:
-            # the classifier's features are in grey levels (its +1 floors the texture ratio)
-            pr = printed_area(gray * np.float32(255), geo.labels > 0,
-                              tolerance_px=tolerance_px(geo.cal, geo.labels, g.tolerance_mm),
-                              params=PrintedParams(smooth_px=g.printed_smooth_px,
-                                                   min_separation=g.printed_min_separation))
-            write_png(out / "printed.png", pr.mask.astype(np.uint8) * 255)
+        # the daemon's own first half of its geometry step: exactly what it would mark
+        prep = PartMeter(printer.camera, printer.geometry).prepare(b, n, path=image, gray=gray)
+        if prep is not None:
+            write_png(out / "printed.png", prep.printed.astype(np.uint8) * 255)
             written.append("printed.png")
     return written
 
