@@ -95,18 +95,23 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
         # later, so find and click the button again until the click lands.
         from selenium.common.exceptions import StaleElementReferenceException
 
-        def click_ack(_: object) -> bool:
-            try:
-                buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
-                           if b.text.strip() == "Ack"]
-                if len(buttons) != 1:
+        def clicker(label: str, *, enabled_only: bool = False) -> Callable[[object], bool]:
+            """A wait condition that clicks the page's one button `label` (the page may redraw
+            under it: then it tries again)."""
+            def click(_: object) -> bool:
+                try:
+                    buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
+                               if b.text.strip() == label
+                               and (b.is_enabled() or not enabled_only)]
+                    if len(buttons) != 1:
+                        return False
+                    buttons[0].click()
+                    return True
+                except StaleElementReferenceException:
                     return False
-                buttons[0].click()
-                return True
-            except StaleElementReferenceException:
-                return False
+            return click
 
-        WebDriverWait(driver, 30).until(click_ack)
+        WebDriverWait(driver, 30).until(clicker("Ack"))
         assert r.listener is not None
         r.listener.wait(lambda: any(a["state"] == "acknowledged" for a in r.alarms()))
         # The page says so where the alarm is listed, not only in a toast over "(open)".
@@ -116,18 +121,7 @@ def test_dashboard_shows_the_build_and_refreshes(rig: Callable[..., Rig],  # noq
         # the Streamlit script's folder, and each plot was a ModuleNotFoundError.
         assert "Traceback" not in text() and "NotFoundError" not in text(), text()
         # The operator's verdict from the page, beside Ack: stored and published.
-        def click_false_alarm(_: object) -> bool:
-            try:
-                buttons = [b for b in driver.find_elements(By.TAG_NAME, "button")  # type: ignore[attr-defined]
-                           if b.text.strip() == "False alarm" and b.is_enabled()]
-                if len(buttons) != 1:
-                    return False
-                buttons[0].click()
-                return True
-            except StaleElementReferenceException:
-                return False
-
-        WebDriverWait(driver, 30).until(click_false_alarm)
+        WebDriverWait(driver, 30).until(clicker("False alarm", enabled_only=True))
         r.listener.wait(lambda: any(a.get("verdict") == "false_alarm" for a in r.alarms()))
         WebDriverWait(driver, 60).until(lambda _: "verdict false_alarm" in text())
         # The weights are not adapted to this camera: the page says so.
