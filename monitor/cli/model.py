@@ -38,10 +38,16 @@ from monitor.cli.options import CONFIG_OPTION, find_config, setup_logging
               help="Data-loading processes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
+@click.option("--norm", type=click.Choice(["flat", "global"]), default="flat",
+              show_default=True,
+              help="Input normalisation: flat = divided by the bed's own background and "
+                   "spread (camera-independent); global = one fixed mean and spread.")
+@click.option("--init", "init", type=click.Path(path_type=Path, dir_okay=False),
+              help="Start from these weights (same --width and classes).")
 def train(datasets: tuple[Path, ...], out: Path, width: int, epochs: int,
           steps_per_epoch: int, tile: int, batch: int, lr: float, pos_weight: str,
           defect_bias: float, val_fraction: float, device: str, workers: int, seed: int,
-          resume: bool) -> None:
+          resume: bool, norm: str, init: Path | None) -> None:
     """Train a U-Net on dataset folders; keeps the best epoch by validation defect IoU."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -51,7 +57,8 @@ def train(datasets: tuple[Path, ...], out: Path, width: int, epochs: int,
     setup_logging("INFO")
     opts = TrainOptions(width=width, epochs=epochs, steps_per_epoch=steps_per_epoch, tile=tile,
                         batch=batch, lr=lr, pos_weight=pos_weight, defect_bias=defect_bias,
-                        val_fraction=val_fraction, device=device, workers=workers, seed=seed)
+                        val_fraction=val_fraction, device=device, workers=workers, seed=seed,
+                        norm=norm, init=str(init) if init else "")
     opts.check()  # before the progress bars, so a bad option is one line
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())
@@ -152,8 +159,12 @@ def calibrate(dataset: Path, weights: Path, out: Path | None, config_path: Path 
                    "source.part_events).")
 @click.option("--no-defects", is_flag=True,
               help="Draw no defect classes: a healthy build (to count false alarms).")
+@click.option("--camera", type=click.Choice(["classic", "varied"]), default="classic",
+              show_default=True,
+              help="varied: a camera style drawn from the seed (melt brighter or darker "
+                   "than powder, lighting, walls, ghosts, thin parts, zoom, oblique view).")
 def synth(out: Path, layers: int, size: int, seed: int, part_events: bool,
-          no_defects: bool) -> None:
+          no_defects: bool, camera: str) -> None:
     """Write a synthetic build (images, masks, nominal slices, manifest) in the dataset
     format."""
     from rich.progress import Progress
@@ -164,7 +175,7 @@ def synth(out: Path, layers: int, size: int, seed: int, part_events: bool,
         task = progress.add_task(f"synth {out}", total=layers)
         manifest = write_dataset(out, layers=layers, size=size, seed=seed,
                                  part_events=part_events, defects=not no_defects,
-                                 progress=lambda i: progress.update(task, completed=i + 1))
+                                 camera=camera, progress=lambda i: progress.update(task, completed=i + 1))
     click.echo(f"wrote {manifest}")
 
 

@@ -43,6 +43,7 @@ from monitor.vision.imaging import decode
 
 DATASET_FORMAT = "pbf-monitor-dataset/1"
 MANIFEST = "manifest.json"
+CLEAN_FRAMES = "pbf-monitor dataset clean-frames"  # source.generator of real clean frames
 SYNTH_GENERATOR = "pbf-monitor synth"  # the manifest's source.generator of synthetic builds
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -108,8 +109,11 @@ class Dataset:
         s = self.source
         if s.get("generator") != SYNTH_GENERATOR:
             return None
-        return (f"pbf-monitor synth {self.root} --layers {s.get('layers')} "
-                f"--size {s.get('size')} --seed {s.get('seed')}")
+        cmd = (f"pbf-monitor synth {self.root} --layers {s.get('layers')} "
+               f"--size {s.get('size')} --seed {s.get('seed')}")
+        if s.get("camera"):
+            cmd += f" --camera {s['camera']}"
+        return cmd
 
 
 def image_path(root: Path, name: str) -> Path:
@@ -347,6 +351,6 @@ def import_clean_frames(
                 raise DatasetError(f"{path}: {e}") from e
             writer.add(f"frame_{i:05d}", np.round(gray * 65535.0).astype(np.uint16),
                        (np.full(gray.shape, cls == background) for cls in classes))
-        writer.finish({"generator": "pbf-monitor dataset clean-frames",
+        writer.finish({"generator": CLEAN_FRAMES,
                        "files": [str(f) for f in files], "background": background})
     return out / MANIFEST

@@ -59,7 +59,8 @@ from monitor.training.synth_plan import (
     plan_part_events,
     shape_at,
 )
-from monitor.training.synth_render import LayerRenderer, SynthLayer
+from monitor.training.camera import STYLES, CameraStyle
+from monitor.training.synth_render import Camera, LayerRenderer, SynthLayer, with_thin
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 
 __all__ = ["CLASS_NAMES", "GENERATOR_NAME", "BuildGenerator", "SynthLayer", "write_dataset"]
@@ -76,7 +77,8 @@ class BuildGenerator:
     """A synthetic build: `layer(i)` renders layer i deterministically from (size, layers, seed)."""
 
     def __init__(self, *, size: int = 512, layers: int = 40, seed: int = 0,
-                 part_events: bool = False, defects: bool = True) -> None:
+                 part_events: bool = False, defects: bool = True,
+                 camera: str = "classic") -> None:
         if size < _MIN_SIZE:
             raise ValueError(f"size={size} is too small; use at least {_MIN_SIZE} px")
         if layers < 1:
@@ -91,6 +93,15 @@ class BuildGenerator:
                 over_melting=frozenset(), under_melting=frozenset())
         self.events: tuple[PartEvent, ...] = (
             plan_part_events(seed, layers, len(self._plan.parts)) if part_events else ())
+        if camera not in STYLES:
+            raise ValueError(f"camera={camera!r}; use one of {', '.join(STYLES)}")
+        self.camera: Camera | None = None
+        if camera == "varied":  # this build's own camera, drawn from its seed
+            style = CameraStyle.draw(seed)
+            occupied = np.zeros((size, size), dtype=np.bool_)
+            for t in {0, layers // 2, layers - 1}:
+                occupied |= self._plain_ids(t) > 0
+            self.camera = Camera(style, seed, style.thin_parts(seed, size, occupied))
 
     def _check(self, index: int) -> None:
         if not 0 <= index < self.layers:
@@ -100,7 +111,11 @@ class BuildGenerator:
         """Render layer `index` (0-based)."""
         self._check(index)
         rng = np.random.default_rng([self.seed, 2, index])
-        return LayerRenderer(self._plan, self.size, index, rng, self.events).render()
+        return LayerRenderer(self._plan, self.size, index, rng, self.events,
+                             self.camera).render()
+
+    def _plain_ids(self, index: int) -> U8:
+        return part_id_map([shape_at(p, index, self.size) for p in self._plan.parts], self.size)
 
     def part_ids(self, index: int) -> U8:
         """(H, W) uint8 map of the intended part geometry at layer `index`: 0 powder, k+1 part k.
@@ -108,7 +123,11 @@ class BuildGenerator:
         Like Peregrine's ``part_ids``; misprints and the overhang of a swelling lie outside it.
         """
         self._check(index)
-        return part_id_map([shape_at(p, index, self.size) for p in self._plan.parts], self.size)
+        ids = self._plain_ids(index)
+        if self.camera is None:
+            return ids
+        ids = with_thin(ids, self.camera.thin, len(self._plan.parts))
+        return np.asarray(self.camera.style.view(ids, nearest=True))
 
     def nominal(self, index: int) -> U8:
         """(H, W) uint8 nominal slice of layer `index`: 255 where a part is intended."""
@@ -146,6 +165,7 @@ def write_dataset(
     start_layer: int = 1,
     part_events: bool = False,
     defects: bool = True,
+    camera: str = "classic",
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write a build in the dataset format; returns the manifest path.
@@ -159,6 +179,8 @@ def write_dataset(
         part_events: a part breaks off and another distorts (see the module docstring).
         defects: False draws no defect (swelling, spatter, misprint, over/under melting): a
             healthy build, e.g. to count false alarms.
+        camera: "classic" (the original look) or "varied": a camera style drawn from the
+            seed (monitor.training.camera).
         progress: called with each layer's 0-based index once that layer is written.
 
     Returns:
@@ -167,7 +189,7 @@ def write_dataset(
     if start_layer < 0:
         raise ValueError(f"start_layer={start_layer}; use a non-negative layer number")
     gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=part_events,
-                         defects=defects)
+                         defects=defects, camera=camera)
     writer = DatasetWriter(Path(out), CLASS_NAMES)
     nominal = Path(out) / NOMINAL_DIR
     nominal.mkdir(parents=True, exist_ok=True)
@@ -182,6 +204,8 @@ def write_dataset(
                                  "nominal": f"{NOMINAL_DIR}/layer_{{layer:05d}}.png"}
     if not defects:
         source["defects"] = False
+    if camera != "classic":
+        source["camera"] = camera
     if part_events:
         source["part_events"] = gen.events_json(start_layer)
     return writer.finish(source)

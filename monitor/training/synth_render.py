@@ -31,9 +31,28 @@ from monitor.training.synth_plan import (
     smooth_noise,
     superellipse,
 )
+from monitor.training.camera import CameraStyle
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 
 NO_DEFECT, SWELLING, SPATTER, MISPRINT, OVER_MELTING, UNDER_MELTING = range(6)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A varied build's camera: its style, the seed its draws come from, and the bed's thin
+    structures (ids after the plan's parts; 0 elsewhere)."""
+
+    style: CameraStyle
+    seed: int
+    thin: U8
+
+
+def with_thin(ids: U8, thin: U8, n_parts: int) -> U8:
+    """A part map with the thin structures added after the plan's `n_parts` parts."""
+    if not thin.any():
+        return ids
+    return np.where((thin > 0) & (ids == 0), thin.astype(np.int32) + n_parts,
+                    ids).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -49,11 +68,14 @@ class LayerRenderer:
     """Draws one layer; holds its scene, part map and masks while they are built."""
 
     def __init__(self, plan: Plan, size: int, index: int, rng: np.random.Generator,
-                 events: tuple[PartEvent, ...] = ()) -> None:
+                 events: tuple[PartEvent, ...] = (), camera: Camera | None = None) -> None:
         self.plan, self.size, self.index, self.rng = plan, size, index, rng
+        self.camera = camera
         self.shapes = [shape_at(p, index, size) for p in plan.parts]
         # What the slice says; the parts below are what is melted (part events change them).
         self.nominal = part_id_map(self.shapes, size)
+        if camera is not None:
+            self.nominal = with_thin(self.nominal, camera.thin, len(plan.parts))
         active = [e for e in events if e.start <= index < e.stop]
         for e in active:
             if e.kind == "distorted":
@@ -61,11 +83,17 @@ class LayerRenderer:
         self.levels = np.array(
             [PART_LEVEL + p.level + rng.normal(0.0, 3.0) for p in plan.parts], dtype=np.float32
         )
+        if camera is not None and camera.thin.any():
+            extra = int(camera.thin.max())
+            self.levels = np.concatenate(
+                [self.levels, np.full(extra, self.levels.mean(), dtype=np.float32)])
         self.masks = np.zeros((len(DEFAULT_CLASS_NAMES), size, size), dtype=np.bool_)
         # Hatch period ~ a scan-track pitch: a few pixels, finer beds get more pixels per track.
         self.period = max(3.0, size / 220.0)
         self.gap = max(4, round(size / 100))  # powder kept between a part and a misprint
         self.ids = part_id_map(self.shapes, size) if active else self.nominal
+        if active and camera is not None:
+            self.ids = with_thin(self.ids, camera.thin, len(plan.parts))
         for e in active:
             if e.kind == "missing":  # broken off: powder where the slice says part
                 self.ids = np.where(self.ids == e.part + 1, 0, self.ids).astype(np.uint8)
@@ -180,10 +208,12 @@ class LayerRenderer:
         for k in pool[n_over : n_over + n_under]:
             draw_under_melting(self, scene, k)
 
-        gain = np.asarray(
-            cv2.resize(plan.illumination, (s, s), interpolation=cv2.INTER_LINEAR), dtype=np.float32
-        )
-        image = scene * (gain * np.float32(1.0 + rng.normal(0.0, 0.015)))
+        if self.camera is None:
+            gain = np.asarray(cv2.resize(plan.illumination, (s, s),
+                                         interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+            image = scene * (gain * np.float32(1.0 + rng.normal(0.0, 0.015)))
+        else:  # the camera lights the scene itself (Camera.style.photograph)
+            image = scene.copy()
         for k in pool[:n_over]:
             draw_over_melting(self, image, k)
         if t in plan.spatter:
@@ -194,6 +224,9 @@ class LayerRenderer:
         self.masks[MISPRINT] |= parts & (self.nominal == 0) & ~self.masks[SWELLING]
         defects = self.masks[SWELLING] | self.masks[SPATTER] | self.masks[MISPRINT]
         self.masks[NO_DEFECT] = ~(parts | defects)
+        if self.camera is not None:
+            out, masks = self.camera.style.photograph(self, image, self.camera.seed)
+            return SynthLayer(index=t, image=out, masks=masks)
         out = np.clip(image + 0.5, 0, 255).astype(np.uint8)
         return SynthLayer(index=t, image=out, masks=self.masks)
 

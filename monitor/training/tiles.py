@@ -7,12 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import torch
 
-from monitor.training.dataset import Dataset
+from monitor.training.dataset import CLEAN_FRAMES, Dataset
 from monitor.vision.classes import NO_DEFECT
-from monitor.vision.imaging import normalize
+from monitor.vision.imaging import FLAT_CLIP, flatten, normalize
 from monitor.vision.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -30,10 +31,13 @@ class LayerRef:
 
 
 class LayerCache:
-    """Decoded layers kept in memory up to a budget, loaded again when evicted."""
+    """Decoded layers kept in memory up to a budget, loaded again when evicted. With a
+    "flat" normalisation the cache holds the layer as the model sees it (flattened whole,
+    as serving does), so tiles never see a different background estimate."""
 
-    def __init__(self, classes: Sequence[str], budget_mb: int) -> None:
+    def __init__(self, classes: Sequence[str], budget_mb: int, norm: str = "global") -> None:
         self.classes = tuple(classes)
+        self.norm = norm
         self.budget = budget_mb * 2**20
         self.used = 0
         self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
@@ -46,6 +50,8 @@ class LayerCache:
         if hit is not None:
             return hit
         gray, masks = ref.dataset.sample(ref.name)
+        if self.norm == "flat":
+            gray = flatten(gray)
         order = [ref.dataset.classes.index(c) for c in self.classes]
         masks = masks[order]
         where = [np.flatnonzero(m) for m in masks]
@@ -73,6 +79,23 @@ def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
     return np.clip(out, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(masks)
 
 
+def augment_flat(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation/flip, and in the flattened space a contrast and offset change, sensor noise
+    and a little blur: what is left of a camera's difference after flat-field normalisation."""
+    k = int(rng.integers(4))
+    x, masks = np.rot90(x, k), np.rot90(masks, k, axes=(1, 2))
+    if rng.random() < 0.5:
+        x, masks = x[:, ::-1], masks[:, :, ::-1]
+    out = np.ascontiguousarray(x, dtype=np.float32) * np.float32(rng.uniform(0.6, 1.6))
+    out += np.float32(rng.uniform(-0.4, 0.4))
+    if rng.random() < 0.3:
+        out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.5, 1.2)))
+    if rng.random() < 0.5:
+        out += rng.normal(0.0, rng.uniform(0.05, 0.4), out.shape).astype(np.float32)
+    return np.clip(out, -FLAT_CLIP, FLAT_CLIP), np.ascontiguousarray(masks)
+
+
 class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Random tiles, reproducible from (seed, epoch, index) so workers need no shared state."""
 
@@ -83,20 +106,33 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
         self.info = info
         self.opts = opts
-        self.cache = LayerCache(classes, opts.cache_mb)
+        self.cache = LayerCache(classes, opts.cache_mb, info.norm)
         self.epoch = 0
+        # Real clean frames, when given: one tile of every batch is drawn from them, so
+        # every step sees a bed that must stay quiet.
+        self.clean = [r for r in self.refs if r.dataset.source.get("generator") == CLEAN_FRAMES]
+        self.parts = [r for r in self.refs if r not in self.clean] or self.refs
 
     def __len__(self) -> int:
         return self.opts.steps_per_epoch * self.opts.batch
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.opts.seed, self.epoch, index))
-        ref = self.refs[int(rng.integers(len(self.refs)))]
+        slot = index % self.opts.batch
+        flat = self.info.norm == "flat"
+        if flat and slot == 0 and self.clean:
+            pool = self.clean
+        else:
+            pool = self.parts if flat else self.refs
+        ref = pool[int(rng.integers(len(pool)))]
         gray, masks, where = self.cache.get(ref)
         t = self.opts.tile
         h, w = gray.shape
         present = [c for c in self.defect_ids if where[c].size]
-        if present and rng.random() < self.opts.defect_bias:
+        # With "flat", the second tile of a batch is placed anywhere: healthy parts and
+        # powder are negatives every step, not only when the bias misses.
+        biased = not (flat and slot == 1) and rng.random() < self.opts.defect_bias
+        if present and biased:
             # Pick the class first, then one of its pixels: rare classes are seen as often as
             # common ones, and a defect lands anywhere in the tile, not only in its centre.
             cls = present[int(rng.integers(len(present)))]
@@ -113,8 +149,12 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
             ph, pw = t - g.shape[0], t - g.shape[1]
             g = np.pad(g, ((0, ph), (0, pw)), mode="reflect")
             m = np.pad(m, ((0, 0), (0, ph), (0, pw)), mode="reflect")
-        g, m = augment(g, m, rng)
-        x = normalize(g, self.info.mean, self.info.std)[None]
+        if flat:
+            x, m = augment_flat(g, m, rng)
+            x = x[None]
+        else:
+            g, m = augment(g, m, rng)
+            x = normalize(g, self.info.mean, self.info.std)[None]
         return torch.from_numpy(x.copy()), torch.from_numpy(m.astype(np.float32))
 
 

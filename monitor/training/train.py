@@ -35,7 +35,15 @@ from monitor.errors import MonitorError
 from monitor.training.dataset import Dataset, DatasetError, open_dataset, split_by_layer
 from monitor.training.evaluate import Counts, ThresholdSweep, metrics_json
 from monitor.training.tiles import LayerCache, LayerRef, TileSampler, positive_weights
-from monitor.vision.model import DEPTH, ModelInfo, UNet, file_sha256, save_weights
+from monitor.vision.model import (
+    DEPTH,
+    NORM_METHODS,
+    ModelInfo,
+    UNet,
+    file_sha256,
+    load_weights,
+    save_weights,
+)
 from monitor.vision.segmenter import Segmenter, resolve_device
 
 log = logging.getLogger(__name__)
@@ -71,6 +79,8 @@ class TrainOptions:
     seed: int = 0
     cache_mb: int = 2048
     calibrate: bool = True  # store per-class thresholds that maximise validation IoU
+    norm: str = "flat"  # input normalisation (monitor.vision.model.NORM_METHODS)
+    init: str = ""  # weights to start from (same width and classes), "" = random
 
     def check(self) -> None:
         if self.width < 1 or self.epochs < 1 or self.steps_per_epoch < 1 or self.batch < 1:
@@ -88,6 +98,8 @@ class TrainOptions:
                                  f"positive number") from None
         if self.lr <= 0:
             raise TrainError(f"--lr {self.lr}: use a positive learning rate")
+        if self.norm not in NORM_METHODS:
+            raise TrainError(f"--norm {self.norm!r}: use one of {', '.join(NORM_METHODS)}")
 
 
 # --- data ------------------------------------------------------------------------------
@@ -319,8 +331,11 @@ class _Run:
         cuda = device.type == "cuda"
         if not cuda:
             torch.set_num_threads(max(torch.get_num_threads(), 1))
-        info = ModelInfo(class_names=classes, base_channels=opts.width)
-        model = info.build().to(device)
+        info = ModelInfo(class_names=classes, base_channels=opts.width, norm=opts.norm)
+        model = info.build()
+        if opts.init:
+            model.load_state_dict(_init_state(Path(opts.init), info))
+        model = model.to(device)
         if cuda:
             torch.backends.cudnn.benchmark = True
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -367,6 +382,16 @@ class _Run:
             if on_progress is not None:
                 on_progress("step", step, opts.steps_per_epoch, {"loss": total / n})
         return EpochResult(epoch=epoch, loss=total / max(n, 1), seconds=0.0)
+
+
+def _init_state(path: Path, info: ModelInfo) -> dict[str, torch.Tensor]:
+    """The tensors of the weights a run starts from; they must fit the run's model."""
+    model, init = load_weights(path)
+    if init.base_channels != info.base_channels or init.class_names != info.class_names:
+        raise TrainError(f"--init {path}: width {init.base_channels} and classes "
+                         f"{list(init.class_names)} do not fit --width {info.base_channels} "
+                         f"and the datasets' classes {list(info.class_names)}")
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _resume(ckpt: Path, run: _Run, opts: TrainOptions) -> _State:

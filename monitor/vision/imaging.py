@@ -136,6 +136,52 @@ def normalize(gray: np.ndarray, mean: float, std: float) -> np.ndarray:
     return (gray - np.float32(mean)) / np.float32(std)
 
 
+# Flat-field normalisation ("flat"): what differs between cameras is mostly a gain that varies
+# slowly across the bed (lighting gradients, vignetting), an offset and an overall contrast.
+# Dividing by a coarse background estimate and scaling by a robust spread leaves what a
+# defect is made of: how a spot differs from its surroundings.
+_BG_SIDE = 64  # the background is estimated on a copy whose long side is this many pixels
+_BG_MEDIAN = 9  # median window on that copy: ~1/7 of the bed, larger than most defects
+_SPREAD_FLOOR = 0.05  # relative units: an almost uniform bed is not blown up into noise
+FLAT_CLIP = 8.0  # saturated glints and black holes end at +-8 spreads
+
+
+def background(gray: np.ndarray) -> np.ndarray:
+    """The slowly varying brightness of the bed: a median on a coarse copy, smoothed and
+    brought back to full size. (H, W) float32, never below 1/255."""
+    h, w = gray.shape
+    k = max(h, w) / _BG_SIDE
+    small_w, small_h = max(3, round(w / k)), max(3, round(h / k))
+    small = cv2.resize(gray, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    # An 8-bit copy: OpenCV's median takes windows larger than 5 only on 8-bit images.
+    small8 = np.clip(small * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    med = cv2.medianBlur(small8, _BG_MEDIAN).astype(np.float32) / 255.0
+    med = cv2.GaussianBlur(med, (0, 0), 1.5)
+    bg = cv2.resize(med, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.maximum(bg, np.float32(1.0 / 255.0))
+
+
+def flatten(gray: np.ndarray) -> np.ndarray:
+    """Flat-field normalised layer: (gray / background - 1) / spread, clipped to
+    +-FLAT_CLIP. The spread is the robust standard deviation (1.4826 MAD) of the ratio over
+    a subsample of the layer, at least _SPREAD_FLOOR."""
+    g = gray.astype(np.float32, copy=False)
+    ratio = g / background(g) - np.float32(1.0)
+    step = max(1, int(np.sqrt(ratio.size / 65536)))  # ~64k pixels are plenty for a MAD
+    sample = ratio[::step, ::step]
+    med = float(np.median(sample))
+    spread = max(1.4826 * float(np.median(np.abs(sample - med))), _SPREAD_FLOOR)
+    out = ratio * np.float32(1.0 / spread)
+    return np.clip(out, -FLAT_CLIP, FLAT_CLIP, out=out)
+
+
+def model_input(gray: np.ndarray, method: str, mean: float, std: float) -> np.ndarray:
+    """A whole layer as the model sees it, by the weights' normalisation method."""
+    if method == "flat":
+        return flatten(gray)
+    return normalize(gray.astype(np.float32, copy=False), mean, std)
+
+
 # BGR colours for the defect classes in overlays; no_defect is not drawn.
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     "swelling": (0, 0, 255),

@@ -22,6 +22,7 @@ from torch import nn
 from monitor.errors import WeightsError
 
 FORMAT = "pbf-monitor-unet/1"
+NORM_METHODS = ("global", "flat")
 DEPTH = 4  # down-sampling steps: inputs are padded to a multiple of 2**DEPTH
 
 
@@ -85,6 +86,8 @@ class ModelInfo:
     in_channels: int = 1
     mean: float = 0.5  # input normalisation on the [0, 1] scale
     std: float = 0.25
+    # "global": (x - mean) / std; "flat": flat-field normalised (monitor.vision.imaging).
+    norm: str = "global"
     training: dict[str, Any] = field(default_factory=dict)
     # Per-class probability thresholds calibrated on validation data; config overrides them.
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -122,7 +125,8 @@ def save_weights(path: Path, model: UNet, info: ModelInfo) -> str:
         "class_names": json.dumps(list(info.class_names)),
         "base_channels": str(info.base_channels),
         "in_channels": str(info.in_channels),
-        "normalization": json.dumps({"mean": info.mean, "std": info.std}),
+        "normalization": json.dumps({"mean": info.mean, "std": info.std,
+                                     "method": info.norm}),
         "training": json.dumps(info.training),
         "thresholds": json.dumps(info.thresholds),
         "adapted_cameras": json.dumps(list(info.adapted_cameras)),
@@ -162,6 +166,7 @@ def _info(path: Path, meta: dict[str, str]) -> ModelInfo:
             in_channels=int(meta.get("in_channels", "1")),
             mean=float(norm["mean"]),
             std=float(norm["std"]),
+            norm=_norm_method(str(norm.get("method", "global"))),
             training=json.loads(meta.get("training", "{}")),
             thresholds={str(k): float(v)
                         for k, v in json.loads(meta.get("thresholds", "{}")).items()},
@@ -170,6 +175,12 @@ def _info(path: Path, meta: dict[str, str]) -> ModelInfo:
         )
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise WeightsError(f"{path}: incomplete model metadata ({e!r})") from e
+
+
+def _norm_method(name: str) -> str:
+    if name not in NORM_METHODS:
+        raise ValueError(f"normalization method {name!r} is not one of {NORM_METHODS}")
+    return name
 
 
 def _metadata(path: Path, data: bytes) -> dict[str, str]:

@@ -22,7 +22,7 @@ import torch
 from monitor.config import DEFAULT_TILE_SIZE, Config
 from monitor.errors import ConfigError, DeviceError
 from monitor.vision.backends import Backend, make_backend
-from monitor.vision.imaging import normalize
+from monitor.vision.imaging import model_input
 from monitor.vision.model import DEPTH, ModelInfo, UNet, load_weights, read_info
 from monitor.vision.stats import Found, label_components, per_class
 
@@ -200,7 +200,7 @@ class Segmenter:
         cut, filters = self.logit_thresholds[:, None, None], self.min_component_px
         for n, gray in enumerate(grays):
             h, w = gray.shape
-            x = normalize(gray.astype(np.float32, copy=False), self.info.mean, self.info.std)
+            x = model_input(gray, self.info.norm, self.info.mean, self.info.std)
             ys = tile_spans(h, self.tile_size, self.tile_overlap)
             xs = tile_spans(w, self.tile_size, self.tile_overlap)
             # Reflect-pad so every tile is full size and a multiple of 16.

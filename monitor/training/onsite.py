@@ -1,0 +1,166 @@
+"""A printer's own layers, measured without labels: how much of the nominal parts the model
+marks as defects, and how many synthetic defects pasted into those layers it finds.
+
+The nominal slices say where metal should be, so on a healthy layer any defect marked on
+them is (nearly always) a false one; pasting defects into the same layers (monitor.training.
+paste) measures recall on exactly this camera's look. `pbf-monitor evaluate-camera` prints
+both; `pbf-monitor adapt` uses them on held-out layers before and after adapting.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from monitor.config import IMAGE_EXTENSIONS, PrinterConfig
+from monitor.daemon.watcher import parse_layer_path
+from monitor.errors import MonitorError
+from monitor.geometry.layer import layer_geometry, nominal_slices
+from monitor.geometry.slices import NominalSlices
+from monitor.training.paste import PASTED, paste_defects
+from monitor.vision.classes import NO_DEFECT
+from monitor.vision.segmenter import Segmenter
+
+# A pasted defect counts as found when the model marks at least this share of its pixels
+# with its class.
+FOUND_SHARE = 0.1
+
+
+class SiteError(MonitorError):
+    """A printer's layers that cannot be measured (no slices, no images)."""
+
+
+@dataclass(frozen=True)
+class SiteLayer:
+    """One layer image of a printer, by build and layer number."""
+
+    build: str
+    layer: int
+    path: Path
+
+
+@dataclass
+class Site:
+    """A printer's watch folder and geometry: finds its layers and their nominal parts."""
+
+    printer: PrinterConfig
+    slices: NominalSlices | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slices = nominal_slices(self.printer.camera, self.printer.geometry)
+
+    def layers(self, builds: Sequence[str] = ()) -> list[SiteLayer]:
+        """Every layer image under the watch folder (of `builds`, when given), in order."""
+        w = self.printer.watch
+        root = w.dir
+        if not root.is_dir():
+            raise SiteError(f"watch.dir {root} is not a folder")
+        pattern = re.compile(w.pattern) if w.pattern else None
+        found: dict[tuple[str, int], SiteLayer] = {}
+        walk = root.rglob("*") if w.recursive else root.glob("*")
+        for p in sorted(walk):
+            if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+                continue
+            key = parse_layer_path(p.relative_to(root), pattern, layer_from=w.layer_from,
+                                   layer_thickness_mm=self.printer.camera.layer_thickness_mm)
+            if key is None or (builds and key.build not in builds):
+                continue
+            found[(key.build, key.layer)] = SiteLayer(key.build, key.layer, p)
+        return [found[k] for k in sorted(found)]
+
+    def load(self, item: SiteLayer) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
+        """The layer as 8-bit gray, and its nominal parts in its pixels (None: no slice)."""
+        img = cv2.imread(str(item.path), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise SiteError(f"{item.path}: cannot decode the image")
+        geo = layer_geometry(self.printer.camera, self.printer.geometry, self.slices,
+                             build=item.build, layer=item.layer, stem=item.path.stem,
+                             image_shape=img.shape)
+        part = None if geo.labels is None else geo.labels > 0
+        return img, part
+
+
+@dataclass
+class SiteScore:
+    """False defect area on nominal parts, and recall of pasted defects, over some layers."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    pasted: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASTED, 0))
+    found: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PASTED, 0))
+
+    @property
+    def mean_false(self) -> float | None:
+        v = [r["defect_fraction"] for r in self.layers]
+        return float(np.mean(v)) if v else None
+
+    @property
+    def max_false(self) -> float | None:
+        v = [r["defect_fraction"] for r in self.layers]
+        return float(np.max(v)) if v else None
+
+    def recall(self) -> dict[str, float | None]:
+        return {c: (self.found[c] / n if (n := self.pasted[c]) else None) for c in PASTED}
+
+    @property
+    def mean_recall(self) -> float | None:
+        v = [r for r in self.recall().values() if r is not None]
+        return float(np.mean(v)) if v else None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"layers": self.layers, "mean_defect_fraction": self.mean_false,
+                "max_defect_fraction": self.max_false,
+                "pasted": self.pasted, "found": self.found, "recall": self.recall(),
+                "mean_recall": self.mean_recall}
+
+
+def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool = True,
+          seed: int = 0, per_class: int = 2) -> SiteScore:
+    """Run the model on each layer that has a nominal slice, as the daemon would: the share
+    of the nominal part area marked with any defect class, per layer; then, on a copy with
+    `per_class` defects of each class pasted in, which of them it finds."""
+    out = SiteScore()
+    names = seg.class_names
+    defect_ids = [i for i, c in enumerate(names) if c != NO_DEFECT]
+    for n, item in enumerate(items):
+        img, part = site.load(item)
+        if part is None or not part.any():
+            continue
+        masks = seg.predict(img.astype(np.float32) / 255.0, probs=False).masks
+        marked = masks[defect_ids].any(axis=0) & part
+        out.layers.append({
+            "build": item.build, "layer": item.layer,
+            "defect_fraction": float(marked.sum() / part.sum()),
+            "classes": {names[i]: float((masks[i] & part).sum() / part.sum())
+                        for i in defect_ids}})
+        if not paste:
+            continue
+        rng = np.random.default_rng([seed, n])
+        counts = {c: per_class for c in PASTED if c in names}
+        img2, _, pasted = paste_defects(img, part, rng, counts=counts)
+        masks2 = seg.predict(img2.astype(np.float32) / 255.0, probs=False).masks
+        for p in pasted:
+            hit = int((masks2[names.index(p.cls)] & p.mask).sum())
+            out.pasted[p.cls] += 1
+            out.found[p.cls] += hit >= max(1, FOUND_SHARE * int(p.mask.sum()))
+    return out
+
+
+def printer_of(printers: Sequence[PrinterConfig], name: str | None) -> PrinterConfig:
+    """The printer called `name`, or the only one."""
+    if name is None:
+        if len(printers) > 1:
+            raise SiteError(f"the config has {len(printers)} printers; name one with "
+                            f"--printer ({', '.join(p.name for p in printers)})")
+        return printers[0]
+    for p in printers:
+        if p.name == name:
+            return p
+    raise SiteError(f"--printer {name}: not in the config "
+                    f"({', '.join(p.name or '(unnamed)' for p in printers)})")
