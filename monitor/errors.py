@@ -25,3 +25,12 @@ class ImageError(MonitorError):
 
 class StoreError(MonitorError):
     """The state directory or database cannot be used."""
+
+
+class UnknownBuild(StoreError):
+    """No build of that name (on that printer) in the database."""
+
+    def __init__(self, build: str, printer: str | None = None) -> None:
+        super().__init__(f"no build {build!r}" + (f" on printer {printer!r}" if printer else ""))
+        self.build = build
+        self.printer = printer

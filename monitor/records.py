@@ -223,3 +223,58 @@ class EncodedMap:
     scale: int  # original pixels per map pixel, along each axis
     mask_png: bytes
     thumb_jpeg: bytes
+
+
+# What `pbf-monitor adapt` reads from the store: builds an operator marked good, their
+# layers, and alarms an operator gave a verdict on.
+
+
+@dataclass(frozen=True)
+class GoodBuild:
+    """A build an operator marked good (`pbf-monitor mark-good`)."""
+
+    printer: str
+    build: str
+    marked_at: float  # time.time() of the mark
+    note: str | None
+    layers: int  # its layers with status ok
+
+    def summary(self) -> dict[str, Any]:
+        """The mark as the state endpoint's mark-good reply carries it."""
+        return {"printer": self.printer, "build": self.build, "marked_good_at": self.marked_at,
+                "note": self.note, "layers": self.layers}
+
+
+@dataclass(frozen=True)
+class AdaptLayer:
+    """One stored layer with status ok: where its camera image is."""
+
+    printer: str
+    build: str
+    layer: int
+    image_path: str  # as stored: the path the daemon read (the file may since be gone)
+    image_sha256: str | None  # of the bytes the daemon read, to tell a file replaced since
+
+
+@dataclass(frozen=True)
+class VerdictAlarm:
+    """An alarm an operator marked confirmed or false_alarm, with what it points at."""
+
+    id: int
+    printer: str
+    build: str
+    layer: int
+    class_name: str | None  # the defect class; None for part and stall alarms
+    rule: str
+    verdict: str  # confirmed | false_alarm
+    note: str | None
+    image_path: str | None  # the alarm layer's image as stored; None if no such layer
+    part: int | None  # the nominal part it is on (part alarms: the part itself)
+    track: int | None  # track alarms: the track number in the build
+    position_mm: tuple[float, float] | None  # [x, y] on the plate, as published
+    # Stored components of the class in the alarm's layer, (x, y, w, h) image pixels,
+    # largest first: a track alarm's own components; for a class rule every stored one of
+    # the layer (its metric may have counted only a region or the parts zone, and a layer
+    # keeps its largest store.max_components per class); () for part and stall alarms and
+    # no_defect.
+    boxes_px: tuple[tuple[int, int, int, int], ...] = ()

@@ -1,5 +1,5 @@
-"""Commands that run the daemon or talk to it: run, validate-config, subscribe, ack, mute,
-test-alarm; CURVE keys and the database schema."""
+"""Commands that run the daemon or talk to it: run, validate-config, subscribe, ack, verdict,
+mute, mark-good, test-alarm; CURVE keys and the database schema."""
 
 from __future__ import annotations
 
@@ -272,6 +272,61 @@ def mute(build: str, cls: str | None, printer: str, unmute: bool, config_path: P
     click.echo(f"{'unmuted' if unmute else 'muted'} {what}")
 
 
+@click.command("mark-good")
+@click.argument("build")
+@click.option("--printer", default=None,
+              help="Printer of the build (default: the one printer that has it).")
+@click.option("--note", default=None, help="Why (at most 2000 characters).")
+@click.option("--undo", is_flag=True, help="Remove the mark.")
+@CONFIG_OPTION
+@curve_options
+def mark_good(build: str, printer: str | None, note: str | None, undo: bool,
+              config_path: Path | None, server_key: Path | None,
+              client_secret: Path | None) -> None:
+    """Mark a build as printed well: its layers become the printer's healthy examples for
+    `pbf-monitor adapt`. Through the running daemon, else straight into the database."""
+    from monitor.daemon.instance import holder, lock_paths
+    from monitor.records import storable
+
+    if undo and note is not None:
+        raise MonitorError("--note goes with a mark, not with --undo")
+    cfg = find_config(config_path)
+    build = storable(build)  # a name typed with its raw bytes: stored as \xNN
+    if holder(lock_paths(cfg.state_dir, cfg.store_url)) is not None:
+        msg: dict[str, Any] = {"cmd": "mark-good", "build": build, "good": not undo}
+        if printer is not None:
+            msg["printer"] = printer
+        if note is not None:
+            msg["note"] = note
+        reply = _control(cfg, msg, server_key=server_key, client_secret=client_secret)
+    else:
+        reply = _mark_good_in_db(cfg, printer, build, note, good=not undo)
+    on = f" on printer {reply['printer']}" if reply.get("printer") else ""
+    if reply["good"]:
+        click.echo(f"build {reply['build']}{on} marked good ({reply['layers']} ok layers)")
+    else:
+        click.echo(f"build {reply['build']}{on} no longer marked good")
+
+
+def _mark_good_in_db(cfg: Config, printer: str | None, build: str, note: str | None, *,
+                     good: bool) -> dict[str, Any]:
+    """No daemon holds the state folder: one short transaction of our own (SQLite: BEGIN
+    IMMEDIATE in WAL mode, so readers go on)."""
+    from sqlalchemy.orm import Session
+
+    from monitor.store import writes
+    from monitor.store.connect import open_db
+
+    open_db(cfg.store_url, writer=False).dispose()  # no database yet: say so, make none
+    engine = open_db(cfg.store_url)  # an older schema is upgraded, as the daemon does
+    try:
+        with Session(engine) as s, s.begin():
+            mark = writes.mark_good(s, printer, build, note, good)
+            return writes.mark_good_reply(build, printer, mark)
+    finally:
+        engine.dispose()
+
+
 @click.command("test-alarm")
 @click.option("--severity", type=click.Choice(["warning", "critical"]), default="warning",
               show_default=True)
@@ -332,4 +387,4 @@ def db_upgrade(config_path: Path | None) -> None:
 
 # Registered on the `pbf-monitor` group by monitor.cli.
 COMMANDS: list[click.Command] = [run, validate_config, subscribe_cmd, ack, verdict, mute,
-                                 test_alarm, keys, db]
+                                 mark_good, test_alarm, keys, db]

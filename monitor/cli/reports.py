@@ -27,7 +27,7 @@ def _reader(cfg: Config) -> Any:
 @CONFIG_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def builds(config_path: Path | None, as_json: bool) -> None:
-    """List the builds in the database."""
+    """List the builds in the database; "good": marked by `pbf-monitor mark-good`."""
     from rich.table import Table
     from sqlalchemy.orm import Session
 
@@ -40,11 +40,13 @@ def builds(config_path: Path | None, as_json: bool) -> None:
         click.echo(json.dumps(rows))
         return
     t = Table(title="builds")
-    for col in ("build", "layers", "first", "last", "errors"):
+    for col in ("build", "layers", "first", "last", "errors", "good"):
         t.add_column(col, overflow="fold")
     for r in rows:
+        note = r["marked_good_note"]
+        good = "" if r["marked_good_at"] is None else "yes" + (f": {note}" if note else "")
         t.add_row(escape(r["build"]), str(r["layers"]), str(r["first_layer"]),
-                  str(r["last_layer"]), str(r["errors"]))
+                  str(r["last_layer"]), str(r["errors"]), escape(good))
     print_table(t)
 
 

@@ -1,7 +1,8 @@
 """Commit and outbox: a layer (or alarm transitions, an ack, a mute, a test alarm) is stored
 with its outgoing messages in one transaction on the writer thread, then handed to the
-publisher and, for alarms that opened, the hook. Called by the analyser (and, for test
-alarms, the control thread); the work itself runs on the writer thread.
+publisher and, for alarms that opened, the hook. Called by the analyser (and, for verdicts,
+builds marked good and test alarms, the control thread); the work itself runs on the writer
+thread.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from monitor.daemon.metrics import Metrics
 from monitor.daemon.publisher import alarm_message, layer_message
 from monitor.daemon.sinks import Sink
 from monitor.errors import MonitorError, StoreError
-from monitor.records import AlarmEvent, LayerAlarms, LayerRecord, Outgoing
+from monitor.records import AlarmEvent, GoodBuild, LayerAlarms, LayerRecord, Outgoing
 from monitor.store import queries, writes
 from monitor.store.writer import StoreWriter
 
@@ -140,6 +141,22 @@ class Committer:
             return {"build": build, "printer": printer, "class": class_name, "muted": mute}
 
         self._reply(job, done, reply)
+
+    def mark_good(self, printer: str | None, build: str, note: str | None, *, good: bool
+                  ) -> dict[str, Any]:
+        """Mark a build good, or remove the mark (control thread: waits for the commit).
+        Nothing is published: the mark is for `pbf-monitor adapt`, read from the database."""
+        reply: Future[dict[str, Any]] = Future()
+
+        def job(s: Session) -> GoodBuild | None:
+            return writes.mark_good(s, printer, build, note, good)
+
+        def done(mark: GoodBuild | None) -> dict[str, Any]:
+            log.info("build %s %s", build, "marked good" if good else "no longer marked good")
+            return writes.mark_good_reply(build, printer, mark)
+
+        self._reply(job, done, reply)
+        return wait(reply)
 
     def test_alarm(self, printer: str, severity: str, run_hook: bool) -> dict[str, Any]:
         """A test alarm, end to end (control thread: waits for the commit)."""

@@ -32,7 +32,7 @@ _MAX_ID = 2**63 - 1  # alarm ids are SQLite/PostgreSQL BIGINTs
 _MAX_NAME = 256  # characters in a build, printer or class name
 _SEVERITIES = ("warning", "critical")
 _VERDICTS = ("confirmed", "false_alarm")  # an operator's verdict on an alarm
-_MAX_NOTE = 2000  # characters in a verdict's note
+_MAX_NOTE = 2000  # characters in a verdict's or a good build's note
 
 
 def _snippet(obj: Any, limit: int = 200) -> str:
@@ -56,6 +56,14 @@ def _name(req: dict[str, Any], key: str, *, required: bool) -> None:
         raise ValueError(f"{key!r} must be at most {_MAX_NAME} characters, without NUL")
 
 
+def _note(req: dict[str, Any]) -> None:
+    note = req.get("note")
+    if note is not None and (not isinstance(note, str) or len(note) > _MAX_NOTE
+                             or "\x00" in note):
+        raise ValueError(f"'note' must be a string of at most {_MAX_NOTE} characters, "
+                         f"without NUL")
+
+
 def validate_request(req: dict[str, Any]) -> None:
     """Check the fields of the commands the daemon knows; ValueError names the bad one.
 
@@ -76,15 +84,17 @@ def validate_request(req: dict[str, Any]) -> None:
         if req.get("verdict") not in _VERDICTS:
             raise ValueError(f"'verdict' must be one of {', '.join(_VERDICTS)}, "
                              f"got {_snippet(req.get('verdict'), 40)}")
-        note = req.get("note")
-        if note is not None and (not isinstance(note, str) or len(note) > _MAX_NOTE
-                                 or "\x00" in note):
-            raise ValueError(f"'note' must be a string of at most {_MAX_NOTE} characters, "
-                             f"without NUL")
+        _note(req)
     elif cmd in ("mute", "unmute"):
         _name(req, "build", required=True)
         _name(req, "printer", required=False)
         _name(req, "class", required=False)
+    elif cmd == "mark-good":
+        _name(req, "build", required=True)
+        _name(req, "printer", required=False)
+        _note(req)
+        if not isinstance(req.get("good", True), bool):
+            raise ValueError("'good' must be true or false")
     elif cmd == "test-alarm":
         severity = req.get("severity", "warning")
         if severity not in _SEVERITIES:

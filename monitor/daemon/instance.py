@@ -75,6 +75,28 @@ class InstanceLock:
         return fd
 
 
+def holder(paths: list[Path]) -> str | None:
+    """Who holds one of these locks (a running daemon: "pid 12 on host"), else None.
+
+    Creates nothing: a lock file that is not there is not held. The probe is a shared flock
+    held for a moment, so a daemon starting in that same moment would be refused once.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+        except OSError:
+            continue  # a file system without flock: the daemon could not have locked it
+        finally:
+            os.close(fd)  # drops the probe's lock
+    return None
+
+
 def claim_state_dir(state_dir: Path, store_url: str) -> InstanceLock:
     """Check the state folder is writable, then take the instance lock (held on return)."""
     try:

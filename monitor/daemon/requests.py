@@ -1,9 +1,9 @@
 """The state endpoint's commands (control thread): state, ack, verdict, mute, unmute,
-test-alarm.
+mark-good, test-alarm.
 
 State is read from the database; acks and mutes go to the analyser, the alarm engine's owner,
-as requests on its queue; verdicts (which change no alarm state) and test alarms go
-straight to the committer.
+as requests on its queue; verdicts and good builds (which change no alarm state) and test
+alarms go straight to the committer.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class Requests:
                 return self.analyser.ask(Mute(
                     str(req.get("printer", self.printer)), str(req["build"]),
                     req.get("class") or None, mute=cmd == "mute"))
+            if cmd == "mark-good":  # no alarm state: straight to the committer
+                printer = req.get("printer")
+                return self.committer.mark_good(
+                    None if printer is None else str(printer), str(req["build"]),
+                    req.get("note") or None, good=bool(req.get("good", True)))
             if cmd == "test-alarm":
                 return self.committer.test_alarm(self.printer,
                                                  str(req.get("severity", "warning")),
@@ -59,7 +64,7 @@ class Requests:
         except (KeyError, ValueError, TypeError) as e:
             return {"ok": False, "error": f"bad request {req!r}: {e!r}"}
         return {"ok": False, "error": f"unknown cmd {cmd!r} (state, ack, verdict, mute, "
-                                      f"unmute, test-alarm)"}
+                                      f"unmute, mark-good, test-alarm)"}
 
     def state(self) -> dict[str, Any]:
         """Open alarms and the last layer of each active build, with the seq they reflect:

@@ -5,15 +5,27 @@ reports, the dashboard and the CLI. Nothing here writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Integer, func, select
+from sqlalchemy import ColumnElement, Integer, and_, func, select
 from sqlalchemy.orm import Session, selectinload
 
-from monitor.records import AlarmRecord, EngineState, Outgoing, RuleState, Track
+from monitor.errors import StoreError, UnknownBuild
+from monitor.records import (
+    AdaptLayer,
+    AlarmRecord,
+    EngineState,
+    GoodBuild,
+    Outgoing,
+    RuleState,
+    Track,
+    VerdictAlarm,
+)
 from monitor.store.schema import (
     Alarm,
     Build,
+    ComponentRow,
     Layer,
     LayerMap,
     Mute,
@@ -43,15 +55,17 @@ def list_builds(s: Session) -> list[dict[str, Any]]:
     q = (
         select(Build.printer, Build.name, Build.created_at, Build.last_layer_at,
                func.count(Layer.id), func.min(Layer.layer), func.max(Layer.layer),
-               func.sum((Layer.status == "error").cast(Integer)))
+               func.sum((Layer.status == "error").cast(Integer)),
+               Build.marked_good_at, Build.marked_good_note)
         .outerjoin(Layer, Layer.build_id == Build.id)
         .group_by(Build.id)
         .order_by(Build.created_at)
     )
     return [
         {"printer": p, "build": n, "created_at": c, "last_layer_at": last, "layers": cnt,
-         "first_layer": lo, "last_layer": hi, "errors": int(err or 0)}
-        for p, n, c, last, cnt, lo, hi, err in s.execute(q)
+         "first_layer": lo, "last_layer": hi, "errors": int(err or 0),
+         "marked_good_at": good, "marked_good_note": note}
+        for p, n, c, last, cnt, lo, hi, err, good, note in s.execute(q)
     ]
 
 
@@ -67,6 +81,117 @@ def build_layers(s: Session, build: str, *, printer: str | None = None) -> list[
 
 def build_id_of(s: Session, printer: str, name: str) -> int | None:
     return s.scalar(select(Build.id).where(Build.printer == printer, Build.name == name))
+
+
+def find_build(s: Session, printer: str | None, name: str) -> Build:
+    """The build `name` on `printer`, or with printer None on whichever printer has one.
+
+    Raises UnknownBuild if there is none, StoreError if several printers have one.
+    """
+    q = select(Build).where(Build.name == name)
+    if printer is not None:
+        q = q.where(Build.printer == printer)
+    rows = list(s.scalars(q.order_by(Build.printer)))
+    if not rows:
+        raise UnknownBuild(name, printer)
+    if len(rows) > 1:
+        raise StoreError(f"build {name!r} is on printers "
+                         f"{', '.join(repr(b.printer) for b in rows)}: say which printer")
+    return rows[0]
+
+
+def _good_builds(s: Session, *where: ColumnElement[bool]) -> list[GoodBuild]:
+    ok = func.sum((Layer.status == "ok").cast(Integer))
+    q = (select(Build.printer, Build.name, Build.marked_good_at, Build.marked_good_note, ok)
+         .outerjoin(Layer, Layer.build_id == Build.id)
+         .where(Build.marked_good_at.is_not(None), *where)
+         .group_by(Build.id)
+         .order_by(Build.marked_good_at, Build.id))
+    return [GoodBuild(printer=p, build=n, marked_at=float(at or 0.0), note=note,
+                      layers=int(k or 0))
+            for p, n, at, note, k in s.execute(q)]  # at: never NULL here (the WHERE)
+
+
+def good_builds(s: Session, printer: str | None = None) -> list[GoodBuild]:
+    """Builds an operator marked good (`pbf-monitor mark-good`), oldest mark first: on
+    `printer`, or on every printer with None."""
+    return _good_builds(s) if printer is None else _good_builds(s, Build.printer == printer)
+
+
+def good_build(s: Session, build_id: int) -> GoodBuild | None:
+    """The build's mark, None if it is not marked good."""
+    found = _good_builds(s, Build.id == build_id)
+    return found[0] if found else None
+
+
+def adapt_layers(s: Session, builds: Iterable[str | GoodBuild], printer: str | None = None
+                 ) -> list[AdaptLayer]:
+    """The layers with status ok of the given builds, by printer, build and layer.
+
+    Args:
+        builds: build names (every build of that name on `printer`, or on any printer with
+            None) or GoodBuild records from good_builds (that printer's build). Marked good
+            or not: the caller chooses.
+        printer: only builds on this printer.
+
+    Raises UnknownBuild for an entry that matches no build.
+    """
+    ids: set[int] = set()
+    for b in builds:
+        name, on = (b.build, b.printer) if isinstance(b, GoodBuild) else (b, None)
+        q = select(Build.id).where(Build.name == name)
+        for p in (on, printer):
+            if p is not None:
+                q = q.where(Build.printer == p)
+        found = list(s.scalars(q))
+        if not found:
+            raise UnknownBuild(name, printer if on is None else on)
+        ids.update(found)
+    if not ids:
+        return []
+    q2 = (select(Build.printer, Build.name, Layer.layer, Layer.image_path, Layer.image_sha256)
+          .join(Build, Layer.build_id == Build.id)
+          .where(Layer.build_id.in_(ids), Layer.status == "ok")
+          .order_by(Build.printer, Build.name, Layer.layer))
+    return [AdaptLayer(printer=p, build=n, layer=k, image_path=path, image_sha256=sha or None)
+            for p, n, k, path, sha in s.execute(q2)]
+
+
+def verdict_alarms(s: Session, printer: str | None = None) -> list[VerdictAlarm]:
+    """Alarms an operator marked confirmed or false_alarm, by printer, build, layer and id;
+    on `printer`, or on every printer with None."""
+    q = (select(Alarm, Build.printer, Build.name, Layer.image_path)
+         .join(Build, Alarm.build_id == Build.id)
+         .outerjoin(Layer, and_(Layer.build_id == Alarm.build_id, Layer.layer == Alarm.layer))
+         .where(Alarm.verdict.is_not(None)))
+    if printer is not None:
+        q = q.where(Build.printer == printer)
+    out = []
+    for a, p, n, image in s.execute(q.order_by(Build.printer, Build.name, Alarm.layer,
+                                               Alarm.id)):
+        out.append(VerdictAlarm(
+            id=a.id, printer=p, build=n, layer=a.layer, class_name=a.class_name or None,
+            rule=a.rule, verdict=str(a.verdict), note=a.verdict_note, image_path=image,
+            part=a.part, track=a.track,
+            position_mm=(None if a.position_x_mm is None or a.position_y_mm is None
+                         else (a.position_x_mm, a.position_y_mm)),
+            boxes_px=_alarm_boxes(s, a)))
+    return out
+
+
+def _alarm_boxes(s: Session, a: Alarm) -> tuple[tuple[int, int, int, int], ...]:
+    """The stored components of the alarm's class in its layer (of its track, for track
+    alarms), largest first."""
+    if not a.class_name:
+        return ()
+    q = (select(ComponentRow.x, ComponentRow.y, ComponentRow.w, ComponentRow.h)
+         .join(Layer, ComponentRow.layer_id == Layer.id)
+         .where(Layer.build_id == a.build_id, Layer.layer == a.layer,
+                ComponentRow.class_name == a.class_name))
+    if a.track is not None:
+        q = q.where(ComponentRow.track == a.track)
+    q = q.order_by(ComponentRow.area_px.desc(), ComponentRow.id)
+    return tuple((x, y, w, h) for x, y, w, h in s.execute(q))
 
 
 def load_engine_state(s: Session, printer: str, name: str) -> EngineState | None:

@@ -1,5 +1,6 @@
-"""The database schema: SQLAlchemy models of builds, layers, statistics, alarms, tracks,
-defect maps, mutes and the outbox. Migrations (monitor.store.migrate) must match them.
+"""The database schema: SQLAlchemy models of builds (and an operator's mark that one printed
+well), layers, statistics, alarms, tracks, defect maps, mutes and the outbox. Migrations
+(monitor.store.migrate) must match them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Build(Base):
     last_layer_at: Mapped[float | None] = mapped_column(Float)
     first_layer: Mapped[int | None] = mapped_column(Integer)  # as the alarm engine saw it
     last_evaluated_layer: Mapped[int | None] = mapped_column(Integer)
+    # An operator's word that the build printed well: its ok layers are this printer's
+    # healthy examples for `pbf-monitor adapt`. NULL: not marked.
+    marked_good_at: Mapped[float | None] = mapped_column(Float)
+    marked_good_note: Mapped[str | None] = mapped_column(Text)
 
 
 class Layer(Base):

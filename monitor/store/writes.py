@@ -1,5 +1,6 @@
 """What the writer's jobs do, each inside its transaction: layers with their statistics and
-components, defect maps, alarm transitions, rule states, tracks, mutes and the outbox.
+components, defect maps, alarm transitions, verdicts, rule states, tracks, mutes, builds
+marked good and the outbox.
 
 Outgoing messages are kept in the outbox table until the publisher has sent them, so a crash
 between the commit and the send loses nothing: they are re-sent on restart with their seq.
@@ -15,9 +16,17 @@ from typing import Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
-from monitor.errors import StoreError
-from monitor.records import AlarmEvent, AlarmRecord, EncodedMap, LayerRecord, Outgoing, Track
-from monitor.store.queries import build_id_of
+from monitor.errors import StoreError, UnknownBuild
+from monitor.records import (
+    AlarmEvent,
+    AlarmRecord,
+    EncodedMap,
+    GoodBuild,
+    LayerRecord,
+    Outgoing,
+    Track,
+)
+from monitor.store.queries import build_id_of, find_build, good_build
 from monitor.store.schema import (
     Alarm,
     Build,
@@ -179,6 +188,43 @@ def set_verdict(s: Session, alarm_id: int, verdict: str, note: str | None, now: 
     return row.record(build.printer, build.name)
 
 
+MAX_NOTE = 2000  # characters in a good build's note, as in a verdict's
+
+
+def mark_good(s: Session, printer: str | None, build: str, note: str | None,
+              good: bool = True, *, now: float | None = None) -> GoodBuild | None:
+    """An operator's word that a build printed well: its ok layers become the printer's
+    healthy examples for `pbf-monitor adapt`. good=False removes the mark; marking again
+    replaces the time and the note. Returns the build's mark after the change (None once
+    removed).
+
+    printer None: the build's printer, when only one printer has a build of that name.
+    Raises UnknownBuild naming a build that is not in the database.
+
+    Runs in the caller's transaction: on the running daemon's writer thread (the state
+    endpoint's mark-good command), or, with no daemon running, in the short transaction of
+    `pbf-monitor mark-good` (BEGIN IMMEDIATE, SQLite in WAL mode: readers are not held up).
+    """
+    if note is not None and (len(note) > MAX_NOTE or "\x00" in note):
+        raise StoreError(f"note: at most {MAX_NOTE} characters, without NUL")
+    row = find_build(s, printer, build)
+    if good:
+        row.marked_good_at = time.time() if now is None else now
+        row.marked_good_note = note or None
+    else:
+        row.marked_good_at = row.marked_good_note = None
+    s.flush()
+    return good_build(s, row.id)
+
+
+def mark_good_reply(build: str, printer: str | None, mark: GoodBuild | None
+                    ) -> dict[str, Any]:
+    """What mark_good did, as the state endpoint's mark-good command answers it."""
+    if mark is None:
+        return {"good": False, "build": build, "printer": printer}
+    return {"good": True, **mark.summary()}
+
+
 def set_evaluated(s: Session, build_id: int, *, first_layer: int | None, layer: int) -> None:
     """The alarm engine evaluated `layer` of the build (its first layer as it saw it)."""
     build = s.get(Build, build_id)
@@ -230,8 +276,8 @@ def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
         s.execute(update(TrackRow), changed)  # by primary key, one executemany
 
 
-def no_build(printer: str, name: str) -> StoreError:
-    return StoreError(f"no build {name!r}" + (f" on printer {printer!r}" if printer else ""))
+def no_build(printer: str, name: str) -> UnknownBuild:
+    return UnknownBuild(name, printer)
 
 
 def add_mute(s: Session, printer: str, name: str, class_name: str | None, now: float) -> None:
