@@ -88,14 +88,15 @@ def no_thread_leaks() -> Iterator[None]:
 
 def make_weights(path: Path, *, width: int = 4, seed: int = 0,
                  classes: tuple[str, ...] = DEFAULT_CLASS_NAMES,
-                 constant_prob: dict[int, float] | None = None) -> Path:
-    """A real, tiny U-Net saved as safetensors.
+                 constant_prob: dict[int, float] | None = None, norm: str = "global") -> Path:
+    """A real, tiny U-Net saved as safetensors (input normalisation `norm`).
 
     constant_prob: channel -> probability the model outputs everywhere (the final conv's
     weights zeroed and its bias set), for tests that need known masks.
     """
     torch.manual_seed(seed)
-    info = ModelInfo(class_names=classes, base_channels=width, training={"test": True})
+    info = ModelInfo(class_names=classes, base_channels=width, training={"test": True},
+                     norm=norm)
     model = info.build()
     if constant_prob is not None:
         with torch.no_grad():

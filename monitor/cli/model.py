@@ -1,4 +1,5 @@
-"""Commands that make and measure models: train, evaluate, calibrate, synth, dataset."""
+"""Commands that make and measure models: train, evaluate, calibrate, synth, dataset, and on a
+printer's own layers evaluate-camera and adapt."""
 
 from __future__ import annotations
 
@@ -175,7 +176,8 @@ def synth(out: Path, layers: int, size: int, seed: int, part_events: bool,
         task = progress.add_task(f"synth {out}", total=layers)
         manifest = write_dataset(out, layers=layers, size=size, seed=seed,
                                  part_events=part_events, defects=not no_defects,
-                                 camera=camera, progress=lambda i: progress.update(task, completed=i + 1))
+                                 camera=camera,
+                                 progress=lambda i: progress.update(task, completed=i + 1))
     click.echo(f"wrote {manifest}")
 
 
@@ -228,4 +230,167 @@ def clean_frames_cmd(sources: tuple[Path, ...], out: Path) -> None:
 
 
 # Registered on the `pbf-monitor` group by monitor.cli.
-COMMANDS: list[click.Command] = [train, evaluate, calibrate, synth, dataset]
+def _score_lines(title: str, sc: Any) -> list[str]:
+    mean, worst = sc.mean_false, sc.max_false
+    recall = ", ".join(f"{c} {r:.2f}" for c, r in sc.recall().items() if r is not None)
+    return [f"{title}: {len(sc.layers)} layers with slices; defect classes mark "
+            f"{(mean or 0):.2%} of the nominal part area on average, {(worst or 0):.2%} at "
+            f"most", f"  pasted defects found: {recall or '-'}"]
+
+
+@click.command("evaluate-camera")
+@CONFIG_OPTION
+@click.option("--printer", help="Which printer of a fleet (default: the only one).")
+@click.option("--build", "builds", multiple=True,
+              help="Only these builds (repeat; default: every build in watch.dir).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Override model.weights.")
+@click.option("--no-paste", is_flag=True, help="Skip the pasted-defect recall.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the pasted defects.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def evaluate_camera(config_path: Path | None, printer: str | None, builds: tuple[str, ...],
+                    weights: Path | None, no_paste: bool, seed: int, as_json: bool) -> None:
+    """Measure the model on this camera's own layers, no labels needed.
+
+    For every layer image in watch.dir that has a nominal slice (geometry.nominal): the share
+    of the nominal part area that the defect classes mark (on healthy parts, false alarms),
+    and the share of synthetic defects pasted into the same layers that the model finds.
+    """
+    from rich.progress import Progress
+
+    from monitor.training.onsite import Site, printer_of, score
+    from monitor.vision.segmenter import Segmenter
+
+    cfg = find_config(config_path)
+    site = Site(printer_of(cfg.fleet(), printer))
+    items = site.layers(builds)
+    if not items:
+        raise click.ClickException(f"no layer images in {site.printer.watch.dir}"
+                                   + (f" for builds {', '.join(builds)}" if builds else ""))
+    seg = Segmenter.from_config(cfg, weights)
+    with Progress(transient=True, disable=as_json) as progress:
+        task = progress.add_task("evaluate-camera", total=len(items))
+
+        def each() -> Any:
+            for n, item in enumerate(items, 1):
+                yield item
+                progress.update(task, completed=n)
+
+        sc = score(seg, site, each(), paste=not no_paste, seed=seed)
+    if as_json:
+        click.echo(json.dumps({**sc.as_json(), "weights": str(weights or cfg.model.weights),
+                               "model_sha256": seg.info.sha256}))
+        return
+    for r in sc.layers:
+        click.echo(f"{r['build']} layer {r['layer']}: {r['defect_fraction']:.2%} of the "
+                   f"nominal part area marked")
+    click.echo("\n".join(_score_lines("all", sc)))
+
+
+@click.command()
+@CONFIG_OPTION
+@click.option("--printer", help="Which printer of a fleet (default: the only one).")
+@click.option("--build", "builds", multiple=True,
+              help="Also adapt on this build's layers in watch.dir, as if marked good "
+                   "(repeat). Builds marked with mark-good are always used.")
+@click.option("--holdout-build", "holdout", multiple=True,
+              help="Measure before/after on these builds (repeat). Default: the last 30% "
+                   "of each adapted build's layers, kept out of training.")
+@click.option("--weights", type=click.Path(path_type=Path),
+              help="Weights to adapt (default: model.weights).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where the adapted weights go (default: model.weights when that is your "
+                   "own file, else STATE_DIR/weights/adapted-<camera id>.safetensors).")
+@click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--no-verdicts", is_flag=True, help="Ignore the alarms' verdicts.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def adapt(config_path: Path | None, printer: str | None, builds: tuple[str, ...],
+          holdout: tuple[str, ...], weights: Path | None, out: Path | None, steps: int,
+          no_verdicts: bool, device: str, seed: int) -> None:
+    """Fine-tune the model on this printer's own layers, without labelling.
+
+    Learns from builds marked good (pbf-monitor mark-good) and --build: no defect on them,
+    metal where the nominal slices say; from the alarms' verdicts; and from synthetic
+    defects pasted into those layers. Writes the weights (with a model card beside them)
+    only if, on held-out layers, they mark less of the nominal parts and find the pasted
+    defects as well as before; then `systemctl reload pbf-monitor` serves them.
+    """
+    import shlex
+    import sys
+
+    from rich.progress import Progress
+
+    from monitor.config import DEFAULT_WEIGHTS
+    from monitor.training.adapt import AdaptOptions, split_holdout
+    from monitor.training.adapt import adapt as run_adapt
+    from monitor.training.onsite import Site, printer_of
+
+    setup_logging("INFO")
+    cfg = find_config(config_path)
+    pc = printer_of(cfg.fleet(), printer)
+    site = Site(pc)
+    marked, verdicts = _adapt_from_db(cfg, pc.name, use_verdicts=not no_verdicts)
+    named = site.layers(builds) if builds else []
+    train_items = list({(i.build, i.layer): i for i in [*marked, *named]
+                        if i.build not in holdout}.values())
+    if holdout:
+        held = site.layers(holdout)
+    else:
+        train_items, held = split_holdout(train_items, AdaptOptions.holdout)
+    source = weights or cfg.model.weights
+    if out is None:
+        own = source == cfg.model.weights and source.resolve() != DEFAULT_WEIGHTS.resolve()
+        out = source if own else (cfg.state_dir / "weights"
+                                  / f"adapted-{pc.camera.id or 'camera'}.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    opts = AdaptOptions(steps=steps, device=device, seed=seed)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("adapt", total=steps)
+        result = run_adapt(cfg, pc, weights=source, out=out, train_items=train_items,
+                           holdout_items=held, verdict_items=verdicts, opts=opts,
+                           command=shlex.join(["pbf-monitor", *sys.argv[1:]]),
+                           on_step=lambda n, total, loss: progress.update(task, completed=n))
+    click.echo("\n".join(_score_lines("before", result.before)))
+    click.echo("\n".join(_score_lines("after", result.after)))
+    if not result.written:
+        raise click.ClickException(f"not written: {result.reason} (model card "
+                                   f"{result.card})")
+    click.echo(f"wrote {result.weights} and {result.card}")
+    if result.weights.resolve() != cfg.model.weights.resolve():
+        click.echo(f'serve them: set [model] weights = "{result.weights}" in the config, '
+                   f"then systemctl reload pbf-monitor")
+    else:
+        click.echo("serve them: systemctl reload pbf-monitor")
+
+
+def _adapt_from_db(cfg: Any, printer: str, *, use_verdicts: bool) -> tuple[list[Any], list[Any]]:
+    """Layers of builds marked good, and (layer, verdict) pairs of defect-class alarms, from
+    the database if there is one yet."""
+    from sqlalchemy.orm import Session
+
+    from monitor.errors import StoreError
+    from monitor.store import queries
+    from monitor.store.connect import open_db
+    from monitor.training.onsite import SiteLayer
+
+    try:
+        engine = open_db(cfg.store_url, writer=False)
+    except StoreError:
+        return [], []  # no database yet: only --build layers
+    try:
+        with Session(engine) as s:
+            good = queries.good_builds(s, printer)
+            marked = [SiteLayer(a.build, a.layer, Path(a.image_path))
+                      for a in (queries.adapt_layers(s, good, printer=printer) if good else [])]
+            pairs = [(SiteLayer(v.build, v.layer, Path(v.image_path)), v)
+                     for v in (queries.verdict_alarms(s, printer) if use_verdicts else [])
+                     if v.image_path and v.class_name]
+    finally:
+        engine.dispose()
+    return marked, pairs
+
+
+COMMANDS: list[click.Command] = [train, evaluate, calibrate, synth, dataset, evaluate_camera,
+                                 adapt]

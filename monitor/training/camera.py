@@ -84,7 +84,7 @@ class CameraStyle:
             thin=int(rng.integers(0, 6)),
             blur=float(rng.uniform(0.0, 1.3)),
             noise=float(rng.uniform(0.5, 6.0)),
-            jpeg=int(rng.choice([0, rng.integers(60, 96)])),
+            jpeg=int(rng.choice(np.array([0, int(rng.integers(60, 96))]))),
             zoom=float(rng.choice([1.0, rng.uniform(1.0, 2.0)])),
             tilt=float(rng.choice([0.0, rng.uniform(0.0, 0.25)])),
         )
@@ -101,8 +101,9 @@ class CameraStyle:
         x0, y0 = (w - cw) / 2, (h - ch) / 2
         # Source quad (a crop) -> the full frame; the top edge is further away (narrower).
         k = self.tilt * cw / 2
-        src = np.float32([[x0 + k, y0], [x0 + cw - k, y0], [x0 + cw, y0 + ch], [x0, y0 + ch]])
-        dst = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+        src = np.array([[x0 + k, y0], [x0 + cw - k, y0], [x0 + cw, y0 + ch], [x0, y0 + ch]],
+                       dtype=np.float32)
+        dst = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float32)
         m = cv2.getPerspectiveTransform(src, dst)
         interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
         if a.ndim == 2:
@@ -146,8 +147,8 @@ class CameraStyle:
                     for v in range(y0, y1 + 1, step):
                         cv2.line(canvas, (x0, v), (x1, v), 1, width)
                 else:  # a few glyph-like strokes
-                    pts = (rng.uniform(-r, r, (int(rng.integers(3, 7)), 2))
-                           + [cx, cy]).round().astype(np.int32)
+                    pts = rng.uniform(-r, r, (int(rng.integers(3, 7)), 2))
+                    pts = (pts + np.array([cx, cy])).round().astype(np.int32)
                     cv2.polylines(canvas, [pts], False, 1, width)
                 shape = canvas > 0
                 if shape.any() and not (shape & ~free).any():
@@ -228,7 +229,7 @@ class CameraStyle:
         ys, xs = np.mgrid[0:s, 0:s].astype(np.float32) / np.float32(s) - np.float32(0.5)
         gain = 1.0 + self.gradient[0] * xs + self.gradient[1] * ys
         gain *= 1.0 - self.vignette * (xs * xs + ys * ys) * 2.0
-        return np.maximum(gain, 0.2).astype(np.float32)
+        return np.asarray(np.maximum(gain, 0.2), dtype=np.float32)
 
     def _wall(self, s: int) -> Bool:
         ys, xs = np.mgrid[0:s, 0:s].astype(np.float32) / np.float32(s)

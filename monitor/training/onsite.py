@@ -84,7 +84,7 @@ class Site:
                              build=item.build, layer=item.layer, stem=item.path.stem,
                              image_shape=img.shape)
         part = None if geo.labels is None else geo.labels > 0
-        return img, part
+        return np.asarray(img, dtype=np.uint8), part
 
 
 @dataclass

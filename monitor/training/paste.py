@@ -44,7 +44,8 @@ class Pasted:
 
 
 def _disk(r: int) -> U8:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)),
+                      dtype=np.uint8)
 
 
 def _dilate(m: Bool, r: int) -> Bool:
@@ -90,10 +91,9 @@ class Paster:
         box = self._box(cx, cy, 1.6 * r)
         ys, xs = np.ogrid[box[0], box[1]]
         phi = np.arctan2(ys - cy, xs - cx)
-        rad = np.full(phi.shape, r, dtype=np.float32)
+        rad: npt.NDArray[np.float64] = np.full(phi.shape, r)
         for k in (2, 3, 5):
-            rad = rad + np.float32(r * self.rng.uniform(0.0, 0.18)) * np.cos(
-                k * phi + self.rng.uniform(0, 7))
+            rad = rad + r * self.rng.uniform(0.0, 0.18) * np.cos(k * phi + self.rng.uniform(0, 7))
         inside = ((xs - cx) ** 2 + (ys - cy) ** 2) <= rad * rad
         return box, np.asarray(inside & ~self.taken[box])
 

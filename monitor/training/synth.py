@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.training.camera import STYLES, CameraStyle
 from monitor.training.dataset import SYNTH_GENERATOR, DatasetWriter, write_png
 from monitor.training.synth_plan import (
     U8,
@@ -59,7 +60,6 @@ from monitor.training.synth_plan import (
     plan_part_events,
     shape_at,
 )
-from monitor.training.camera import STYLES, CameraStyle
 from monitor.training.synth_render import Camera, LayerRenderer, SynthLayer, with_thin
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from monitor.training.camera import CameraStyle
 from monitor.training.synth_plan import (
     F32,
     PART_LEVEL,
@@ -31,7 +32,6 @@ from monitor.training.synth_plan import (
     smooth_noise,
     superellipse,
 )
-from monitor.training.camera import CameraStyle
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 
 NO_DEFECT, SWELLING, SPATTER, MISPRINT, OVER_MELTING, UNDER_MELTING = range(6)

@@ -90,7 +90,8 @@ def augment_flat(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator
     out = np.ascontiguousarray(x, dtype=np.float32) * np.float32(rng.uniform(0.6, 1.6))
     out += np.float32(rng.uniform(-0.4, 0.4))
     if rng.random() < 0.3:
-        out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.5, 1.2)))
+        out = np.asarray(cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.5, 1.2))),
+                         dtype=np.float32)
     if rng.random() < 0.5:
         out += rng.normal(0.0, rng.uniform(0.05, 0.4), out.shape).astype(np.float32)
     return np.clip(out, -FLAT_CLIP, FLAT_CLIP), np.ascontiguousarray(masks)
@@ -119,11 +120,11 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.opts.seed, self.epoch, index))
         slot = index % self.opts.batch
-        flat = self.info.norm == "flat"
-        if flat and slot == 0 and self.clean:
+        is_flat = self.info.norm == "flat"
+        if is_flat and slot == 0 and self.clean:
             pool = self.clean
         else:
-            pool = self.parts if flat else self.refs
+            pool = self.parts if is_flat else self.refs
         ref = pool[int(rng.integers(len(pool)))]
         gray, masks, where = self.cache.get(ref)
         t = self.opts.tile
@@ -131,7 +132,7 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         present = [c for c in self.defect_ids if where[c].size]
         # With "flat", the second tile of a batch is placed anywhere: healthy parts and
         # powder are negatives every step, not only when the bias misses.
-        biased = not (flat and slot == 1) and rng.random() < self.opts.defect_bias
+        biased = not (is_flat and slot == 1) and rng.random() < self.opts.defect_bias
         if present and biased:
             # Pick the class first, then one of its pixels: rare classes are seen as often as
             # common ones, and a defect lands anywhere in the tile, not only in its centre.
@@ -149,7 +150,7 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
             ph, pw = t - g.shape[0], t - g.shape[1]
             g = np.pad(g, ((0, ph), (0, pw)), mode="reflect")
             m = np.pad(m, ((0, 0), (0, ph), (0, pw)), mode="reflect")
-        if flat:
+        if is_flat:
             x, m = augment_flat(g, m, rng)
             x = x[None]
         else:

@@ -158,21 +158,35 @@ def background(gray: np.ndarray) -> np.ndarray:
     med = cv2.medianBlur(small8, _BG_MEDIAN).astype(np.float32) / 255.0
     med = cv2.GaussianBlur(med, (0, 0), 1.5)
     bg = cv2.resize(med, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.maximum(bg, np.float32(1.0 / 255.0))
+    return np.asarray(np.maximum(bg, np.float32(1.0 / 255.0)))
+
+
+def flat_terms(gray: np.ndarray) -> tuple[np.ndarray, float]:
+    """The background and the spread that `flatten` divides a layer by."""
+    g = gray.astype(np.float32, copy=False)
+    bg = background(g)
+    ratio = g / bg - np.float32(1.0)
+    step = max(1, int(np.sqrt(ratio.size / 65536)))  # ~64k pixels are plenty for a MAD
+    sample = ratio[::step, ::step]
+    med = float(np.median(sample))
+    return bg, max(1.4826 * float(np.median(np.abs(sample - med))), _SPREAD_FLOOR)
+
+
+def apply_flat(gray: np.ndarray, bg: np.ndarray, spread: float) -> np.ndarray:
+    """(gray / bg - 1) / spread, clipped to +-FLAT_CLIP; gray and bg of the same shape (a
+    crop of both is fine: training crops a layer and pastes defects into it)."""
+    out = gray.astype(np.float32) / bg
+    out -= np.float32(1.0)
+    out *= np.float32(1.0 / spread)
+    return np.asarray(np.clip(out, -FLAT_CLIP, FLAT_CLIP, out=out))
 
 
 def flatten(gray: np.ndarray) -> np.ndarray:
     """Flat-field normalised layer: (gray / background - 1) / spread, clipped to
     +-FLAT_CLIP. The spread is the robust standard deviation (1.4826 MAD) of the ratio over
     a subsample of the layer, at least _SPREAD_FLOOR."""
-    g = gray.astype(np.float32, copy=False)
-    ratio = g / background(g) - np.float32(1.0)
-    step = max(1, int(np.sqrt(ratio.size / 65536)))  # ~64k pixels are plenty for a MAD
-    sample = ratio[::step, ::step]
-    med = float(np.median(sample))
-    spread = max(1.4826 * float(np.median(np.abs(sample - med))), _SPREAD_FLOOR)
-    out = ratio * np.float32(1.0 / spread)
-    return np.clip(out, -FLAT_CLIP, FLAT_CLIP, out=out)
+    bg, spread = flat_terms(gray)
+    return apply_flat(gray, bg, spread)
 
 
 def model_input(gray: np.ndarray, method: str, mean: float, std: float) -> np.ndarray:

@@ -1,0 +1,407 @@
+"""Adapting the running weights to one printer's camera, without anyone drawing a mask.
+
+What a printer's own layers teach, and how:
+
+- **builds marked good** (`pbf-monitor mark-good`): every defect class is 0 on every pixel;
+  the nominal slices say where metal is, so `no_defect` (powder) is 1 away from the parts
+  and 0 on them, and left out in a band along their outlines (registration is never exact);
+- **synthetic defects pasted into those layers** (monitor.training.paste): positives on
+  this very camera, so recall is kept while false alarms are trained away;
+- **alarm verdicts**: a `false_alarm` on a defect-class alarm makes that class 0 on that
+  layer; a `confirmed` one makes what the model marked of that class on that layer a target;
+- **synthetic varied builds** (a quarter of each batch): the classes as the generator
+  defines them, so the model does not forget what it has not seen on this printer.
+
+Before and after, the held-out layers of this printer are measured (monitor.training.onsite):
+the share of the nominal parts marked as defects and the recall of pasted defects. Weights
+that got worse on either are not written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from monitor.config import Config, PrinterConfig
+from monitor.errors import MonitorError
+from monitor.records import VerdictAlarm
+from monitor.training.onsite import Site, SiteLayer, SiteScore, score
+from monitor.training.paste import PASTED, paste_defects
+from monitor.training.synth import BuildGenerator
+from monitor.vision.classes import NO_DEFECT
+from monitor.vision.imaging import apply_flat, flat_terms
+from monitor.vision.model import load_weights, save_weights
+from monitor.vision.segmenter import Segmenter, SegmenterOptions, resolve_device
+
+log = logging.getLogger(__name__)
+
+U8 = npt.NDArray[np.uint8]
+Bool = npt.NDArray[np.bool_]
+F32 = npt.NDArray[np.float32]
+
+
+class AdaptError(MonitorError):
+    """Adapting cannot start: no layers, no slices, no camera id, weights of another kind."""
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    """What decides an adaptation run (recorded in the model card)."""
+
+    steps: int = 300
+    batch: int = 8
+    tile: int = 256
+    lr: float = 5e-4
+    paste_share: float = 0.5  # share of real tiles with defects pasted in
+    synth_share: float = 0.25  # share of each batch from synthetic varied builds
+    band_px: int = 6  # no_defect is not trained this close to a nominal outline
+    holdout: float = 0.3  # share of each build's last layers held out (no --holdout-build)
+    max_recall_drop: float = 0.05  # a pasted class may lose this much recall, no more
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class _Layer:
+    """A training layer in memory: flat-field terms, labels and their weights."""
+
+    name: str
+    gray: U8
+    bg: F32
+    spread: float
+    part: Bool  # nominal parts (all False when the layer has no slice)
+    target: F32  # (C, H, W)
+    weight: F32  # (C, H, W): 0 = not trained there
+    pasteable: bool  # defects may be pasted in (a good layer with a slice)
+
+
+@dataclass
+class AdaptResult:
+    weights: Path
+    card: Path
+    written: bool
+    reason: str
+    before: SiteScore
+    after: SiteScore
+    card_data: dict[str, Any] = field(default_factory=dict)
+
+
+def split_holdout(items: Sequence[SiteLayer], share: float) -> tuple[list[SiteLayer],
+                                                                      list[SiteLayer]]:
+    """(train, held out): the last `share` of each build's layers (at least one) are held
+    out when the build has two layers or more."""
+    train: list[SiteLayer] = []
+    held: list[SiteLayer] = []
+    for build in sorted({i.build for i in items}):
+        mine = sorted((i for i in items if i.build == build), key=lambda i: i.layer)
+        k = max(1, round(share * len(mine))) if len(mine) > 1 else 0
+        train += mine[:len(mine) - k]
+        held += mine[len(mine) - k:]
+    return train, held
+
+
+def _labels(names: Sequence[str], part: Bool, band_px: int) -> tuple[F32, F32]:
+    """Targets and weights of a good layer: no defect anywhere; powder away from parts."""
+    c = len(names)
+    h, w = part.shape
+    target = np.zeros((c, h, w), dtype=np.float32)
+    weight = np.ones((c, h, w), dtype=np.float32)
+    if NO_DEFECT in names:
+        i = names.index(NO_DEFECT)
+        target[i] = ~part
+        if part.any():
+            k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * band_px + 1,) * 2)
+            p8 = part.astype(np.uint8)
+            band = cv2.dilate(p8, k).astype(bool) & ~cv2.erode(p8, k).astype(bool)
+            weight[i][band] = 0.0
+    return target, weight
+
+
+class _Batches:
+    """Tiles for each step: real layers (some with pasted defects) and synthetic ones."""
+
+    def __init__(self, layers: list[_Layer], synth: list[tuple[F32, Bool]],
+                 names: Sequence[str], opts: AdaptOptions) -> None:
+        self.layers, self.synth, self.names, self.opts = layers, synth, tuple(names), opts
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.opts.seed, 5, step])
+        n_synth = round(self.opts.synth_share * self.opts.batch) if self.synth else 0
+        xs, ys, ws = [], [], []
+        for k in range(self.opts.batch):
+            x, y, w = self._synth(rng) if k < n_synth else self._real(rng)
+            r = int(rng.integers(4))
+            x, y, w = np.rot90(x, r), np.rot90(y, r, (1, 2)), np.rot90(w, r, (1, 2))
+            if rng.random() < 0.5:
+                x, y, w = x[:, ::-1], y[:, :, ::-1], w[:, :, ::-1]
+            xs.append(np.ascontiguousarray(x)[None])
+            ys.append(np.ascontiguousarray(y))
+            ws.append(np.ascontiguousarray(w))
+        return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
+                torch.from_numpy(np.stack(ws)))
+
+    def _window(self, rng: np.random.Generator, h: int, w: int,
+                near: Bool | None) -> tuple[slice, slice]:
+        t = self.opts.tile
+        if near is not None and near.any() and rng.random() < 0.7:
+            yy, xx = np.nonzero(near[::4, ::4])
+            i = int(rng.integers(len(yy)))
+            cy, cx = int(yy[i]) * 4, int(xx[i]) * 4
+            y0, x0 = cy - int(rng.integers(t)), cx - int(rng.integers(t))
+        else:
+            y0, x0 = int(rng.integers(max(h - t, 0) + 1)), int(rng.integers(max(w - t, 0) + 1))
+        y0, x0 = min(max(y0, 0), max(h - t, 0)), min(max(x0, 0), max(w - t, 0))
+        return slice(y0, y0 + t), slice(x0, x0 + t)
+
+    def _real(self, rng: np.random.Generator) -> tuple[F32, F32, F32]:
+        lay = self.layers[int(rng.integers(len(self.layers)))]
+        h, w = lay.gray.shape
+        box = self._window(rng, h, w, lay.part)
+        gray, target, weight = lay.gray[box], lay.target[:, box[0], box[1]], lay.weight[
+            :, box[0], box[1]]
+        if lay.pasteable and rng.random() < self.opts.paste_share:
+            counts = {c: int(rng.integers(0, 2)) for c in PASTED if c in self.names}
+            gray, masks, pasted = paste_defects(gray, lay.part[box], rng, counts=counts,
+                                                classes=self.names)
+            if pasted:
+                target = target.copy()
+                weight = weight.copy()
+                for i, c in enumerate(self.names):
+                    if c != NO_DEFECT:
+                        target[i] = np.maximum(target[i], masks[i])
+                        weight[i][masks[i]] = 1.0
+                    else:
+                        target[i][masks.any(axis=0)] = 0.0
+        x = apply_flat(gray, lay.bg[box], lay.spread)
+        return _pad(x, target, weight, self.opts.tile)
+
+    def _synth(self, rng: np.random.Generator) -> tuple[F32, F32, F32]:
+        x, masks = self.synth[int(rng.integers(len(self.synth)))]
+        h, w = x.shape
+        box = self._window(rng, h, w, np.asarray(masks[1:].any(axis=0)))
+        m = masks[:, box[0], box[1]].astype(np.float32)
+        return _pad(x[box], m, np.ones_like(m), self.opts.tile)
+
+
+def _pad(x: F32, y: F32, w: F32, t: int) -> tuple[F32, F32, F32]:
+    ph, pw = t - x.shape[0], t - x.shape[1]
+    if ph <= 0 and pw <= 0:
+        return x, y, w
+    x = np.pad(x, ((0, ph), (0, pw)), mode="reflect")
+    y = np.pad(y, ((0, 0), (0, ph), (0, pw)), mode="reflect")
+    w = np.pad(w, ((0, 0), (0, ph), (0, pw)))  # padding is not trained
+    return x, y, w
+
+
+def _synthetic(names: Sequence[str], seed: int) -> list[tuple[F32, Bool]]:
+    """Two small varied synthetic builds, flattened, with masks in the model's order."""
+    from monitor.training.synth import CLASS_NAMES
+
+    if set(names) != set(CLASS_NAMES):
+        return []  # a model of other classes: the generator cannot keep them
+    order = [CLASS_NAMES.index(c) for c in names]
+    out = []
+    for s in (seed * 2 + 9001, seed * 2 + 9002):
+        gen = BuildGenerator(size=512, layers=8, seed=s, camera="varied")
+        for lay in gen:
+            g = lay.image.astype(np.float32) / 255.0
+            bg, spread = flat_terms(g)
+            out.append((apply_flat(g, bg, spread), lay.masks[order]))
+    return out
+
+
+def _load_layers(site: Site, items: Sequence[SiteLayer], names: Sequence[str],
+                 opts: AdaptOptions, *, good: bool,
+                 verdicts: dict[tuple[str, int], list[VerdictAlarm]],
+                 before: Segmenter) -> list[_Layer]:
+    out = []
+    for item in items:
+        gray, part = site.load(item)
+        has_slice = part is not None
+        part = part if part is not None else np.zeros(gray.shape, dtype=bool)
+        g = gray.astype(np.float32) / 255.0
+        bg, spread = flat_terms(g)
+        if good:
+            target, weight = _labels(names, part, opts.band_px)
+            if not has_slice and NO_DEFECT in names:
+                weight[names.index(NO_DEFECT)] = 0.0  # where metal is, is unknown
+        else:
+            target = np.zeros((len(names), *gray.shape), dtype=np.float32)
+            weight = np.zeros_like(target)
+        marks = verdicts.get((item.build, item.layer), [])
+        pred = (before.predict(g, probs=False).masks
+                if any(v.verdict == "confirmed" for v in marks) else None)
+        for v in marks:
+            if v.class_name not in names or v.class_name == NO_DEFECT:
+                continue
+            i = names.index(v.class_name)
+            weight[i] = 1.0
+            target[i] = pred[i] if pred is not None and v.verdict == "confirmed" else 0.0
+        out.append(_Layer(f"{item.build}/{item.layer}", gray, bg, spread, part, target,
+                          weight, good and has_slice))
+    return out
+
+
+def adapt(
+    cfg: Config,
+    printer: PrinterConfig,
+    *,
+    weights: Path,
+    out: Path,
+    train_items: Sequence[SiteLayer],
+    holdout_items: Sequence[SiteLayer],
+    verdict_items: Sequence[tuple[SiteLayer, VerdictAlarm]] = (),
+    opts: AdaptOptions = AdaptOptions(),
+    command: str = "",
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> AdaptResult:
+    """Fine-tune `weights` on a printer's good layers, measure before and after on the
+    held-out layers, and write `out` (with a model card) unless it got worse."""
+    camera_id = printer.camera.id
+    if not camera_id:
+        raise AdaptError("camera.id is empty: name this camera in the config ([camera] id) "
+                         "so the adapted weights can say which camera they fit")
+    if not train_items:
+        raise AdaptError("no layers to adapt on: mark a finished healthy build good "
+                         "(pbf-monitor mark-good BUILD) or name one with --build")
+    site = Site(printer)
+    if site.slices is None:
+        raise AdaptError("geometry.nominal is empty: adapt needs the builds' nominal "
+                         "slices to know where metal is")
+    model, info = load_weights(weights)
+    if info.norm != "flat":
+        raise AdaptError(f"{weights}: its input normalisation is {info.norm!r}; adapt needs "
+                         "weights trained with --norm flat")
+    names = info.class_names
+    seg_opts = SegmenterOptions.from_config(cfg, weights)
+    before_seg = Segmenter(weights, seg_opts)
+    t0 = time.perf_counter()
+    before = score(before_seg, site, holdout_items, seed=opts.seed)
+    log.info("before: %s", _summary(before))
+
+    by_layer: dict[tuple[str, int], list[VerdictAlarm]] = {}
+    for item, v in verdict_items:
+        by_layer.setdefault((item.build, item.layer), []).append(v)
+    train_keys = {(i.build, i.layer) for i in train_items}
+    layers = _load_layers(site, train_items, names, opts, good=True, verdicts=by_layer,
+                          before=before_seg)
+    extra = [item for item, _ in verdict_items if (item.build, item.layer) not in train_keys]
+    extra = list({(i.build, i.layer): i for i in extra}.values())
+    layers += _load_layers(site, extra, names, opts, good=False, verdicts=by_layer,
+                           before=before_seg)
+    batches = _Batches(layers, _synthetic(names, opts.seed), names, opts)
+
+    device = resolve_device(opts.device)
+    torch.manual_seed(opts.seed)
+    model = model.to(device)
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=1e-4)
+    pos = torch.tensor([1.0 if c == NO_DEFECT else 10.0 for c in names],
+                       device=device)[None, :, None, None]
+    bce = nn.BCEWithLogitsLoss(reduction="none", pos_weight=pos)
+    for step in range(opts.steps):
+        x, y, w = (t.to(device) for t in batches.batch(step))
+        lr = opts.lr * 0.5 * (1.0 + math.cos(math.pi * step / opts.steps))
+        for g in optim.param_groups:
+            g["lr"] = lr
+        loss = (bce(model(x), y) * w).sum() / w.sum().clamp(min=1.0)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        if on_step is not None:
+            on_step(step + 1, opts.steps, float(loss.detach()))
+    model = model.cpu().eval()
+
+    cameras = tuple(dict.fromkeys([*info.adapted_cameras, camera_id]))
+    facts = {**info.training, "adapted": {
+        "camera": camera_id, "from_sha256": info.sha256, "steps": opts.steps,
+        "layers": len(layers), "at": datetime.now(UTC).isoformat(timespec="seconds")}}
+    new_info = replace(info, adapted_cameras=cameras, training=facts, sha256="")
+    tmp = out.with_name(f".{out.name}.candidate")
+    save_weights(tmp, model, new_info)
+    try:
+        after = score(Segmenter(tmp, replace(seg_opts)), site, holdout_items, seed=opts.seed)
+        log.info("after: %s", _summary(after))
+        ok, reason = verdict(before, after, opts)
+        card = _card(out, weights, info.sha256, camera_id, opts, train_items, holdout_items,
+                     verdict_items, before, after, ok, reason, command,
+                     time.perf_counter() - t0)
+        if ok:
+            if out.is_file():  # the weights being replaced stay beside them
+                shutil.copy2(out, out.with_name(out.stem + ".before-adapt.safetensors"))
+            tmp.replace(out)
+            card["sha256"] = _sha(out)
+        card_file = out.with_suffix(".json")
+        card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return AdaptResult(out, card_file, ok, reason, before, after, card)
+
+
+def verdict(before: SiteScore, after: SiteScore, opts: AdaptOptions) -> tuple[bool, str]:
+    """Whether the adapted weights may replace the running ones, and why (not)."""
+    bf, af = before.mean_false, after.mean_false
+    if af is None or bf is None:
+        return False, "no held-out layer with a nominal slice to measure on"
+    if af > bf:
+        return False, (f"the held-out layers' defect area on nominal parts rose from "
+                       f"{bf:.2%} to {af:.2%}")
+    rb, ra = before.recall(), after.recall()
+    for c in PASTED:
+        b, a = rb.get(c), ra.get(c)
+        if b is not None and a is not None and a < b - opts.max_recall_drop:
+            return False, f"recall of pasted {c} fell from {b:.2f} to {a:.2f}"
+    return True, (f"defect area on nominal parts {bf:.2%} -> {af:.2%}, mean pasted recall "
+                  f"{before.mean_recall or 0:.2f} -> {after.mean_recall or 0:.2f}")
+
+
+def _summary(s: SiteScore) -> str:
+    return (f"{len(s.layers)} layers, defect area on parts mean {s.mean_false or 0:.2%} "
+            f"max {s.max_false or 0:.2%}, pasted recall "
+            + ", ".join(f"{c} {r:.2f}" for c, r in s.recall().items() if r is not None))
+
+
+def _sha(path: Path) -> str:
+    from monitor.vision.model import file_sha256
+
+    return file_sha256(path)
+
+
+def _card(out: Path, weights: Path, from_sha: str, camera: str, opts: AdaptOptions,
+          train: Sequence[SiteLayer], held: Sequence[SiteLayer],
+          verdicts: Sequence[tuple[SiteLayer, VerdictAlarm]], before: SiteScore,
+          after: SiteScore, ok: bool, reason: str, command: str, seconds: float
+          ) -> dict[str, Any]:
+    def names(items: Sequence[SiteLayer]) -> dict[str, list[int]]:
+        d: dict[str, list[int]] = {}
+        for i in items:
+            d.setdefault(i.build, []).append(i.layer)
+        return d
+
+    return {
+        "weights": out.name, "written": ok, "reason": reason, "camera": camera,
+        "adapted_from": {"weights": weights.name, "sha256": from_sha},
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+        "data": {"good_layers": names(train), "held_out_layers": names(held),
+                 "verdicts": [{"build": i.build, "layer": i.layer, "class": v.class_name,
+                               "verdict": v.verdict} for i, v in verdicts],
+                 "synthetic": "two varied builds of 8 layers (pbf-monitor synth --camera "
+                              "varied), a quarter of each batch"},
+        "options": asdict(opts),
+        "held_out": {"before": before.as_json(), "after": after.as_json()},
+        "seconds": round(seconds, 1),
+    }

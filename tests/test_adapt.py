@@ -1,0 +1,184 @@
+"""A printer's own layers: measured without labels (evaluate-camera) and used to adapt the
+weights (adapt), from builds named or marked good, verdicts and pasted defects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sqlalchemy.orm import Session
+
+from monitor.cli import main
+from monitor.config import load_config
+from monitor.records import AlarmEvent, LayerRecord
+from monitor.store import writes
+from monitor.store.connect import open_db
+from monitor.training.adapt import AdaptError, AdaptOptions, adapt, split_holdout
+from monitor.training.onsite import Site, SiteLayer, printer_of
+from monitor.training.synth import write_dataset
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
+from monitor.vision.model import read_info
+from monitor.vision.stats import layer_stats
+from tests.conftest import make_weights, write_config
+
+DEFECTS = {i: 0.95 for i in range(1, len(DEFAULT_CLASS_NAMES))}
+
+
+@pytest.fixture(scope="module")
+def printer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A camera folder of two varied synthetic builds (B1: 4 layers, B2: 2), each layer with
+    its nominal slice, as a printer would hold them."""
+    root = tmp_path_factory.mktemp("printer")
+    for build, seed, n in (("B1", 21, 4), ("B2", 22, 2)):
+        ds = write_dataset(root / "synth" / build, layers=n, size=256, seed=seed,
+                           camera="varied", defects=False).parent
+        shutil.copytree(ds / "images", root / "images" / build)
+        shutil.copytree(ds / "nominal", root / "nominal" / build)
+    return root
+
+
+def _config(tmp: Path, printer: Path, weights: Path, camera_id: str = "cam-a") -> Path:
+    return write_config(tmp / "c.toml", f'''
+[watch]
+dir = "{printer / 'images'}"
+[camera]
+id = "{camera_id}"
+[geometry]
+nominal = "{printer / 'nominal'}/{{build}}/layer_{{layer:05d}}.png"
+[model]
+weights = "{weights}"
+device = "cpu"
+tile_size = 256
+[store]
+state_dir = "{tmp / 'state'}"
+''')
+
+
+def test_evaluate_camera_counts_what_the_model_marks(printer: Path, tmp_path: Path) -> None:
+    loud = make_weights(tmp_path / "loud.safetensors", constant_prob=DEFECTS, norm="flat")
+    quiet = make_weights(tmp_path / "quiet.safetensors", constant_prob={0: 0.9}, norm="flat")
+    cfg = _config(tmp_path, printer, loud)
+    runner = CliRunner()
+    out = {}
+    for name, w in (("loud", loud), ("quiet", quiet)):
+        r = runner.invoke(main, ["evaluate-camera", "--config", str(cfg), "--weights", str(w),
+                                 "--json"])
+        assert r.exit_code == 0, r.output
+        out[name] = json.loads(r.output)
+    assert len(out["loud"]["layers"]) == 6
+    assert out["loud"]["mean_defect_fraction"] == pytest.approx(1.0)
+    assert out["quiet"]["max_defect_fraction"] == 0.0
+    assert all(v == 1.0 for v in out["loud"]["recall"].values())
+    assert all(v == 0.0 for v in out["quiet"]["recall"].values())
+    assert sum(out["loud"]["pasted"].values()) >= 30  # 2 per class and layer, nearly all fit
+    r = runner.invoke(main, ["evaluate-camera", "--config", str(cfg), "--build", "B2"])
+    assert r.exit_code == 0 and r.output.count("nominal part area marked") == 2, r.output
+
+
+def test_holdout_is_the_last_layers_of_each_build() -> None:
+    items = [SiteLayer(b, n, Path(f"{b}{n}")) for b in ("A", "B") for n in range(1, 11)]
+    items.append(SiteLayer("C", 1, Path("C1")))
+    train, held = split_holdout(items, 0.3)
+    assert [(i.build, i.layer) for i in held] == [("A", 8), ("A", 9), ("A", 10),
+                                                    ("B", 8), ("B", 9), ("B", 10)]
+    assert ("C", 1) in {(i.build, i.layer) for i in train}
+
+
+def test_adapt_writes_better_weights_for_this_camera(printer: Path, tmp_path: Path) -> None:
+    """Weights that mark every part as a defect: adapting on a good build lowers the false
+    area on held-out layers; the result says which camera it fits, the old file is kept."""
+    out = make_weights(tmp_path / "mine.safetensors", norm="flat",
+                       constant_prob={i: 0.7 for i in DEFECTS})
+    cfg = load_config(_config(tmp_path, printer, out))
+    pc = printer_of(cfg.fleet(), None)
+    site = Site(pc)
+    # A large rate: a dozen steps must move the output bias across the threshold.
+    opts = AdaptOptions(steps=12, batch=4, tile=128, lr=0.3, max_recall_drop=1.0)
+    res = adapt(cfg, pc, weights=out, out=out, train_items=site.layers(["B1"]),
+                holdout_items=site.layers(["B2"]), opts=opts)
+    assert res.before.mean_false == pytest.approx(1.0)
+    assert res.after.mean_false is not None and res.after.mean_false < 0.5
+    assert res.written, res.reason
+    info = read_info(out)
+    assert info.adapted_cameras == ("cam-a",) and info.norm == "flat"
+    assert info.training["adapted"]["camera"] == "cam-a"
+    assert (tmp_path / "mine.before-adapt.safetensors").is_file()
+    card = json.loads(res.card.read_text())
+    assert card["written"] and card["data"]["good_layers"] == {"B1": [1, 2, 3, 4]}
+    assert card["held_out"]["before"]["mean_defect_fraction"] == pytest.approx(1.0)
+
+
+def test_adapt_refuses_weights_that_got_worse(printer: Path, tmp_path: Path) -> None:
+    src = make_weights(tmp_path / "src.safetensors", constant_prob=DEFECTS, norm="flat")
+    out = tmp_path / "out.safetensors"
+    cfg = load_config(_config(tmp_path, printer, src))
+    pc = printer_of(cfg.fleet(), None)
+    site = Site(pc)
+    # Recall starts at 1.0 for every class; allowing no drop at all (nor a tie: -0.01)
+    # makes any result worse.
+    opts = AdaptOptions(steps=2, batch=2, tile=128, max_recall_drop=-0.01)
+    res = adapt(cfg, pc, weights=src, out=out, train_items=site.layers(["B1"]),
+                holdout_items=site.layers(["B2"]), opts=opts)
+    assert not res.written and "recall" in res.reason
+    assert not out.exists()
+    assert json.loads(res.card.read_text())["written"] is False
+
+
+def test_adapt_needs_a_camera_id_flat_weights_and_slices(printer: Path, tmp_path: Path
+                                                         ) -> None:
+    flat = make_weights(tmp_path / "f.safetensors", norm="flat")
+    runner = CliRunner()
+    r = runner.invoke(main, ["adapt", "--config",
+                             str(_config(tmp_path, printer, flat, camera_id="")),
+                             "--build", "B1"])
+    assert r.exit_code != 0 and "camera.id" in r.output and "Traceback" not in r.output
+    plain = make_weights(tmp_path / "g.safetensors")
+    r = runner.invoke(main, ["adapt", "--config", str(_config(tmp_path, printer, plain)),
+                             "--build", "B1"])
+    assert r.exit_code != 0 and "--norm flat" in r.output
+    r = runner.invoke(main, ["adapt", "--config", str(_config(tmp_path, printer, flat))])
+    assert r.exit_code != 0 and "mark-good" in r.output
+    cfg = load_config(_config(tmp_path, printer, flat))
+    with pytest.raises(AdaptError, match="no layers"):
+        adapt(cfg, printer_of(cfg.fleet(), None), weights=flat, out=tmp_path / "o",
+              train_items=[], holdout_items=[])
+
+
+def test_adapt_reads_marked_builds_and_verdicts_from_the_database(printer: Path,
+                                                                  tmp_path: Path) -> None:
+    """The daemon's records say which images the layers were; mark-good picks the build; a
+    false alarm's layer joins training with its class set to zero."""
+    flat = make_weights(tmp_path / "f.safetensors", norm="flat")
+    path = _config(tmp_path, printer, flat)
+    cfg = load_config(path)
+    names = DEFAULT_CLASS_NAMES
+    engine = open_db(cfg.store_url)
+    with Session(engine) as s, s.begin():
+        for build, n in [("B1", k) for k in range(1, 5)] + [("B2", 1)]:
+            img = printer / "images" / build / f"layer_{n:05d}.png"
+            bid, _ = writes.put_layer(s, LayerRecord(
+                printer="", build=build, layer=n, status="ok", error=None,
+                image_path=str(img), image_size=1, image_mtime_ns=1, image_sha256="x",
+                model_sha256="m", detected_at=0, processed_at=0,
+                stats=layer_stats(np.zeros((len(names), 8, 8), bool), names,
+                                  pixel_size_mm=0.1)))
+        ev = AlarmEvent("open", "", "B2", 1, "spatter", "spatter.area_mm2", "warning", 1.0, 0.5)
+        (rec,) = writes.apply_alarm(s, bid, ev, now=1.0)
+        writes.set_verdict(s, rec.id, "false_alarm", None, now=2.0)
+    engine.dispose()
+    runner = CliRunner()
+    r = runner.invoke(main, ["mark-good", "B1", "--config", str(path)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "adapted.safetensors"
+    r = runner.invoke(main, ["adapt", "--config", str(path), "--steps", "2", "--out", str(out),
+                             "--device", "cpu"])
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["data"]["good_layers"] == {"B1": [1, 2, 3]}  # layer 4 held out
+    assert card["data"]["held_out_layers"] == {"B1": [4]}
+    assert card["data"]["verdicts"] == [{"build": "B2", "layer": 1, "class": "spatter",
+                                         "verdict": "false_alarm"}]
+    assert (r.exit_code == 0) == card["written"] == out.is_file(), r.output
