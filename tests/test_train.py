@@ -56,7 +56,7 @@ FAST = TrainOptions(width=4, epochs=2, steps_per_epoch=4, tile=32, batch=4, warm
 
 def test_trainer_learns_spots(spots: Path, tmp_path: Path) -> None:
     opts = TrainOptions(width=4, epochs=4, steps_per_epoch=15, tile=48, batch=4, lr=5e-3,
-                        warmup_steps=5, val_fraction=0.2, device="cpu")
+                        warmup_steps=5, val_fraction=0.2, device="cpu", norm="global")
     result = train([spots], tmp_path / "spots.safetensors", opts)
     first, best = result.history[0], max(result.history, key=lambda r: r.score)
     assert best.val is not None
@@ -156,3 +156,27 @@ def test_cli_train_then_evaluate(spots: Path, tmp_path: Path) -> None:
     assert set(json.loads(r.output)["classes"]) == set(CLASSES)
     r = CliRunner().invoke(main, ["train", str(spots), "--out", str(out), "--tile", "40"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "--tile 40" in r.output
+
+
+@pytest.mark.parametrize("norm", ["flat", "global"])
+def test_validation_scores_what_the_daemon_serves(spots: Path, tmp_path: Path,
+                                                  norm: str) -> None:
+    """The validation numbers in the card are those of the written weights served by a
+    Segmenter on the same layers (a flat model's layers were once normalised twice)."""
+    from monitor.training.evaluate import Counts, metrics_json
+    from monitor.vision.segmenter import Segmenter, SegmenterOptions
+
+    opts = TrainOptions(**{**FAST.__dict__, "epochs": 1, "norm": norm, "calibrate": False})
+    out = tmp_path / "w.safetensors"
+    result = train([spots], out, opts)
+    card = json.loads((tmp_path / "w.json").read_text())
+    seg = Segmenter(out, SegmenterOptions(device="cpu", threshold=opts.threshold))
+    assert seg.info.norm == norm
+    ds = open_dataset(spots)
+    counts = Counts(seg.class_names)
+    for label in card["split"]["validation"]:
+        gray, masks = ds.sample(label.split("/", 1)[1])
+        counts.add(seg.predict(gray).masks, masks)
+    served = metrics_json(counts)["classes"]["spot"]
+    assert result.history[0].val is not None
+    assert served["iou"] == pytest.approx(result.history[0].val["classes"]["spot"]["iou"])

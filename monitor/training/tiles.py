@@ -31,13 +31,14 @@ class LayerRef:
 
 
 class LayerCache:
-    """Decoded layers kept in memory up to a budget, loaded again when evicted. With a
-    "flat" normalisation the cache holds the layer as the model sees it (flattened whole,
-    as serving does), so tiles never see a different background estimate."""
+    """Decoded layers kept in memory up to a budget, loaded again when evicted. With `flat`
+    the cache holds the layer as a "flat" model sees it (flattened whole, as serving does),
+    so tiles never see a different background estimate; validation, which goes through the
+    Segmenter and so normalises by itself, uses a cache without."""
 
-    def __init__(self, classes: Sequence[str], budget_mb: int, norm: str = "global") -> None:
+    def __init__(self, classes: Sequence[str], budget_mb: int, *, flat: bool = False) -> None:
         self.classes = tuple(classes)
-        self.norm = norm
+        self.flat = flat
         self.budget = budget_mb * 2**20
         self.used = 0
         self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
@@ -50,7 +51,7 @@ class LayerCache:
         if hit is not None:
             return hit
         gray, masks = ref.dataset.sample(ref.name)
-        if self.norm == "flat":
+        if self.flat:
             gray = flatten(gray)
         order = [ref.dataset.classes.index(c) for c in self.classes]
         masks = masks[order]
@@ -107,7 +108,7 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
         self.info = info
         self.opts = opts
-        self.cache = LayerCache(classes, opts.cache_mb, info.norm)
+        self.cache = LayerCache(classes, opts.cache_mb, flat=info.norm == "flat")
         self.epoch = 0
         # Real clean frames, when given: one tile of every batch is drawn from them, so
         # every step sees a bed that must stay quiet.

@@ -236,13 +236,16 @@ def train(
              opts.width, run.device, len(train_refs), len(val_refs),
              [round(float(w), 2) for w in run.pos_weight])
     t_start = time.perf_counter()
+    # Whole raw layers: the Segmenter normalises them itself, as in serving.
+    val_cache = (run.sampler.cache if run.info.norm == "global"
+                 else LayerCache(run.sampler.classes, opts.cache_mb // 2))
     for epoch in range(state.start_epoch, opts.epochs + 1):
         t0 = time.perf_counter()
         result = run.epoch(epoch, on_progress)
         sweep_best: dict[str, Any] = {}
         if val_refs:
             counts, sweep = validate(run.model, run.info, val_refs, run.device, opts,
-                                     run.sampler.cache)
+                                     val_cache)
             result.val = metrics_json(counts)
             sweep_best = sweep.best()
         result.seconds = time.perf_counter() - t0
