@@ -39,6 +39,8 @@ from monitor.cli.options import CONFIG_OPTION, find_config, setup_logging
               help="Data-loading processes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
+@click.option("--val-block", type=click.IntRange(1), default=5, show_default=True,
+              help="Validation holds out whole blocks of this many consecutive layers.")
 @click.option("--norm", type=click.Choice(["flat", "global"]), default="flat",
               show_default=True,
               help="Input normalisation: flat = divided by the bed's own background and "
@@ -48,7 +50,7 @@ from monitor.cli.options import CONFIG_OPTION, find_config, setup_logging
 def train(datasets: tuple[Path, ...], out: Path, width: int, epochs: int,
           steps_per_epoch: int, tile: int, batch: int, lr: float, pos_weight: str,
           defect_bias: float, val_fraction: float, device: str, workers: int, seed: int,
-          resume: bool, norm: str, init: Path | None) -> None:
+          resume: bool, val_block: int, norm: str, init: Path | None) -> None:
     """Train a U-Net on dataset folders; keeps the best epoch by validation defect IoU."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -59,7 +61,7 @@ def train(datasets: tuple[Path, ...], out: Path, width: int, epochs: int,
     opts = TrainOptions(width=width, epochs=epochs, steps_per_epoch=steps_per_epoch, tile=tile,
                         batch=batch, lr=lr, pos_weight=pos_weight, defect_bias=defect_bias,
                         val_fraction=val_fraction, device=device, workers=workers, seed=seed,
-                        norm=norm, init=str(init) if init else "")
+                        val_block=val_block, norm=norm, init=str(init) if init else "")
     opts.check()  # before the progress bars, so a bad option is one line
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())

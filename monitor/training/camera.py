@@ -58,6 +58,7 @@ class CameraStyle:
     jpeg: int  # quality, 0 = none
     zoom: float  # >= 1: the camera sees the centre of the bed larger (finer pixels)
     tilt: float  # oblique view: how far the far edge shrinks
+    coupons: int = 0  # groups of small test coupons (squares and discs of 6-24 px)
 
     @classmethod
     def draw(cls, seed: int) -> CameraStyle:
@@ -87,6 +88,7 @@ class CameraStyle:
             jpeg=int(rng.choice(np.array([0, int(rng.integers(60, 96))]))),
             zoom=float(rng.choice([1.0, rng.uniform(1.0, 2.0)])),
             tilt=float(rng.choice([0.0, rng.uniform(0.0, 0.25)])),
+            coupons=int(rng.integers(0, 4)),
         )
 
     # --- geometry that belongs to the camera or the bed, the same on every layer ---------
@@ -155,7 +157,36 @@ class CameraStyle:
                     out[shape] = n
                     free &= ~dilate(shape, max(4, size // 60))
                     break
+        self._coupons(np.random.default_rng([seed, 81]), out, free)
         return out
+
+    def _coupons(self, rng: np.random.Generator, out: U8, free: Bool) -> None:
+        """Groups of small coupons: a whole part no larger than a defect, which the model
+        must not take for one (real plates carry rows of them)."""
+        size = out.shape[0]
+        n = int(out.max())
+        for _ in range(self.coupons):
+            side = int(rng.integers(6, 25)) * size // 512 + 1
+            rows, cols = (int(v) for v in rng.integers(2, 5, 2))
+            pitch = side * float(rng.uniform(1.8, 3.0))
+            disc = rng.random() < 0.4
+            for _attempt in range(12):
+                x0, y0 = (float(v) for v in rng.uniform(0, size - cols * pitch - side, 2))
+                canvas = np.zeros((size, size), dtype=np.uint8)
+                for r in range(rows):
+                    for c in range(cols):
+                        cx, cy = round(x0 + c * pitch + side / 2), round(y0 + r * pitch + side / 2)
+                        if disc:
+                            cv2.circle(canvas, (cx, cy), side // 2, 1, -1)
+                        else:
+                            cv2.rectangle(canvas, (cx - side // 2, cy - side // 2),
+                                          (cx + side // 2, cy + side // 2), 1, -1)
+                shape = canvas > 0
+                if shape.any() and not (shape & ~free).any():
+                    n += 1
+                    out[shape] = n
+                    free &= ~dilate(shape, max(4, size // 60))
+                    break
 
     def ghost_map(self, seed: int, index: int, size: int) -> F32:
         """(H, W) 0..1: parts of earlier layers showing through the fresh powder."""
