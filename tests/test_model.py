@@ -39,7 +39,8 @@ def test_roundtrip_rebuilds_same_model_and_metadata(tmp_path: Path) -> None:
         assert torch.equal(model(x), model2(x))
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert json.loads(meta["normalization"]) == {"mean": info.mean, "std": info.std}
+    assert json.loads(meta["normalization"]) == {"mean": info.mean, "std": info.std,
+                                                 "method": "global"}
 
 
 @pytest.mark.parametrize(

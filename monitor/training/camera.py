@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 STYLES = ("classic", "varied")  # classic: the original look, byte for byte
 _SWELLING, _SPATTER, _MISPRINT, _OVER, _UNDER = 1, 2, 3, 4, 5
+_MELT_LOW, _MELT_HIGH = 45.0, 228.0  # melt level limits: room for darker and brighter defects
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ class CameraStyle:
         sign = -1.0 if rng.random() < 0.4 else 1.0
         delta = sign * float(rng.uniform(8.0, 90.0))
         if sign > 0 and rng.random() < 0.35:
-            delta = 255.0 - powder + float(rng.uniform(-20.0, 30.0))  # melt near saturation
+            # Melt near saturation; its glints saturate. The melt itself stays a little below
+            # white (and above black, below), or a brighter (darker) defect could not show.
+            delta = 255.0 - powder + float(rng.uniform(-20.0, 30.0))
+        delta = float(np.clip(delta, _MELT_LOW - powder, _MELT_HIGH - powder))
         wall = str(rng.choice(["none", "round", "side"], p=[0.35, 0.35, 0.3]))
         return cls(
             powder=powder, melt_delta=delta,
