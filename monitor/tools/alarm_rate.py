@@ -1,6 +1,7 @@
 """How often the default alarms fire: per 100 healthy layers (real SLM layers, synthetic
-builds without defects) and, on synthetic builds with defects, whether each stacking defect
-and missing part raises its alarm within a few layers of its start.
+builds without defects, in the classic look and in varied camera styles) and, on synthetic
+builds with defects, whether each stacking defect and missing part raises its alarm within a
+few layers of its start.
 
 The layers go through the daemon's own steps (Segmenter, layer_stats, PartMeter,
 AlarmEngine) in-process, without watch folder or database, with the default [alarms]. Each
@@ -155,7 +156,7 @@ class Recall:
 
 def synthetic(seg: Segmenter, work: Path, *, seed: int, layers: int = 40, size: int = 512,
               defects: bool = True, part_events: bool = False,
-              recall: Recall | None = None) -> Tally:
+              recall: Recall | None = None, camera_style: str = "classic") -> Tally:
     """A synthetic build (`pbf-monitor synth`) through the runner; with `recall`, checks
     its swelling episodes (stacking defects) and part events against the alarms: each must
     open its alarm within LOOKAHEAD layers of its first layer (or of the end of the build's
@@ -163,7 +164,7 @@ def synthetic(seg: Segmenter, work: Path, *, seed: int, layers: int = 40, size: 
     from monitor.training.synth import BuildGenerator
 
     gen = BuildGenerator(size=size, layers=layers, seed=seed, part_events=part_events,
-                         defects=defects)
+                         defects=defects, camera=camera_style)
     nominal = work / f"synth{seed}" / "nominal"
     nominal.mkdir(parents=True, exist_ok=True)
     camera = CameraConfig()
@@ -227,6 +228,13 @@ def measure(weights: Path, work: Path, *, slm_root: Path | None, device: str = "
         healthy.add(synthetic(seg, work, seed=100 + seed, layers=layers, size=size,
                               defects=False))
     out["synthetic_healthy"] = healthy.summary()
+    # The same, through cameras of other looks (monitor.training.camera), on seeds no
+    # training build used.
+    varied = Tally()
+    for seed in range(healthy_builds):
+        varied.add(synthetic(seg, work, seed=600 + seed, layers=layers, size=size,
+                             defects=False, camera_style="varied"))
+    out["synthetic_healthy_varied_cameras"] = varied.summary()
     rec, sick = Recall(), Tally()
     for seed in range(defect_builds):
         sick.add(synthetic(seg, work, seed=200 + seed, layers=layers, size=size,
