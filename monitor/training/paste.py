@@ -9,8 +9,8 @@ around it in *this* image, never by an absolute grey level:
 - swelling: a raised blob on a part's edge reaching into the powder, lit on one side and
   shadowed on the other;
 - spatter: specks on the powder near a part, brighter or darker than that powder;
-- misprint: a ragged patch of the layer's own melt texture, cut from a part, on the powder
-  next to it.
+- misprint: loose scan tracks on the powder next to a part: stripes of the layer's own
+  melt texture (cut from a part) across a patch, each track ending raggedly.
 
 "Clearly" is in the part's own spread (its MAD) and its distance to black or white, so the
 same defect is as visible on a dull camera as on a bright one.
@@ -151,10 +151,13 @@ class Paster:
             return False
         box, blob, med, spread = got
         drop = max(5.0 * spread, 0.5 * med, 35.0)
-        tex = med - drop + self.rng.normal(0.0, 1.5 * spread, blob.shape)
+        crop = self.img[box]
+        # The part's own texture shows faintly through a darker, rougher surface with pores.
+        rough = cv2.GaussianBlur(self.rng.standard_normal(blob.shape).astype(np.float32),
+                                 (0, 0), 0.8)
+        tex = 0.4 * (crop - med) + med - drop + 2.0 * spread * rough
         pores = self.rng.random(blob.shape) < 0.08
         tex = np.where(pores, 0.35 * (med - drop), tex)
-        crop = self.img[box]
         crop[blob] = tex[blob]
         self._keep("under_melting", box, blob)
         return True
@@ -214,23 +217,36 @@ class Paster:
         gap = max(4, round(8 * self.scale))
         r = self.rng.uniform(14, 36) * self.scale
         p = self._pick((self.d_out > gap + r + 1) & (self.d_out < gap + 2 * r))
-        src = self._pick(self.d_in > r + 2)
+        src = self._pick(self.d_in > 1.6 * r + 2)
         if p is None or src is None:
             return False
-        box, blob = self._blob(p[0], p[1], r)
-        blob &= self.d_out[box] > gap
-        if blob.sum() < 0.4 * math.pi * r * r:
+        box = self._box(p[0], p[1], 1.6 * r)
+        ys, xs = np.ogrid[box[0], box[1]]
+        # Tracks across the patch at a random angle; each ends where it ends.
+        ang = self.rng.uniform(0, math.pi)
+        u = (xs - p[0]) * math.cos(ang) + (ys - p[1]) * math.sin(ang)
+        v = -(xs - p[0]) * math.sin(ang) + (ys - p[1]) * math.cos(ang)
+        pitch = max(3.0, self.rng.uniform(3.0, 6.0) * self.scale)
+        n = int(2 * r / pitch) + 2
+        track = np.clip(((u + r) / pitch).astype(np.int64), 0, n - 1)
+        lo = -r * self.rng.uniform(0.35, 1.0, n)
+        hi = r * self.rng.uniform(0.35, 1.0, n)
+        region = (np.abs(u) <= r) & (v >= lo[track]) & (v <= hi[track])
+        region &= (self.d_out[box] > gap) & ~self.taken[box]
+        if region.sum() < 0.4 * math.pi * r * r:
             return False
-        # The layer's own melt texture, moved from inside a part onto the powder.
+        # The layer's own melt texture, moved from inside a part onto the powder; the
+        # poorly fused tracks alternate with the powder between them.
         dy, dx = int(src[1] - p[1]), int(src[0] - p[0])
         h, w = self.img.shape
-        ys = np.clip(np.arange(box[0].start, box[0].stop) + dy, 0, h - 1)
-        xs = np.clip(np.arange(box[1].start, box[1].stop) + dx, 0, w - 1)
-        moved = self.img[np.ix_(ys, xs)]
-        ragged = blob  # the blob's harmonics make its edge irregular enough
+        yi = np.clip(np.arange(box[0].start, box[0].stop) + dy, 0, h - 1)
+        xi = np.clip(np.arange(box[1].start, box[1].stop) + dx, 0, w - 1)
+        moved = self.img[np.ix_(yi, xi)]
+        crest = np.cos(2 * math.pi * u / pitch) > -0.3
         crop = self.img[box]
-        crop[ragged] = moved[ragged]
-        self._keep("misprint", box, ragged)
+        fill = region & crest
+        crop[fill] = moved[fill]
+        self._keep("misprint", box, region)
         return True
 
     def result(self, classes: Sequence[str] = DEFAULT_CLASS_NAMES) -> tuple[U8, Bool]:
