@@ -216,6 +216,37 @@ class Outgoing:
     payload: dict[str, Any]
 
 
+def present_key(m: Outgoing) -> str | None:
+    """What part of the present a message is the latest of: ``layer/<printer>`` (a
+    printer's last layer), ``alarm/<id>`` (an alarm not yet cleared); None for a test alarm
+    and anything else. MQTT's retained topics and the OPC UA address space show these."""
+    if m.topic == "layer":
+        return f"layer/{m.payload.get('printer') or ''}"
+    if m.topic == "alarm" and not m.payload.get("test"):
+        return f"alarm/{m.payload.get('id')}"
+    return None
+
+
+@dataclass(frozen=True)
+class Present:
+    """The present as of message `seq`: each printer's last layer message and each open or
+    acknowledged alarm's latest one, in seq order (the outbox_present table)."""
+
+    seq: int
+    messages: tuple[Outgoing, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutboxStart:
+    """The outbox as the daemon finds it at start (monitor.store.writes.open_outbox)."""
+
+    last_seq: int
+    pending: list[Outgoing]  # not yet sent on ZeroMQ, in seq order
+    present: Present
+    cursors: dict[str, int]  # sink -> the last seq it took responsibility for
+    backlog: dict[str, list[Outgoing]]  # sink -> committed after its cursor, in seq order
+
+
 @dataclass(frozen=True)
 class EncodedMap:
     """A layer's defect map and thumbnail, encoded (see monitor.reports.maps)."""

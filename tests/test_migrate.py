@@ -3,6 +3,7 @@ models, older databases are refused or backed up."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -50,3 +51,32 @@ def test_cli_db_upgrade(tmp_path: Path) -> None:
     assert f"schema empty -> {migrate.head()}" in r.output
     r = CliRunner().invoke(main, ["db", "upgrade", "-c", str(cfg)])
     assert f"schema {migrate.head()} -> {migrate.head()}" in r.output
+
+
+def test_0005_fills_the_present_from_the_outbox(tmp_path: Path) -> None:
+    """A database at 0004 with messages in its outbox: the upgrade records which of them are
+    the present (each printer's last layer, each alarm not cleared)."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    engine = create_engine(url)
+    cfg = migrate._config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0004")
+    messages = [("layer", {"printer": "", "layer": 1}), ("alarm", {"id": 4, "state": "open"}),
+                ("alarm", {"id": 5, "state": "open"}), ("layer", {"printer": "", "layer": 2}),
+                ("alarm", {"id": 5, "state": "cleared"}), ("layer", {"printer": "b", "layer": 9}),
+                ("alarm", {"id": 0, "state": "open", "test": True})]
+    with engine.begin() as conn:
+        for topic, payload in messages:
+            conn.execute(text("INSERT INTO outbox (topic, payload, created_at, published) "
+                              "VALUES (:t, :p, 0, 1)"), {"t": topic, "p": json.dumps(payload)})
+    try:
+        assert migrate.upgrade(engine, url) is not None  # backed up first
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT key, seq FROM outbox_present ORDER BY seq")).all()
+        assert [tuple(r) for r in rows] == [("alarm/4", 2), ("layer/", 4), ("layer/b", 6)]
+    finally:
+        engine.dispose()

@@ -4,10 +4,13 @@ real mosquitto broker (a subprocess) with paho subscribers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -15,14 +18,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as paho
 import pytest
 from asyncua import Client, ua
 from paho.mqtt.enums import CallbackAPIVersion
 
 from monitor.config import parse_config
+from monitor.daemon.daemon import Daemon
 from monitor.errors import ConfigError
+from tests.conftest import daemon_toml, encode, wait_for_rows, write_config
 from tests.test_alarm_daemon import RULE, Rig, bright_weights  # noqa: F401 (fixture)
+from tests.test_daemon_e2e import start_daemon
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
@@ -343,14 +350,171 @@ def test_mqtt_queue_is_bounded_and_drops_are_counted(tmp_path: Path) -> None:
     from monitor.records import Outgoing
 
     drops: list[int] = []
+    cursors: list[int] = []
     m = MqttPublisher(MqttConfig(enabled=True, url=f"mqtt://127.0.0.1:{free_port()}",
-                                 queue_size=10), health=dict, on_drop=drops.append)
+                                 queue_size=10), health=dict, on_drop=drops.append,
+                      on_cursor=cursors.append)
     m.start()
     try:
         for seq in range(1, 21):
             m.publish([Outgoing(seq, "layer", {"printer": "", "layer": seq})])
-        assert m.dropped >= 30 - 10  # 20 layers x (message + retained state), minus 10
+        assert m.dropped >= 20 - 10  # the stream (20 layers, heartbeats) beyond the queue
         assert sum(drops) == m.dropped
         assert m.alive and not m.connected
+        # Dropped and counted is taken: the cursor passes layers 1-10, and is handed on.
+        assert m.cursor >= 10
+        wait(lambda: bool(cursors) and cursors[-1] == m.cursor, 10, "the cursor reported")
     finally:
         m.stop()
+
+
+# ---------------------------------------------------------------- nothing lost, the present
+
+
+def _layer_png(boxed: bool) -> bytes:
+    """A 96 px layer; with a 10x10 px bright box (1 mm² of swelling: RULE's alarm)."""
+    img = np.full((96, 96), 100, np.uint8)
+    if boxed:
+        img[20:30, 20:30] = 240
+    return encode(img, ".png")
+
+
+def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        try:
+            return conn.execute(sql).fetchall()
+        except sqlite3.OperationalError:  # the schema is not there yet
+            return []
+
+
+def test_mqtt_kill9_with_the_broker_down_loses_nothing(
+        tmp_path: Path, bright_weights: Path, broker: Broker) -> None:  # noqa: F811
+    """The broker is down while a build arrives; the daemon is killed (-9) after ZeroMQ has
+    sent and marked every message. Once both are back, a subscriber with a persistent
+    session has every layer and alarm message, with the seq ZeroMQ gave it."""
+    root = tmp_path / "d"
+    (root / "watch" / "B1").mkdir(parents=True)
+    cfg = write_config(root / "config.toml", daemon_toml(
+        bright_weights, settle_s=0.2, rescan_interval_s=1,
+        extra=RULE + f'[mqtt]\nenabled = true\nurl = "mqtt://127.0.0.1:{broker.port}"\n'
+                     'printer = "m1"\n'))
+    db = root / "state" / "pbf-monitor.db"
+    log = tmp_path / "daemon.log"
+    historian = Subscriber(broker.port, client_id="historian", clean=False)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        # The historian's session is on the broker before it goes down.
+        def subscribed() -> bool:
+            historian.c.publish("pbf-monitor/probe", b"1", qos=1)  # it hears itself once in
+            time.sleep(0.2)
+            return "pbf-monitor/probe" in historian.topics()
+
+        wait(subscribed, 20, "the historian subscribed")
+        broker.stop()
+        # Layers 1-2 open an alarm, 3 clears it, 4-6 open another (at 5) that stays open.
+        for n, boxed in enumerate([True, True, False, True, True, True], 1):
+            (root / "watch" / "B1" / f"layer_{n:05d}.png").write_bytes(_layer_png(boxed))
+        proc = start_daemon(cfg, log)
+        wait_for_rows(f"sqlite:///{db}", "SELECT layer FROM layers", 6, proc=proc, log=log)
+        wait(lambda: _rows(db, "SELECT count(*), sum(published) FROM outbox") == [(9, 9)],
+             60, "ZeroMQ to send and mark every message")
+        assert _rows(db, "SELECT seq FROM sink_cursors WHERE name = 'mqtt'") == [(0,)]
+        proc.kill()  # SIGKILL: what the MQTT publisher held in memory is gone
+        proc.wait(10)
+
+        broker.start()
+        proc = start_daemon(cfg, log)
+        sent = _rows(db, "SELECT seq, topic FROM outbox ORDER BY seq")
+
+        def got(topic: str) -> set[int]:
+            return {p["seq"] for p in historian.payloads(f"pbf-monitor/m1/{topic}")}
+
+        wait(lambda: got("layer") | got("alarm") == {seq for seq, _ in sent}, 90,
+             f"every message over MQTT: {sent}; log: {log.read_text()[-2000:]}")
+        assert got("layer") == {seq for seq, t in sent if t == "layer"}
+        states = [p["state"] for p in historian.payloads("pbf-monitor/m1/alarm")]
+        assert sorted(states) == ["cleared", "open", "open"]
+        # The cursor follows the broker's acknowledgements into the database.
+        wait(lambda: _rows(db, "SELECT seq FROM sink_cursors WHERE name = 'mqtt'") == [(9,)],
+             30, "the MQTT cursor stored")
+
+        # The retained state is the present: layer 6 and the alarm opened at layer 5 only.
+        late = Subscriber(broker.port)
+        try:
+            wait(lambda: "pbf-monitor/m1/state/last_layer" in late.topics(), 20, "last layer")
+            time.sleep(0.5)
+            alarms = {t: json.loads(p) for t, (p, _) in late.topics().items()
+                      if "/state/alarms/" in t and p}
+            assert json.loads(late.topics()["pbf-monitor/m1/state/last_layer"][0])["layer"] == 6
+            assert [(a["layer"], a["state"]) for a in alarms.values()] == [(5, "open")]
+        finally:
+            late.close()
+    finally:
+        historian.close()
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+def test_restart_shows_the_present_before_any_new_layer(
+        rig_with: Callable[[str], Rig], broker: Broker) -> None:
+    """After a restart, the OPC UA tree and the MQTT retained topics show the last layer and
+    the open alarm from the database at once, even on a broker that lost its retained
+    messages; a retained alarm the broker kept that is not open is emptied."""
+    url = f"opc.tcp://127.0.0.1:{free_port()}/pbf-monitor"
+    r = rig_with(f'[opcua]\nenabled = true\nendpoint = "{url}"\n'
+                 f'[mqtt]\nenabled = true\nurl = "mqtt://127.0.0.1:{broker.port}"\n'
+                 'printer = "m1"\n')
+    for n in (1, 2):
+        r.write(n, (20, 20, 10, 10))
+    (alarm,) = r.alarms()
+    assert r.listener is not None
+    layer2 = r.listener.layers()[2][0]
+    r.stop()
+
+    # A broker without its retained messages (no persistence, or a new one), and a stale
+    # retained alarm that cleared while the daemon was away.
+    broker.stop()
+    (broker.dir / "mosquitto.db").unlink(missing_ok=True)
+    broker.start()
+    stale = "pbf-monitor/m1/state/alarms/999"
+    watch = Subscriber(broker.port)
+    watch.c.publish(stale, json.dumps({"id": 999, "state": "open"}), qos=1, retain=True)
+    wait(lambda: stale in watch.topics(), 20, "the stale alarm retained")
+
+    again = Daemon(r.cfg)
+    again.start()
+    try:
+        async def tree() -> dict[str, Any]:
+            async with Client(url) as c:
+                idx = await c.get_namespace_index("urn:pbf-monitor")
+                base = "PbfMonitor/Printers/default"
+                paths = ["Build", "LastLayer/Number", "LastLayer/Seq",
+                         "LastLayer/Classes/swelling/AreaMm2",
+                         f"Alarms/Alarm{alarm['id']}/State", f"Alarms/Alarm{alarm['id']}/Rule"]
+                return {p: await c.get_node(ua.NodeId(f"{base}/{p}", idx)).read_value()
+                        for p in paths}
+
+        # At once: read as soon as start() returns, no layer since.
+        values = asyncio.run(tree())
+        assert values == {"Build": "B1", "LastLayer/Number": 2, "LastLayer/Seq": layer2["seq"],
+                          "LastLayer/Classes/swelling/AreaMm2": pytest.approx(1.0),
+                          f"Alarms/Alarm{alarm['id']}/State": "open",
+                          f"Alarms/Alarm{alarm['id']}/Rule": alarm["rule"]}
+
+        wait(lambda: (stale, b"", False) in watch.got, 20, "the stale alarm emptied")
+        late = Subscriber(broker.port)
+        try:
+            mine = f"pbf-monitor/m1/state/alarms/{alarm['id']}"
+            wait(lambda: mine in late.topics() and "pbf-monitor/m1/state/last_layer"
+                 in late.topics(), 20, "the retained present")
+            t = late.topics()
+            assert json.loads(t["pbf-monitor/m1/state/last_layer"][0]) == layer2  # seq too
+            assert json.loads(t[mine][0]) == alarm
+            assert stale not in t
+        finally:
+            late.close()
+        assert again.counts == {"ok": 0, "error": 0}  # nothing new was processed
+    finally:
+        watch.close()
+        again.stop()

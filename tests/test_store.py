@@ -13,7 +13,7 @@ from monitor.errors import StoreError
 from monitor.records import LayerRecord
 from monitor.store import queries, writes
 from monitor.store.connect import open_db
-from monitor.store.schema import Build, ClassStat, ComponentRow, Layer
+from monitor.store.schema import Build, ClassStat, ComponentRow, Layer, OutboxRow, SinkCursor
 from monitor.store.writer import StoreWriter
 from monitor.vision.stats import layer_stats
 
@@ -67,6 +67,72 @@ def test_outbox_seq_and_pending(engine) -> None:  # type: ignore[no-untyped-def]
     with Session(engine) as s:
         assert [o.seq for o in queries.pending_outbox(s)] == [2]
         assert queries.last_seq(s) == 2
+
+
+def test_present_follows_the_outbox(engine) -> None:  # type: ignore[no-untyped-def]
+    """Each printer's last layer and each alarm until it clears: what the plant sinks show
+    at start."""
+    def alarm(i: int, state: str, **extra: object) -> tuple[str, dict[str, object]]:
+        return ("alarm", {"id": i, "printer": "", "state": state, **extra})
+
+    steps: list[list[tuple[str, dict[str, object]]]] = [
+        [("layer", {"printer": "", "layer": 1}), alarm(1, "open")],            # seq 1, 2
+        [("layer", {"printer": "p2", "layer": 7}), alarm(2, "open")],          # 3, 4
+        [("layer", {"printer": "", "layer": 2}), alarm(1, "acknowledged")],    # 5, 6
+        [alarm(2, "cleared"), alarm(0, "open", test=True)],                    # 7, 8
+    ]
+    for msgs in steps:
+        with Session(engine) as s, s.begin():
+            writes.put_outbox(s, msgs)
+    with Session(engine) as s:
+        present = queries.present(s)
+    assert present.seq == 8
+    assert [(m.seq, m.topic, m.payload.get("layer", m.payload.get("state")))
+            for m in present.messages] == [(3, "layer", 7), (5, "layer", 2),
+                                           (6, "alarm", "acknowledged")]
+
+
+@pytest.mark.parametrize(("stored", "enabled", "cursors", "kept_from", "dropped"), [
+    # no plant sink: the newest `keep` (5) and the present are kept
+    ({}, [], {}, 16, []),
+    # MQTT behind at 8: nothing after it goes; a sink without a cursor starts where ZeroMQ is
+    ({"mqtt": 8}, ["mqtt", "opcua"], {"mqtt": 8, "opcua": 20}, 9, []),
+    # OPC UA off and pruned past: its cursor goes, so switched on again it starts afresh
+    ({"mqtt": 18, "opcua": 3}, ["mqtt"], {"mqtt": 18}, 16, ["opcua"]),
+    # off but not pruned past: kept for when it is switched on again
+    ({"mqtt": 18, "opcua": 17}, ["mqtt"], {"mqtt": 18}, 16, []),
+])
+def test_outbox_at_start_is_pruned_to_what_sinks_need(  # type: ignore[no-untyped-def]
+        engine, stored: dict[str, int], enabled: list[str], cursors: dict[str, int],
+        kept_from: int, dropped: list[str]) -> None:
+    with Session(engine) as s, s.begin():
+        writes.put_outbox(s, [("layer", {"printer": "", "layer": n}) if n != 2 else
+                              ("alarm", {"id": 1, "printer": "", "state": "open"})
+                              for n in range(1, 21)])
+        writes.mark_published(s, list(range(1, 21)))
+        s.add_all(SinkCursor(name=n, seq=c, updated_at=0.0) for n, c in stored.items())
+    with Session(engine) as s, s.begin():
+        start = writes.open_outbox(s, enabled, keep=5)
+    assert (start.last_seq, start.pending, start.cursors) == (20, [], cursors)
+    assert [m.seq for m in start.present.messages] == [2, 20]  # the open alarm, last layer
+    assert {n: [m.seq for m in b] for n, b in start.backlog.items()} == {
+        n: list(range(c + 1, 21)) for n, c in cursors.items()}
+    with Session(engine) as s:
+        assert s.scalars(select(OutboxRow.seq)).all() == [2, *range(kept_from, 21)]
+        left = {n: c for n, c in s.execute(select(SinkCursor.name, SinkCursor.seq))}
+    assert left == {**{n: c for n, c in stored.items() if n not in dropped}, **cursors}
+
+
+def test_sink_cursors_only_move_forward(engine) -> None:  # type: ignore[no-untyped-def]
+    with Session(engine) as s, s.begin():
+        writes.put_outbox(s, [("layer", {"printer": "", "layer": 1})])
+        writes.mark_published(s, [1])
+        assert writes.open_outbox(s, ["mqtt"]).cursors == {"mqtt": 1}
+    for seq in (5, 3):  # a late write of an older cursor changes nothing
+        with Session(engine) as s, s.begin():
+            writes.set_cursors(s, {"mqtt": seq})
+    with Session(engine) as s:
+        assert s.get(SinkCursor, "mqtt").seq == 5  # type: ignore[union-attr]
 
 
 def test_reader_reads_while_writer_holds_a_transaction(tmp_path: Path, engine) -> None:  # type: ignore[no-untyped-def]

@@ -32,18 +32,17 @@ from monitor.daemon.loader import Loader
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
 from monitor.daemon.parts import GeometryAhead, PartMeter
-from monitor.daemon.plant import Plant
+from monitor.daemon.plant import Plant, enabled_sinks
 from monitor.daemon.preflight import check_watch_dir
 from monitor.daemon.publisher import Publisher
 from monitor.daemon.reload import Reloader
 from monitor.daemon.requests import Requests
-from monitor.daemon.sinks import Fanout
+from monitor.daemon.sinks import Cursors, Fanout
 from monitor.daemon.stage import Stage
 from monitor.daemon.trust import fleet_trust, log_trust, untrusted
 from monitor.daemon.watcher import Candidate, Settler, start_settlers
 from monitor.daemon.worker import Worker, load_model
 from monitor.errors import MonitorError
-from monitor.records import Outgoing
 from monitor.store import queries, writes
 from monitor.store.connect import open_db
 from monitor.store.writer import StoreWriter
@@ -209,18 +208,21 @@ class Daemon:
             on_sent=lambda seqs: writer.submit(lambda s: writes.mark_published(s, seqs)),
             curve=curve_server(self.cfg), context=ctx,
         )
-        last, pending = writer.call(_outbox)
-        publisher.start(last_seq=last - len(pending))
+        names = enabled_sinks(self.cfg)
+        outbox = writer.call(lambda s: writes.open_outbox(s, names))
+        pending = outbox.pending
+        publisher.start(last_seq=outbox.last_seq - len(pending))
         self._stack.append(publisher.stop)
         self._serving["publisher"] = publisher
-        plant = self._plant.start(self.cfg, last_seq=last - len(pending), health=self.health,
+        # Each plant sink shows the present and is handed what followed its own cursor.
+        plant = self._plant.start(self.cfg, outbox=outbox, health=self.health,
                                   handler=self._request, on_mqtt_drop=self._mqtt_dropped,
-                                  undo=self._stack)
+                                  on_cursor=Cursors(writer).advance, undo=self._stack)
         sinks = Fanout([publisher, *plant])
         self._stack.append(lambda: _drain(writer))  # runs before the sinks stop
         if pending:
             log.info("re-sending %d message(s) committed but not published before", len(pending))
-            sinks.publish(pending)
+            publisher.publish(pending)
         return publisher, sinks
 
     def _mqtt_dropped(self, n: int) -> None:
@@ -307,12 +309,6 @@ class Daemon:
         return is_healthy(stages=self._stages, writer=self.writer,
                           plant_alive=self._plant.alive, serving=self._serving.values(),
                           within_s=within_s)
-
-
-def _outbox(s: Session) -> tuple[int, list[Outgoing]]:
-    """The last sequence number and the messages committed but not yet published."""
-    writes.prune_outbox(s)
-    return queries.last_seq(s), queries.pending_outbox(s)
 
 
 def _known_images(reader: Engine) -> dict[str, tuple[int | None, int | None]]:

@@ -1,8 +1,11 @@
 """The OPC UA server: its owner thread, its own asyncio loop, and the address space.
 
 Fed the committed outbox stream like the ZeroMQ publisher (after the commit, with the same
-seq, re-sends included). Nodes have string NodeIds built from their path under a fixed
-namespace URI, so a client's configured ids survive restarts:
+seq). At start the address space shows the present from the database (each printer's build
+and last layer, the open alarms) before the server listens, then the messages after the
+server's cursor (monitor.daemon.sinks) are emitted as events. Nodes have string NodeIds
+built from their path under a fixed namespace URI, so a client's configured ids survive
+restarts:
 
     PbfMonitor/Heartbeat/{Status,UptimeS,LayersOk,LayersError,Queue,LastSeq,Timestamp}
     PbfMonitor/Printers/<printer>/{Build,LastLayer/...,Alarms/Alarm<id>/...}
@@ -28,7 +31,7 @@ from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User,
 
 from monitor.config import OpcuaConfig
 from monitor.errors import ConfigError
-from monitor.records import Outgoing
+from monitor.records import Outgoing, Present
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +154,18 @@ _POLICIES = {
 class OpcuaServer:
     """Owns the asyncua Server on its own thread and loop; others hand it messages."""
 
+    name = "opcua"  # its cursor's name in the database
+
     def __init__(self, cfg: OpcuaConfig, *, handler: Handler,
-                 health: Callable[[], dict[str, Any]], heartbeat_interval_s: float = 5.0) -> None:
+                 health: Callable[[], dict[str, Any]], heartbeat_interval_s: float = 5.0,
+                 on_cursor: Callable[[int], None] | None = None) -> None:
         self.cfg = cfg
         self.handler = handler
         self._health = health
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.last_seq = 0
+        self._on_cursor = on_cursor
+        self.last_seq = 0  # the newest seq applied: every one up to it is (the cursor)
+        self._present = Present(0)
         self._users = _Users(cfg)  # ConfigError here, before any thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._q: asyncio.Queue[Any] | None = None
@@ -173,9 +181,11 @@ class OpcuaServer:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def start(self, *, last_seq: int = 0) -> None:
-        """Bind on the owner thread; ConfigError if the server cannot start."""
-        self.last_seq = last_seq
+    def start(self, *, cursor: int = 0, present: Present | None = None) -> None:
+        """Show the present, then bind, on the owner thread; ConfigError if the server cannot
+        start. Messages up to present.seq handed to it later only raise their events."""
+        self.last_seq = cursor
+        self._present = present or Present(0)
         self._thread.start()
         self._started.wait(30)
         if self._error or not self._started.is_set():
@@ -211,6 +221,8 @@ class OpcuaServer:
         self._q = asyncio.Queue()
         try:
             server = await self._init_server()
+            for m in self._present.messages:  # before a client can connect
+                await self._show(m)
             await server.start()
         except Exception as e:
             self._error = f"{type(e).__name__}: {e}"
@@ -229,11 +241,17 @@ class OpcuaServer:
                     continue
                 if item is _STOP:
                     return
+                applied = self.last_seq
                 for m in item:
+                    if m.seq <= self.last_seq:
+                        continue  # applied already
                     try:
                         await self._apply(m)
                     except Exception:  # one odd message never stops the server
                         log.exception("OPC UA: could not apply message seq %d", m.seq)
+                    self.last_seq = m.seq
+                if self.last_seq > applied and self._on_cursor is not None:
+                    self._on_cursor(self.last_seq)
         finally:
             await server.stop()
 
@@ -311,10 +329,17 @@ class OpcuaServer:
         await self._var(f"{hb}/Timestamp", datetime.now(UTC))
 
     async def _apply(self, m: Outgoing) -> None:
-        self.last_seq = max(self.last_seq, m.seq)
+        """A message into the address space (unless the present shown at start has it
+        already), and an alarm transition's event."""
+        if m.seq > self._present.seq:
+            await self._show(m)
+        if m.topic == "alarm":
+            await self._alarm_event(m.payload, m.seq)
+
+    async def _show(self, m: Outgoing) -> None:
+        """A layer or alarm message's values into the address space."""
         p = m.payload
         if p.get("test"):
-            await self._alarm_event(p, m.seq)
             return
         base = f"{ROOT}/Printers/{p.get('printer') or DEFAULT_PRINTER}"
         if m.topic == "layer":
@@ -345,7 +370,6 @@ class OpcuaServer:
                 await self._var(f"{path}/Threshold", float(p["threshold"]))
                 await self._var(f"{path}/Part", -1 if p.get("part") is None else int(p["part"]),
                                 ua.VariantType.Int64)
-            await self._alarm_event(p, m.seq)
 
     async def _alarm_event(self, p: dict[str, Any], seq: int) -> None:
         ev = self._event.event

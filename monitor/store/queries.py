@@ -18,6 +18,7 @@ from monitor.records import (
     EngineState,
     GoodBuild,
     Outgoing,
+    Present,
     RuleState,
     Track,
     VerdictAlarm,
@@ -30,6 +31,7 @@ from monitor.store.schema import (
     LayerMap,
     Mute,
     OutboxRow,
+    PresentRow,
     RuleStateRow,
     TrackRow,
 )
@@ -43,6 +45,21 @@ def pending_outbox(s: Session) -> list[Outgoing]:
 
 def last_seq(s: Session) -> int:
     return s.scalar(select(OutboxRow.seq).order_by(OutboxRow.seq.desc()).limit(1)) or 0
+
+
+def outbox_after(s: Session, seq: int) -> list[Outgoing]:
+    """Every message committed after `seq`, sent or not, in seq order (a sink's backlog)."""
+    rows = s.scalars(select(OutboxRow).where(OutboxRow.seq > seq).order_by(OutboxRow.seq))
+    return [Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows]
+
+
+def present(s: Session) -> Present:
+    """Each printer's last layer message and each open or acknowledged alarm's latest one,
+    as of the newest message committed."""
+    rows = s.scalars(select(OutboxRow).join(PresentRow, PresentRow.seq == OutboxRow.seq)
+                     .order_by(OutboxRow.seq))
+    return Present(last_seq(s),
+                   tuple(Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows))
 
 
 def known_images(s: Session) -> dict[str, tuple[int | None, int | None]]:

@@ -1,6 +1,6 @@
 """The database schema: SQLAlchemy models of builds (and an operator's mark that one printed
-well), layers, statistics, alarms, tracks, defect maps, mutes and the outbox. Migrations
-(monitor.store.migrate) must match them.
+well), layers, statistics, alarms, tracks, defect maps, mutes, the outbox with the present
+and its sinks' delivery cursors. Migrations (monitor.store.migrate) must match them.
 """
 
 from __future__ import annotations
@@ -278,3 +278,27 @@ class OutboxRow(Base):
     payload: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
     published: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
+class PresentRow(Base):
+    """The outbox messages that are the present: each printer's last layer, each open or
+    acknowledged alarm's latest transition (key: records.present_key). Written with the
+    outbox, never pruned; the MQTT retained topics and the OPC UA address space are seeded
+    from them at start."""
+
+    __tablename__ = "outbox_present"
+
+    key: Mapped[str] = mapped_column(String(250), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+
+
+class SinkCursor(Base):
+    """How far a sink of the committed stream (mqtt, opcua) has taken responsibility: every
+    message up to `seq` was delivered, or dropped and counted. The outbox is not pruned
+    past the lowest cursor of an enabled sink, and a sink catches up from its own at start."""
+
+    __tablename__ = "sink_cursors"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)

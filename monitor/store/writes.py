@@ -2,8 +2,9 @@
 components, defect maps, alarm transitions, verdicts, rule states, tracks, mutes, builds
 marked good and the outbox.
 
-Outgoing messages are kept in the outbox table until the publisher has sent them, so a crash
-between the commit and the send loses nothing: they are re-sent on restart with their seq.
+Outgoing messages are kept in the outbox table until the publisher has sent them and every
+enabled sink's cursor is past them, so a crash between the commit and the send loses
+nothing: they are re-sent on restart with their seq.
 """
 
 from __future__ import annotations
@@ -23,10 +24,20 @@ from monitor.records import (
     EncodedMap,
     GoodBuild,
     LayerRecord,
+    OutboxStart,
     Outgoing,
     Track,
+    present_key,
 )
-from monitor.store.queries import build_id_of, find_build, good_build
+from monitor.store.queries import (
+    build_id_of,
+    find_build,
+    good_build,
+    last_seq,
+    outbox_after,
+    pending_outbox,
+    present,
+)
 from monitor.store.schema import (
     Alarm,
     Build,
@@ -37,8 +48,10 @@ from monitor.store.schema import (
     Mute,
     OutboxRow,
     PartStatRow,
+    PresentRow,
     RegionStat,
     RuleStateRow,
+    SinkCursor,
     TrackRow,
 )
 
@@ -114,23 +127,75 @@ def put_map(s: Session, rec: LayerRecord, m: EncodedMap) -> None:
 
 
 def put_outbox(s: Session, messages: Iterable[tuple[str, dict[str, Any]]]) -> list[Outgoing]:
-    """Queue messages for publishing in the current transaction; assigns their seq."""
+    """Queue messages for publishing in the current transaction; assigns their seq, and
+    records which of them are now the present (outbox_present)."""
     rows = [OutboxRow(topic=t, payload=json.dumps(p), created_at=time.time())
             for t, p in messages]
     s.add_all(rows)
     s.flush()
-    return [Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows]
+    out = [Outgoing(r.seq, r.topic, json.loads(r.payload)) for r in rows]
+    latest: dict[str, int | None] = {}  # key -> its newest message; None: an alarm cleared
+    for m in out:
+        if (key := present_key(m)) is not None:
+            latest[key] = None if m.payload.get("state") == "cleared" else m.seq
+    if latest:
+        s.execute(delete(PresentRow).where(PresentRow.key.in_(latest)))
+        kept = [{"key": k, "seq": v} for k, v in latest.items() if v is not None]
+        if kept:
+            s.execute(insert(PresentRow), kept)
+    return out
 
 
 def mark_published(s: Session, seqs: list[int]) -> None:
     s.execute(update(OutboxRow).where(OutboxRow.seq.in_(seqs)).values(published=True))
 
 
-def prune_outbox(s: Session, *, keep: int = 10_000) -> None:
-    """Drop published messages beyond the newest `keep`; the layers table is the record."""
+def prune_outbox(s: Session, *, keep: int = 10_000, floor: int | None = None) -> int:
+    """Drop published messages beyond the newest `keep` that every enabled sink has taken
+    (seq <= floor) and that are not part of the present; the layers table is the record.
+    Returns the seq up to which it pruned."""
     newest = s.scalar(select(OutboxRow.seq).order_by(OutboxRow.seq.desc()).limit(1)) or 0
-    s.execute(delete(OutboxRow).where(OutboxRow.published.is_(True),
-                                      OutboxRow.seq <= newest - keep))
+    limit = newest - keep if floor is None else min(newest - keep, floor)
+    s.execute(delete(OutboxRow).where(OutboxRow.published.is_(True), OutboxRow.seq <= limit,
+                                      OutboxRow.seq.not_in(select(PresentRow.seq))))
+    return limit
+
+
+def open_outbox(s: Session, sinks: Iterable[str], *, keep: int = 10_000) -> OutboxStart:
+    """At start: each enabled sink's cursor (a sink without one starts where ZeroMQ is), the
+    outbox pruned to what ZeroMQ or an enabled sink may still need, the present, and each
+    sink's backlog (what was committed after its cursor). A sink that is off loses its
+    cursor once the outbox is pruned past it: switched on again, it starts afresh from the
+    present rather than with a hole in its backlog."""
+    last = last_seq(s)
+    pending = pending_outbox(s)
+    frontier = pending[0].seq - 1 if pending else last  # ZeroMQ sent everything up to here
+    now = time.time()
+    cursors: dict[str, int] = {}
+    for name in sinks:
+        row = s.get(SinkCursor, name)
+        if row is None:
+            row = SinkCursor(name=name, seq=frontier, updated_at=now)
+            s.add(row)
+        elif row.seq > last:  # the outbox lost its newest rows (edited by hand): seqs recur
+            row.seq, row.updated_at = last, now
+        cursors[name] = row.seq
+    s.flush()
+    pruned = prune_outbox(s, keep=keep, floor=min(cursors.values(), default=None))
+    s.execute(delete(SinkCursor).where(SinkCursor.name.not_in(cursors),
+                                       SinkCursor.seq < pruned))
+    after = outbox_after(s, min(cursors.values())) if cursors else []
+    return OutboxStart(
+        last_seq=last, pending=pending, present=present(s), cursors=cursors,
+        backlog={n: [m for m in after if m.seq > c] for n, c in cursors.items()})
+
+
+def set_cursors(s: Session, cursors: Mapping[str, int]) -> None:
+    """Move sinks' cursors forward (never back: a late write of an older one is a no-op)."""
+    now = time.time()
+    for name, seq in cursors.items():
+        s.execute(update(SinkCursor).where(SinkCursor.name == name, SinkCursor.seq < seq)
+                  .values(seq=seq, updated_at=now))
 
 
 def apply_alarm(s: Session, build_id: int, ev: AlarmEvent, now: float) -> list[AlarmRecord]:
