@@ -40,7 +40,7 @@ from monitor.config import Config, PrinterConfig
 from monitor.errors import MonitorError
 from monitor.records import VerdictAlarm
 from monitor.training.onsite import Site, SiteLayer, SiteScore, score
-from monitor.training.paste import PASTED, paste_defects
+from monitor.training.paste import PASTED, feature_scale, paste_defects
 from monitor.training.synth import BuildGenerator
 from monitor.vision.classes import NO_DEFECT
 from monitor.vision.imaging import apply_flat, flat_terms
@@ -154,45 +154,57 @@ class _Batches:
         return (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)),
                 torch.from_numpy(np.stack(ws)))
 
-    def _window(self, rng: np.random.Generator, h: int, w: int,
-                near: Bool | None) -> tuple[slice, slice]:
-        t = self.opts.tile
+    def _window(self, rng: np.random.Generator, h: int, w: int, near: Bool | None,
+                t: int) -> tuple[slice, slice]:
+        """A t x t window (or the whole layer, if smaller), mostly around `near` pixels."""
         if near is not None and near.any() and rng.random() < 0.7:
-            yy, xx = np.nonzero(near[::4, ::4])
+            step = 4 if near.size > 1 << 18 else 1
+            yy, xx = np.nonzero(near[::step, ::step])
             i = int(rng.integers(len(yy)))
-            cy, cx = int(yy[i]) * 4, int(xx[i]) * 4
-            y0, x0 = cy - int(rng.integers(t)), cx - int(rng.integers(t))
+            cy, cx = int(yy[i]) * step, int(xx[i]) * step
+            y0, x0 = cy - int(rng.integers(t // 8, t - t // 8)), cx - int(
+                rng.integers(t // 8, t - t // 8))
         else:
             y0, x0 = int(rng.integers(max(h - t, 0) + 1)), int(rng.integers(max(w - t, 0) + 1))
         y0, x0 = min(max(y0, 0), max(h - t, 0)), min(max(x0, 0), max(w - t, 0))
         return slice(y0, y0 + t), slice(x0, x0 + t)
 
     def _real(self, rng: np.random.Generator) -> tuple[F32, F32, F32]:
+        """A tile of a real layer. With pasting, defects go into a window twice the tile's
+        side (at the whole layer's scale, as evaluate-camera pastes them) and the tile is
+        then cut around one of them."""
         lay = self.layers[int(rng.integers(len(self.layers)))]
         h, w = lay.gray.shape
-        box = self._window(rng, h, w, lay.part)
-        gray, target, weight = lay.gray[box], lay.target[:, box[0], box[1]], lay.weight[
-            :, box[0], box[1]]
-        if lay.pasteable and rng.random() < self.opts.paste_share:
-            counts = {c: int(rng.integers(0, 2)) for c in PASTED if c in self.names}
-            gray, masks, pasted = paste_defects(gray, lay.part[box], rng, counts=counts,
-                                                classes=self.names)
+        t = self.opts.tile
+        paste = lay.pasteable and rng.random() < self.opts.paste_share
+        big = self._window(rng, h, w, lay.part, 2 * t if paste else t)
+        gray = lay.gray[big]
+        target, weight = lay.target[:, big[0], big[1]], lay.weight[:, big[0], big[1]]
+        focus = None
+        if paste:
+            counts = {c: 1 for c in PASTED if c in self.names}
+            gray, masks, pasted = paste_defects(gray, lay.part[big], rng, counts=counts,
+                                                classes=self.names,
+                                                scale=feature_scale(lay.gray.shape))
             if pasted:
-                target = target.copy()
-                weight = weight.copy()
+                target, weight = target.copy(), weight.copy()
                 for i, c in enumerate(self.names):
                     if c != NO_DEFECT:
                         target[i] = np.maximum(target[i], masks[i])
                         weight[i][masks[i]] = 1.0
                     else:
                         target[i][masks.any(axis=0)] = 0.0
-        x = apply_flat(gray, lay.bg[box], lay.spread)
-        return _pad(x, target, weight, self.opts.tile)
+                focus = pasted[int(rng.integers(len(pasted)))].mask
+        x = apply_flat(gray.astype(np.float32) / np.float32(255.0), lay.bg[big], lay.spread)
+        if paste:  # the tile inside the big window, on a pasted defect when there is one
+            box = self._window(rng, gray.shape[0], gray.shape[1], focus, t)
+            x, target, weight = x[box], target[:, box[0], box[1]], weight[:, box[0], box[1]]
+        return _pad(x, target, weight, t)
 
     def _synth(self, rng: np.random.Generator) -> tuple[F32, F32, F32]:
         x, masks = self.synth[int(rng.integers(len(self.synth)))]
         h, w = x.shape
-        box = self._window(rng, h, w, np.asarray(masks[1:].any(axis=0)))
+        box = self._window(rng, h, w, np.asarray(masks[1:].any(axis=0)), self.opts.tile)
         m = masks[:, box[0], box[1]].astype(np.float32)
         return _pad(x[box], m, np.ones_like(m), self.opts.tile)
 

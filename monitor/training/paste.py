@@ -67,12 +67,13 @@ class Paster:
     where it may go comes from two distance transforms, so a 5 Mpx layer takes well under a
     second."""
 
-    def __init__(self, image: U8, part: Bool, rng: np.random.Generator) -> None:
+    def __init__(self, image: U8, part: Bool, rng: np.random.Generator, *,
+                 scale: float | None = None) -> None:
         self.img = image.astype(np.float32)
         self.part = part
         self.rng = rng
         h, w = image.shape
-        self.scale = max(0.5, min(h, w) / 1000.0)
+        self.scale = scale if scale is not None else feature_scale((h, w))
         self.taken = np.zeros((h, w), dtype=bool)
         self.out: list[Pasted] = []
         p8 = part.astype(np.uint8)
@@ -260,14 +261,21 @@ class Paster:
         return np.clip(self.img + 0.5, 0, 255).astype(np.uint8), masks
 
 
+def feature_scale(shape: tuple[int, int]) -> float:
+    """Defect sizes scale with the layer: 1.0 for a ~1000 px bed (never below 0.5)."""
+    return max(0.5, min(shape) / 1000.0)
+
+
 def paste_defects(image: U8, part: Bool, rng: np.random.Generator, *,
                   counts: dict[str, int] | None = None,
-                  classes: Sequence[str] = DEFAULT_CLASS_NAMES
-                  ) -> tuple[U8, Bool, list[Pasted]]:
+                  classes: Sequence[str] = DEFAULT_CLASS_NAMES,
+                  scale: float | None = None) -> tuple[U8, Bool, list[Pasted]]:
     """Paste defects into a (H, W) uint8 layer whose nominal parts (in its pixels) are
-    `part`. `counts`: how many of each class to try (default one each). Returns the image,
-    (C, H, W) masks in `classes` order and the pasted defects one by one."""
-    paster = Paster(image, part, rng)
+    `part`. `counts`: how many of each class to try (default one each); `scale`: the size
+    of defects, by default from the image's size (give the whole layer's, feature_scale,
+    when pasting into a crop of it). Returns the image, (C, H, W) masks in `classes` order
+    and the pasted defects one by one."""
+    paster = Paster(image, part, rng, scale=scale)
     todo = counts if counts is not None else {c: 1 for c in PASTED}
     for cls, n in todo.items():
         if cls not in PASTED:
