@@ -2,7 +2,8 @@
 
 What a printer's own layers teach, and how:
 
-- **builds marked good** (`pbf-monitor mark-good`): every defect class is 0 on every pixel;
+- **builds marked good** (`pbf-monitor mark-good`): every defect class is 0 on every pixel
+  (spatter only on the parts: good builds throw spatter onto the powder too);
   the nominal slices say where metal is, so `no_defect` (powder) is 1 away from the parts
   and 0 on them, and left out in a band along their outlines (registration is never exact);
 - **synthetic defects pasted into those layers** (monitor.training.paste): positives on
@@ -120,6 +121,10 @@ def _labels(names: Sequence[str], part: Bool, band_px: int) -> tuple[F32, F32]:
     h, w = part.shape
     target = np.zeros((c, h, w), dtype=np.float32)
     weight = np.ones((c, h, w), dtype=np.float32)
+    if "spatter" in names:
+        # Every real build throws spatter onto the powder, good ones too: off the parts a
+        # good build says nothing about it (pasted specks still teach it).
+        weight[names.index("spatter")][~part] = 0.0
     if NO_DEFECT in names:
         i = names.index(NO_DEFECT)
         target[i] = ~part
