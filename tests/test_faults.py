@@ -87,11 +87,12 @@ def test_state_disk_full(tmp_path: Path, bright_weights: Path,  # noqa: F811
         r.write(1)
         filler = small_disk / "filler"
         chunk = b"\0" * (1 << 16)
-        with filler.open("wb") as f:
+        # Unbuffered: a partly written chunk must not wait in a buffer and fail again on
+        # close (it did, outside this try, when the daemon wrote at the same moment).
+        with filler.open("wb", buffering=0) as f:
             try:
                 while True:
                     f.write(chunk)
-                    f.flush()
             except OSError:
                 pass  # ENOSPC: the disk is full
         assert shutil.disk_usage(small_disk).free < len(chunk)
