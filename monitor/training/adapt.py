@@ -45,7 +45,7 @@ from monitor.training.paste import PASTED, feature_scale, paste_defects
 from monitor.training.synth import BuildGenerator
 from monitor.vision.classes import NO_DEFECT
 from monitor.vision.imaging import apply_flat, flat_terms
-from monitor.vision.model import load_weights, save_weights
+from monitor.vision.model import file_sha256, load_weights, save_weights
 from monitor.vision.segmenter import Segmenter, SegmenterOptions, resolve_device
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def adapt(
     try:
         after = score(Segmenter(tmp, replace(seg_opts)), site, holdout_items, seed=opts.seed)
         log.info("after: %s", _summary(after))
-        ok, reason = verdict(before, after, opts)
+        ok, reason = no_worse(before, after, opts)
         card = _card(out, weights, info.sha256, camera_id, opts, train_items, holdout_items,
                      verdict_items, before, after, ok, reason, command,
                      time.perf_counter() - t0)
@@ -361,7 +361,7 @@ def adapt(
             if out.is_file():  # the weights being replaced stay beside them
                 shutil.copy2(out, out.with_name(out.stem + ".before-adapt.safetensors"))
             tmp.replace(out)
-            card["sha256"] = _sha(out)
+            card["sha256"] = file_sha256(out)
         card_file = out.with_suffix(".json")
         card_file.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     finally:
@@ -369,7 +369,7 @@ def adapt(
     return AdaptResult(out, card_file, ok, reason, before, after, card)
 
 
-def verdict(before: SiteScore, after: SiteScore, opts: AdaptOptions) -> tuple[bool, str]:
+def no_worse(before: SiteScore, after: SiteScore, opts: AdaptOptions) -> tuple[bool, str]:
     """Whether the adapted weights may replace the running ones, and why (not)."""
     bf, af = before.mean_false, after.mean_false
     if af is None or bf is None:
@@ -390,12 +390,6 @@ def _summary(s: SiteScore) -> str:
     return (f"{len(s.layers)} layers, defect area on parts mean {s.mean_false or 0:.2%} "
             f"max {s.max_false or 0:.2%}, pasted recall "
             + ", ".join(f"{c} {r:.2f}" for c, r in s.recall().items() if r is not None))
-
-
-def _sha(path: Path) -> str:
-    from monitor.vision.model import file_sha256
-
-    return file_sha256(path)
 
 
 def _card(out: Path, weights: Path, from_sha: str, camera: str, opts: AdaptOptions,
