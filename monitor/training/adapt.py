@@ -42,7 +42,7 @@ from monitor.errors import MonitorError
 from monitor.records import VerdictAlarm
 from monitor.training.onsite import Site, SiteLayer, SiteScore, score
 from monitor.training.paste import PASTED, feature_scale, paste_defects
-from monitor.training.synth import BuildGenerator
+from monitor.training.synth import CLASS_NAMES, BuildGenerator
 from monitor.vision.classes import NO_DEFECT
 from monitor.vision.imaging import apply_flat, flat_terms
 from monitor.vision.model import file_sha256, load_weights, save_weights
@@ -226,8 +226,6 @@ def _pad(x: F32, y: F32, w: F32, t: int) -> tuple[F32, F32, F32]:
 
 def _synthetic(names: Sequence[str], seed: int) -> list[tuple[F32, Bool]]:
     """Two small varied synthetic builds, flattened, with masks in the model's order."""
-    from monitor.training.synth import CLASS_NAMES
-
     if set(names) != set(CLASS_NAMES):
         return []  # a model of other classes: the generator cannot keep them
     order = [CLASS_NAMES.index(c) for c in names]

@@ -36,6 +36,16 @@ _SWELLING, _SPATTER, _MISPRINT, _OVER, _UNDER = 1, 2, 3, 4, 5
 _MELT_LOW, _MELT_HIGH = 45.0, 228.0  # melt level limits: room for darker and brighter defects
 
 
+def _place(out: U8, shape: Bool, free: Bool, n: int) -> bool:
+    """Put `shape` into `out` as id n if it lies wholly in `free` (then kept clear of the
+    next ones); False if it does not fit."""
+    if not shape.any() or (shape & ~free).any():
+        return False
+    out[shape] = n
+    free &= ~dilate(shape, max(4, out.shape[0] // 60))
+    return True
+
+
 @dataclass(frozen=True)
 class CameraStyle:
     """One camera's look, fixed per build."""
@@ -156,10 +166,7 @@ class CameraStyle:
                     pts = rng.uniform(-r, r, (int(rng.integers(3, 7)), 2))
                     pts = (pts + np.array([cx, cy])).round().astype(np.int32)
                     cv2.polylines(canvas, [pts], False, 1, width)
-                shape = canvas > 0
-                if shape.any() and not (shape & ~free).any():
-                    out[shape] = n
-                    free &= ~dilate(shape, max(4, size // 60))
+                if _place(out, canvas > 0, free, n):
                     break
         self._coupons(np.random.default_rng([seed, 81]), out, free)
         return out
@@ -185,11 +192,8 @@ class CameraStyle:
                         else:
                             cv2.rectangle(canvas, (cx - side // 2, cy - side // 2),
                                           (cx + side // 2, cy + side // 2), 1, -1)
-                shape = canvas > 0
-                if shape.any() and not (shape & ~free).any():
+                if _place(out, canvas > 0, free, n + 1):
                     n += 1
-                    out[shape] = n
-                    free &= ~dilate(shape, max(4, size // 60))
                     break
 
     def ghost_map(self, seed: int, index: int, size: int) -> F32:

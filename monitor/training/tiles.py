@@ -66,13 +66,20 @@ class LayerCache:
         return item
 
 
-def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """A random rotation/flip of the square tile, and brightness, contrast and gamma jitter."""
+def rotate_flip(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A random quarter-turn and mirror of a square tile and its (C, H, W) masks."""
     k = int(rng.integers(4))
     gray, masks = np.rot90(gray, k), np.rot90(masks, k, axes=(1, 2))
     if rng.random() < 0.5:
         gray, masks = gray[:, ::-1], masks[:, :, ::-1]
+    return gray, masks
+
+
+def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A random rotation/flip of the square tile, and brightness, contrast and gamma jitter."""
+    gray, masks = rotate_flip(gray, masks, rng)
     gain = rng.uniform(0.8, 1.2)
     offset = rng.uniform(-0.06, 0.06)
     gamma = rng.uniform(0.8, 1.25)
@@ -84,10 +91,7 @@ def augment_flat(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Rotation/flip, and in the flattened space a contrast and offset change, sensor noise
     and a little blur: what is left of a camera's difference after flat-field normalisation."""
-    k = int(rng.integers(4))
-    x, masks = np.rot90(x, k), np.rot90(masks, k, axes=(1, 2))
-    if rng.random() < 0.5:
-        x, masks = x[:, ::-1], masks[:, :, ::-1]
+    x, masks = rotate_flip(x, masks, rng)
     out = np.ascontiguousarray(x, dtype=np.float32) * np.float32(rng.uniform(0.6, 1.6))
     out += np.float32(rng.uniform(-0.4, 0.4))
     if rng.random() < 0.3:

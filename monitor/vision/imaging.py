@@ -165,9 +165,9 @@ def flat_terms(gray: np.ndarray) -> tuple[np.ndarray, float]:
     """The background and the spread that `flatten` divides a layer by."""
     g = gray.astype(np.float32, copy=False)
     bg = background(g)
-    ratio = g / bg - np.float32(1.0)
-    step = max(1, int(np.sqrt(ratio.size / 65536)))  # ~64k pixels are plenty for a MAD
-    sample = ratio[::step, ::step]
+    step = max(1, int(np.sqrt(g.size / 65536)))  # ~64k pixels are plenty for a MAD
+    # Only the sample's ratio: apply_flat divides the whole layer once, later.
+    sample = g[::step, ::step] / bg[::step, ::step] - np.float32(1.0)
     med = float(np.median(sample))
     return bg, max(1.4826 * float(np.median(np.abs(sample - med))), _SPREAD_FLOOR)
 
