@@ -11,7 +11,7 @@ import pytest
 import trimesh
 
 from monitor.geometry.cli_format import CliLayer, Polyline, read_cli, write_cli
-from monitor.geometry.slices import NominalSlices, SliceError
+from monitor.geometry.slices import NominalSlices, SliceError, _MaskIds
 
 FRAME_MM = (0.0, 0.0, 100.0, 100.0)
 FRAME_PX = (200, 200)  # 0.5 mm per pixel
@@ -129,6 +129,45 @@ def test_mask_slices_keep_ids_across_layers(tmp_path: Path) -> None:
     assert third.labels[20, 30] == a and third.labels[70, 80] == b
     assert third.labels[15, 105] == 3
     assert src.get("B1", 4) is None
+
+
+def _reference_ids(seen: np.ndarray, part: np.ndarray, next_id: int) -> tuple[np.ndarray, int]:
+    """Region by region: the most common earlier id (lowest on a tie), else a new one."""
+    n, comp = cv2.connectedComponents(part.astype(np.uint8), connectivity=8)
+    labels = np.zeros(part.shape, np.int32)
+    for k in range(1, n):
+        prev = seen[comp == k]
+        prev = prev[prev > 0]
+        if prev.size:
+            pid = int(np.bincount(prev).argmax())
+        else:
+            pid, next_id = next_id, next_id + 1
+        labels[comp == k] = pid
+    return labels, next_id
+
+
+@pytest.mark.parametrize("first_id", [1, 3_000_000])  # a small id table; one too big for it
+def test_mask_ids_match_region_by_region_reference(first_id: int) -> None:
+    rng = np.random.default_rng(7)
+    ids = _MaskIds()
+    ids.next_id = first_id
+    seen, next_id = np.zeros((90, 110), np.int32), first_id
+    for layer in range(6):
+        part = np.zeros((90, 110), np.uint8)
+        for _ in range(12):  # blobs that move, merge and split from layer to layer
+            x, y, w, h = (int(v) for v in rng.integers([0, 0, 3, 3], [100, 100, 15, 15]))
+            cv2.rectangle(part, (x, y), (x + w, y + h), 1, -1)
+        if layer == 4:  # two earlier parts merged with equal votes: the lower id wins
+            part[:] = 0
+            part[0:10, 0:10] = 1
+            seen[0:10, 0:5], seen[0:10, 5:10] = 9 + first_id, 4 + first_id
+        ids.seen = seen.copy() if layer == 4 else ids.seen
+        want, next_id = _reference_ids(seen, part > 0, next_id)
+        got = ids.assign(part > 0)
+        np.testing.assert_array_equal(got, want)
+        seen = np.where(want > 0, want, seen)
+        if layer == 4:
+            assert got[0, 0] == 4 + first_id
 
 
 def test_template_fields(tmp_path: Path) -> None:

@@ -18,13 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 
 from monitor.config import CameraConfig, GeometryConfig
 from monitor.geometry.calibration import Calibration
-from monitor.geometry.parts import part_stats, tolerance_px
+from monitor.geometry.parts import PartZones, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
 from monitor.geometry.slices import NominalSlices, SliceError
 from monitor.records import PartRecord
@@ -68,6 +67,7 @@ class Prepared:
     labels: npt.NDArray[np.int32]  # (H, W) nominal part ids in image pixels, 0 outside
     calibration: Calibration
     printed: BoolArray  # (H, W) freshly melted pixels
+    parts: PartZones  # the parts against the printed area; the classes are counted later
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm
 
 
@@ -119,24 +119,18 @@ class PartMeter:
         cal = self.calibration((w, h), nominal.frame_px)
         labels = cal.frame_to_image_labels(nominal.labels, (h, w))  # (H, W) part ids
         tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
-        inside = labels > 0
         # grey levels 0-255 whatever the file's depth: the printed-area texture floor is in them
-        printed = printed_area(np.asarray(gray, np.float32) * np.float32(255), inside,
-                               tolerance_px=tol, params=self.params)
-        if tol:
-            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tol + 1, 2 * tol + 1))
-            zone = cv2.dilate(inside.astype(np.uint8), disk).astype(bool)
-        else:
-            zone = inside
-        return Prepared(labels, cal, printed.mask, zone)
+        printed = printed_area(np.asarray(gray, np.float32) * np.float32(255), labels > 0,
+                               tolerance_px=tol, params=self.params).mask
+        parts = PartZones.measure(labels, printed, cal, tolerance_mm=self.geometry.tolerance_mm)
+        return Prepared(labels, cal, printed, parts, parts.zone_mask())
 
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]
                ) -> LayerParts:
         """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
         `class_names` order, after ignore regions)."""
         classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
-        stats = part_stats(prep.labels, prep.printed, classes, prep.calibration,
-                           tolerance_mm=self.geometry.tolerance_mm)
+        stats = prep.parts.stats(classes)
         parts = tuple(PartRecord(id=p.id, nominal_mm2=p.nominal_mm2,
                                  printed_fraction=p.printed_fraction,
                                  excess_fraction=p.excess_fraction,

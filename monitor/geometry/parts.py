@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
@@ -153,6 +153,63 @@ def _class_mm2(classes: Mapping[str, BoolArray], zone: _Zone,
     return out
 
 
+@dataclass(frozen=True)
+class PartZones:
+    """A layer's parts measured against its printed area: everything of the per-part
+    statistics that needs no defect class, so the daemon computes it while the model runs
+    and only counts the classes (`stats`) once the masks are there."""
+
+    shape: tuple[int, int]
+    n: int                                   # part ids are below this
+    zone: _Zone | None                       # None: no part in the slice
+    base: tuple[PartStats, ...]              # every part, classes not yet counted
+
+    @classmethod
+    def measure(cls, nominal: Labels, printed: BoolArray, cal: Calibration, *,
+                tolerance_mm: float) -> PartZones:
+        """Args as `part_stats`."""
+        shape = (int(nominal.shape[0]), int(nominal.shape[1]))
+        n = int(nominal.max(initial=0)) + 1
+        if n == 1:
+            return cls(shape, n, None, ())
+        area_full = cal.pixel_area_mm2(nominal.shape)
+        tol = tolerance_px(cal, nominal, tolerance_mm)
+        zone = _gather_zone(nominal, printed, area_full, tol, n)
+        sums = _zone_sums(zone, n, nominal.shape[1])
+        excess_mm2 = _excess_mm2(printed, zone, area_full, n)
+        cents, pcents = sums.cents, sums.pcents
+        base = []
+        for pid in np.flatnonzero(sums.nominal_mm2 > 0).tolist():
+            nom = float(sums.nominal_mm2[pid])
+            shift: float | None = None
+            if pcents[1][pid] > 0 and cents[1][pid] > 0:
+                c_nom = cal.image_to_mm(cents[0][pid])
+                c_pr = cal.image_to_mm(pcents[0][pid])
+                shift = float(np.hypot(*(c_nom - c_pr)[0]))
+            base.append(PartStats(
+                id=int(pid), nominal_mm2=nom,
+                printed_fraction=float(sums.printed_in[pid]) / nom,
+                excess_fraction=float(excess_mm2[pid]) / nom if pid < len(excess_mm2) else 0.0,
+                centroid_shift_mm=shift))
+        return cls(shape, n, zone, tuple(base))
+
+    def stats(self, classes: Mapping[str, BoolArray]) -> list[PartStats]:
+        """Per-part statistics with each class's area as a fraction of the part (masks in
+        image pixels, counted on the part's tolerance zone)."""
+        if self.zone is None:
+            return []
+        class_mm2 = _class_mm2(classes, self.zone, self.n)
+        return [replace(p, classes={name: float(v[p.id]) / p.nominal_mm2
+                                    for name, v in class_mm2.items()}) for p in self.base]
+
+    def zone_mask(self) -> BoolArray:
+        """(H, W) the parts grown by the tolerance (what `scope = "parts"` rules count)."""
+        out = np.zeros(self.shape, bool)
+        if self.zone is not None:
+            out[self.zone.y0:self.zone.y0 + len(self.zone.sub)] = self.zone.grown > 0
+        return out
+
+
 def part_stats(
     nominal: Labels,
     printed: BoolArray,
@@ -171,33 +228,7 @@ def part_stats(
             the tolerance, as a fraction of the part's nominal area.
         tolerance_mm: how far outside its nominal outline a part's pixels still count.
     """
-    n = int(nominal.max(initial=0)) + 1
-    if n == 1:
-        return []
-    area_full = cal.pixel_area_mm2(nominal.shape)
-    tol = tolerance_px(cal, nominal, tolerance_mm)
-    zone = _gather_zone(nominal, printed, area_full, tol, n)
-    sums = _zone_sums(zone, n, nominal.shape[1])
-    excess_mm2 = _excess_mm2(printed, zone, area_full, n)
-    class_mm2 = _class_mm2(classes, zone, n)
-    cents, pcents = sums.cents, sums.pcents
-    out = []
-    for pid in np.flatnonzero(sums.nominal_mm2 > 0).tolist():
-        nom = float(sums.nominal_mm2[pid])
-        shift: float | None = None
-        if pcents[1][pid] > 0 and cents[1][pid] > 0:
-            c_nom = cal.image_to_mm(cents[0][pid])
-            c_pr = cal.image_to_mm(pcents[0][pid])
-            shift = float(np.hypot(*(c_nom - c_pr)[0]))
-        safe = nom if nom > 0 else math.inf
-        out.append(PartStats(
-            id=int(pid), nominal_mm2=nom,
-            printed_fraction=float(sums.printed_in[pid]) / safe,
-            excess_fraction=float(excess_mm2[pid]) / safe if pid < len(excess_mm2) else 0.0,
-            centroid_shift_mm=shift,
-            classes={name: float(v[pid]) / safe for name, v in class_mm2.items()},
-        ))
-    return out
+    return PartZones.measure(nominal, printed, cal, tolerance_mm=tolerance_mm).stats(classes)
 
 
 def _excess(

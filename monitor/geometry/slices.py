@@ -110,21 +110,34 @@ class _MaskIds:
     def assign(self, part: npt.NDArray[np.bool_]) -> Labels:
         if self.seen is None or self.seen.shape != part.shape:
             self.seen = np.zeros(part.shape, np.int32)
-        n, comp, stats, _ = cv2.connectedComponentsWithStats(part.astype(np.uint8),
-                                                             connectivity=8)
-        labels = np.zeros(part.shape, np.int32)
-        for k in range(1, n):
-            x, y, bw, bh = stats[k, :4]
-            box = (slice(y, y + bh), slice(x, x + bw))
-            region = comp[box] == k
-            prev = self.seen[box][region]
-            prev = prev[prev > 0]
-            if prev.size:
-                pid = int(np.bincount(prev).argmax())
+        n, comp = cv2.connectedComponents(part.view(np.uint8) if part.dtype == np.bool_
+                                          else part.astype(np.uint8), connectivity=8,
+                                          ltype=cv2.CV_32S)
+        # Each region's most common earlier id, from the (region, earlier id) pairs of the
+        # pixels that had one: one pass over the part pixels, not one per region.
+        hit = np.flatnonzero(comp)
+        region, prev = comp.ravel()[hit], self.seen.ravel()[hit]
+        had = prev > 0
+        region, prev = region[had], prev[had]
+        new_id = np.zeros(n, np.int32)
+        if region.size:
+            width = int(prev.max()) + 1
+            key = region.astype(np.int64) * width + prev
+            if n * width <= 1 << 22:  # a dense table while it stays small
+                counts = np.bincount(key, minlength=n * width).reshape(n, width)
+                best = counts.argmax(1)
+                found = counts[np.arange(n), best] > 0
+                new_id[found] = best[found]
             else:
-                pid, self.next_id = self.next_id, self.next_id + 1
-            labels[box][region] = pid
-        self.seen = np.where(labels > 0, labels, self.seen)
+                pairs, votes = np.unique(key, return_counts=True)
+                # sorted by votes, then id descending: each region's last pair is its
+                # most common id, the lowest on a tie (as argmax on the dense table)
+                order = np.lexsort((-pairs, votes))
+                new_id[pairs[order] // width] = (pairs[order] % width).astype(np.int32)
+        for k in np.flatnonzero(new_id[1:] == 0) + 1:  # regions new to the build, in order
+            new_id[k], self.next_id = self.next_id, self.next_id + 1
+        labels: Labels = new_id[comp]
+        np.copyto(self.seen, labels, where=labels > 0)
         return labels
 
 
