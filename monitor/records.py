@@ -7,6 +7,7 @@ the publisher turns them into messages. None of those needs to import another fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +37,9 @@ class PartRecord:
     excess_fraction: float  # printed outside every part's tolerance zone, nearest this part
     centroid_shift_mm: float | None  # printed vs nominal centroid; None if nothing printed
     classes: dict[str, float] = field(default_factory=dict)  # defect area / nominal area
+    # its widest inscribed circle in image pixels: below alarms.parts.min_width_px the camera
+    # does not resolve it well enough to call it missing (not stored: a property of the slice)
+    width_px: float = math.inf
 
     def summary(self) -> dict[str, Any]:
         """The per-part object of messages and reports."""

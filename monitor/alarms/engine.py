@@ -108,8 +108,10 @@ class AlarmEngine:
     @property
     def wants_parts_zone(self) -> bool:
         """Whether a rule counts defects on and around the parts (scope "parts")."""
-        return any(r.scope == "parts" and not r.region and r.class_name != NO_DEFECT
-                   for r in self.cfg.rules)
+        tracks = self.cfg.tracks
+        return (bool(tracks.classes) and tracks.scope == "parts") or any(
+            r.scope == "parts" and not r.region and r.class_name != NO_DEFECT
+            for r in self.cfg.rules)
 
     # ------------------------------------------------------------ state
 
@@ -227,7 +229,11 @@ class AlarmEngine:
         change = None
         if self.cfg.tracks.classes:
             assert st.tracks is not None
-            change = st.tracks.update(layer, stats, steps=st.steps)
+            # a defect stacks inside a part: off the parts, the camera's own look (walls,
+            # ghosts, glints) stacks from layer to layer too
+            on = parts_zone if parts_zone is not None and self.cfg.tracks.scope == "parts" \
+                else stats
+            change = st.tracks.update(layer, on, steps=st.steps)
             events += track_events(
                 key, layer, change, st.tracks.live, cfg=self.cfg.tracks,
                 in_grace=st.in_grace(layer, self.cfg.grace_layers),

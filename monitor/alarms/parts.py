@@ -45,10 +45,10 @@ def check_parts(key: BuildKey, st: BuildState, layer: int, parts: Sequence[PartR
     in_grace = st.in_grace(layer, grace_layers)
     present = {p.id for p in parts}
     for p in parts:
+        missing = p.printed_fraction < cfg.missing_fraction and p.width_px >= cfg.min_width_px
         for c in (
             Cond(part_rule_id(PART_MISSING, p.id), "", cfg.missing_severity,
-                 p.printed_fraction, cfg.missing_fraction,
-                 p.printed_fraction < cfg.missing_fraction, cfg.missing_layers,
+                 p.printed_fraction, cfg.missing_fraction, missing, cfg.missing_layers,
                  cfg.cooldown_layers, p.id, unit="fraction"),
             Cond(part_rule_id(PART_EXCESS, p.id), "", cfg.excess_severity,
                  p.excess_fraction, cfg.excess_fraction,

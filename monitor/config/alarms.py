@@ -132,6 +132,11 @@ class TracksConfig(Section):
         "alarms.",
     )
     severity: Severity = Field("critical", description="Severity of track alarms.")
+    scope: Literal["parts", "plate"] = Field(
+        "parts", description="With [geometry] nominal slices: \"parts\" tracks components "
+        "on and around the nominal parts only (grown by geometry.tolerance_mm), \"plate\" "
+        "everywhere. Without slices, everywhere."
+    )
     one_per_part: bool = Field(
         True, description="While a track alarm of a class is open on a part (or off the "
         "parts), other tracks of that class there open none; they may once it clears."
@@ -148,6 +153,11 @@ class PartAlarmsConfig(Section):
     )
     missing_layers: int = Field(2, ge=1, description="Layers in a row a part must be missing.")
     missing_severity: Severity = Field("critical", description="Severity of part_missing.")
+    min_width_px: float = Field(
+        12.0, ge=0, description="Parts narrower than this in the image (their widest "
+        "inscribed circle, pixels) are measured but never called missing: the printed-area "
+        "test misreads a wall a few pixels wide."
+    )
     excess_fraction: float = Field(
         0.25, ge=0, description="Printed area outside the part's tolerance zone, as a fraction "
         "of its nominal area, above which it is in excess (distortion, swelling, exposure "

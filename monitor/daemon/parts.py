@@ -12,7 +12,10 @@ without a slice, or whose slice cannot be read, is analysed as if no slices were
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +33,8 @@ from monitor.records import PartRecord
 from monitor.vision.stats import NO_DEFECT
 
 log = logging.getLogger(__name__)
+
+GEOMETRY_NICE = 10  # added to the geometry thread's nice value
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -135,7 +140,8 @@ class PartMeter:
                                  printed_fraction=p.printed_fraction,
                                  excess_fraction=p.excess_fraction,
                                  centroid_shift_mm=p.centroid_shift_mm,
-                                 classes=dict(p.classes)) for p in stats)
+                                 classes=dict(p.classes), width_px=p.width_px)
+                      for p in stats)
         return LayerParts(parts, prep.zone, prep.labels, prep.calibration)
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
@@ -145,6 +151,15 @@ class PartMeter:
         return None if prep is None else self.finish(prep, masks, class_names)
 
 
+def _yield_to_the_model() -> None:
+    """Lower this thread's CPU priority (Linux schedules threads one by one): on a machine
+    without a GPU the model and the geometry share the cores, and the layer waits for the
+    model, while the geometry is done long before it is needed."""
+    # not Linux, or not permitted: it runs at the model's priority
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GEOMETRY_NICE)
+
+
 class GeometryAhead:
     """One thread that owns the meters' slices and calibration caches and prepares each
     layer's geometry as soon as it is decoded, so that it overlaps the model instead of
@@ -152,7 +167,8 @@ class GeometryAhead:
 
     def __init__(self, meters: Mapping[str, PartMeter]) -> None:
         self.meters = dict(meters)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="geometry")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="geometry",
+                                        initializer=_yield_to_the_model)
 
     def submit(self, printer: str, build: str, layer: int, *, path: Path,
                gray: npt.NDArray[np.generic]) -> Future[Prepared | None] | None:
