@@ -109,6 +109,8 @@ def test_opcua_sign_and_encrypt_on_the_daemon(rig_with: Callable[[str], Rig], pk
                  f'users_file = "{users_file(tmp_path)}"\nanonymous = "read"\n')
     for n in (1, 2):  # 1 mm² of swelling twice: the rule opens an alarm at layer 2
         r.write(n, (20, 20, 10, 10))
+    assert r.listener is not None
+    r.listener.wait(lambda: bool(r.alarms()))  # it may follow layer 2's message
     (alarm,) = r.alarms()
     printer = "PbfMonitor/Printers/default"
     state = f"{printer}/Alarms/Alarm{alarm['id']}/State"
@@ -142,7 +144,6 @@ def test_opcua_sign_and_encrypt_on_the_daemon(rig_with: Callable[[str], Rig], pk
             assert await until(op, state, "acknowledged") == "acknowledged"
 
     asyncio.run(scenario())
-    assert r.listener is not None
     r.listener.wait(lambda: any(a["state"] == "acknowledged" for a in r.alarms()))
 
 
