@@ -28,7 +28,8 @@ from monitor.errors import MonitorError
 def bench(size: int, layers: int, e2e_layers: int, seed_size: int, memory_size: int,
           weights: Path | None) -> None:
     """Measure inference speed (a benchmark, minutes): backends against eager fp32 PyTorch,
-    the machine's matmul rate, end-to-end latency on the daemon, backlog rate, peak memory.
+    the machine's matmul rate, end-to-end latency on the daemon (plain, with nominal slices,
+    publishing over OPC UA and MQTT too), backlog rate, peak memory.
     Prints a table, then one JSON line."""
     from rich.table import Table
 
@@ -58,6 +59,12 @@ def bench(size: int, layers: int, e2e_layers: int, seed_size: int, memory_size: 
     click.echo(f"end to end with [geometry] nominal slices: p50 "
                f"{s['geometry_e2e_p50_ms']:.0f} ms, p95 {s['geometry_e2e_p95_ms']:.0f} ms, "
                f"{s['geometry_overhead']:.2f}x the p50 without")
+    if s["sinks_skipped"]:
+        click.echo(f"end to end with [opcua] and [mqtt]: skipped ({s['sinks_skipped']})")
+    else:
+        click.echo(f"end to end with [opcua] and [mqtt]: p50 {s['sinks_e2e_p50_ms']:.0f} ms, "
+                   f"p95 {s['sinks_e2e_p95_ms']:.0f} ms, {s['sinks_overhead']:.2f}x the p50 "
+                   "without")
     if memory_size:
         click.echo(f"a fresh process serving one {memory_size} px layer: "
                    f"{s['model_loaded_rss_mb']:.0f} MB with the model loaded, "

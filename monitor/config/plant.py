@@ -30,13 +30,13 @@ class OpcuaConfig(Section):
         ("None",), description="Security policies offered (Basic256Sha256 ones need "
         "certificate and private_key)."
     )
-    certificate: Path | None = Field(None, description="Server certificate (DER or PEM).")
-    private_key: Path | None = Field(None, description="Server private key (PEM).")
+    certificate: Path | None = Field(None, description="Server certificate (PEM or DER).")
+    private_key: Path | None = Field(None, description="Server private key (PEM or DER).")
     users_file: Path | None = Field(
         None, description="Lines 'user:password'; those users may read and call methods."
     )
     trusted_client_certs_dir: Path | None = Field(
-        None, description="Client certificates (*.der, *.pem) that log in as users."
+        None, description="Client certificates (*.der, *.pem, *.crt) that log in as users."
     )
     anonymous: Literal["write", "read", "off"] = Field(
         "write", description="What a client without user or certificate may do: call the "

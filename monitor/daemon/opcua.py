@@ -28,6 +28,7 @@ from typing import Any
 
 from asyncua import Node, Server, ua
 from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, User, UserRole
+from asyncua.crypto.security_policies import SecurityPolicyFactory, SecurityPolicyNone
 
 from monitor.config import OpcuaConfig
 from monitor.errors import ConfigError
@@ -64,6 +65,13 @@ class _Ruleset(PermissionRuleset):  # type: ignore[misc]
         return action_type_id in self._allowed.get(user.role, set())
 
 
+class _DiscoveryOnly(PermissionRuleset):  # type: ignore[misc]
+    """Every request in a session refused: GetEndpoints and FindServers only."""
+
+    def check_validity(self, user: User, action_type_id: ua.NodeId, body: Any) -> bool:
+        return False
+
+
 class _Users:
     """users_file (user:password lines), trusted client certificates, and anonymous."""
 
@@ -98,6 +106,15 @@ def _der(certificate: Any) -> bytes:
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return bytes(certificate.public_bytes(Encoding.DER))
+
+
+def _format(path: Path) -> str:
+    """"pem" or "der", by the file's content (a missing file is reported by its loader)."""
+    try:
+        with path.open("rb") as f:
+            return "pem" if b"-----BEGIN" in f.read(4096) else "der"
+    except OSError:
+        return "der"
 
 
 def _read_users(path: Path) -> dict[str, str]:
@@ -263,10 +280,22 @@ class OpcuaServer:
         server.set_server_name("pbf-monitor")
         await server.set_application_uri(NAMESPACE_URI)
         if cfg.certificate is not None and cfg.private_key is not None:
-            await server.load_certificate(str(cfg.certificate))
-            await server.load_private_key(str(cfg.private_key))
+            # By content: asyncua reads PEM only from a file named *.pem (a PEM server.crt
+            # or server.key would be parsed as DER).
+            await server.load_certificate(cfg.certificate, format=_format(cfg.certificate))
+            await server.load_private_key(cfg.private_key, format=_format(cfg.private_key))
         server.set_security_policy([_POLICIES[p] for p in cfg.security_policy],
                                    permission_ruleset=_Ruleset(cfg.anonymous))
+        if "None" not in cfg.security_policy:
+            # A client may open a None channel to a server that offers no None endpoint:
+            # asyncua keeps a connection's initial None policy, which has no permission
+            # ruleset, so sessions on it could read and call Ack unencrypted, whatever
+            # `anonymous` says. On such a channel only discovery (GetEndpoints, which clients
+            # need to find the secure endpoints) is answered. Start adds the configured
+            # policies to this list.
+            server._policies.append(SecurityPolicyFactory(
+                SecurityPolicyNone, ua.MessageSecurityMode.None_,
+                permission_ruleset=_DiscoveryOnly()))
         tokens: list[type] = [ua.UserNameIdentityToken, ua.X509IdentityToken]
         if cfg.anonymous != "off":
             tokens.append(ua.AnonymousIdentityToken)

@@ -6,19 +6,28 @@ machine's practical limit is a large fp32 matrix multiply, also measured here; t
 FLOPs are counted by PyTorch. The end-to-end latency is measured on the real daemon: from the
 moment a layer file is closed in the watch folder to the moment a subscriber receives its
 `layer` message; then again with `[geometry] nominal` slices for every layer (printed
-area and part statistics), the ratio of the two p50s being `geometry_overhead`.
+area and part statistics), the ratio of the two p50s being `geometry_overhead`; then again
+publishing over OPC UA and MQTT too (a mosquitto started on a free loopback port; skipped
+with the reason when there is none), `sinks_overhead`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import functools
+import json
+import os
 import resource
+import shutil
+import socket
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,7 @@ import numpy as np
 import torch
 
 from monitor.config import DEFAULT_TILE_SIZE, Config
+from monitor.errors import MonitorError
 from monitor.training.synth import BuildGenerator
 from monitor.vision.backends import BACKENDS, cpu_threads, installed
 from monitor.vision.model import ModelInfo, UNet, load_weights
@@ -161,7 +171,8 @@ class _Arrivals:
                     self.arrived.notify_all()
 
 
-def _e2e_config(work: Path, weights: Path, *, geometry: bool) -> Config:
+def _e2e_config(work: Path, weights: Path, *, geometry: bool,
+                sinks: _Sinks | None = None) -> Config:
     from monitor.config import parse_config
     from monitor.tools.demo import free_tcp_endpoint
 
@@ -174,13 +185,124 @@ def _e2e_config(work: Path, weights: Path, *, geometry: bool) -> Config:
     }
     if geometry:
         data["geometry"] = {"nominal": "nominal/{build}/layer_{layer:05d}.png"}
+    if sinks is not None:
+        data["opcua"] = {"enabled": True, "endpoint": sinks.opcua}
+        data["mqtt"] = {"enabled": True, "url": sinks.mqtt}
     return parse_config(data, base_dir=work)
 
 
+@dataclass(frozen=True)
+class _Sinks:
+    """Where the daemon serves OPC UA and publishes MQTT in the sinks run."""
+
+    opcua: str  # opc.tcp://127.0.0.1:PORT/pbf-monitor
+    mqtt: str  # mqtt://127.0.0.1:PORT, a running broker
+
+    def check(self, layer: int, timeout: float = 20.0) -> None:
+        """After the measurement: a client of each reads the last layer, so the sinks did
+        publish what was measured (no client was subscribed while it ran)."""
+        opcua, mqtt = _opcua_last_layer(self.opcua, layer, timeout), _mqtt_last_layer(
+            self.mqtt, layer, timeout)
+        if (opcua, mqtt) != (layer, layer):
+            raise MonitorError(f"bench: after layer {layer}, OPC UA shows layer {opcua} and "
+                               f"the MQTT retained state layer {mqtt}: a sink did not deliver")
+
+
+def _opcua_last_layer(endpoint: str, want: int, timeout: float) -> int | None:
+    from asyncua import Client, ua
+
+    async def read() -> int | None:
+        async with Client(endpoint) as c:
+            idx = await c.get_namespace_index("urn:pbf-monitor")
+            node = c.get_node(ua.NodeId("PbfMonitor/Printers/default/LastLayer/Number", idx))
+            value, deadline = None, time.monotonic() + timeout
+            while True:
+                with contextlib.suppress(ua.UaStatusCodeError):  # no layer shown yet
+                    value = await node.read_value()
+                if value == want or time.monotonic() > deadline:
+                    return None if value is None else int(value)
+                await asyncio.sleep(0.1)
+
+    return asyncio.run(read())
+
+
+def _mqtt_last_layer(url: str, want: int, timeout: float) -> int | None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    got: list[int] = []
+    done = threading.Event()
+
+    def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        got.append(int(json.loads(msg.payload)["layer"]))
+        if got[-1] == want:
+            done.set()
+
+    c = paho.Client(CallbackAPIVersion.VERSION2)
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe("pbf-monitor/+/state/last_layer", qos=1)
+    c.on_message = on_message
+    c.connect(host, int(port))
+    c.loop_start()
+    try:
+        done.wait(timeout)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return got[-1] if got else None
+
+
+def mosquitto_binary() -> str | None:
+    """mosquitto on PATH, or where Debian puts it (/usr/sbin, often not on PATH)."""
+    return shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _NoBroker(MonitorError):
+    """mosquitto did not start: the sinks run is skipped, with this as the reason."""
+
+
+@contextlib.contextmanager
+def _mosquitto(binary: str) -> Iterator[str]:
+    """A mosquitto on a free loopback port, no persistence, for one run: its mqtt:// URL.
+    _NoBroker if it does not listen within 10 s."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="pbf-bench-mqtt-") as tmp:
+        conf, log = Path(tmp) / "mosquitto.conf", Path(tmp) / "log"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+        with log.open("wb") as out:
+            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                with socket.socket() as s:
+                    if s.connect_ex(("127.0.0.1", port)) == 0:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise _NoBroker(f"{binary} did not listen on port {port}: "
+                                    f"{log.read_text(errors='replace')[-500:]!r}")
+                time.sleep(0.05)
+            yield f"mqtt://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 def _latencies(cfg: Config, write: Callable[[int], None], layers: int,
-               sub: _Arrivals) -> tuple[list[float], float]:
+               sub: _Arrivals, sinks: _Sinks | None = None) -> tuple[list[float], float]:
     """Layers written one at a time, each once the last one's message came: the sorted
-    latencies (ms) and the median inference time (ms)."""
+    latencies (ms) and the median inference time (ms). With `sinks`, their clients check
+    the last layer reached them."""
     from monitor.daemon.daemon import Daemon
 
     daemon = Daemon(cfg)
@@ -198,6 +320,8 @@ def _latencies(cfg: Config, write: Callable[[int], None], layers: int,
         got = sub.got
         lat = sorted((got[n][0] - closed[n]) * 1000 for n in closed if n in got)
         infer = statistics.median(got[n][1] for n in closed if n in got)
+        if sinks is not None:
+            sinks.check(layers)
     finally:
         daemon.stop()
     return lat, infer
@@ -227,20 +351,26 @@ def _backlog_rate(cfg: Config, write: Callable[[int], None], layers: int, backlo
 
 
 def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
-               geometry: bool = False) -> dict[str, float]:
+               geometry: bool = False, mqtt_url: str | None = None) -> dict[str, float]:
     """Latency from a closed file to a received message on the real daemon, and the rate at
     which it clears a backlog of layers written while it was down (none when backlog is 0).
 
     With `geometry`, each layer's nominal slice is written before its image and
     `[geometry] nominal` names them, so the daemon also finds each layer's printed area
     and part statistics (once it is wired to; until then the key changes nothing).
+
+    With `mqtt_url` (a running broker), the daemon also serves OPC UA on a free loopback
+    port and publishes to that broker; no client subscribes while the layers are measured,
+    and then one of each must read the last layer (MonitorError if not).
     """
     from monitor.tools.demo import write_layer_file
 
     gen = BuildGenerator(size=size, layers=layers + backlog, seed=5)
     with tempfile.TemporaryDirectory(prefix="pbf-bench-") as tmp:
         work = Path(tmp)
-        cfg = _e2e_config(work, weights, geometry=geometry)
+        sinks = None if mqtt_url is None else _Sinks(
+            f"opc.tcp://127.0.0.1:{_free_port()}/pbf-monitor", mqtt_url)
+        cfg = _e2e_config(work, weights, geometry=geometry, sinks=sinks)
 
         def write(i: int) -> None:
             if geometry:
@@ -252,7 +382,7 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
         build.mkdir(parents=True)
         sub = _Arrivals()
         try:
-            lat, infer = _latencies(cfg, write, layers, sub)
+            lat, infer = _latencies(cfg, write, layers, sub, sinks)
             rate = _backlog_rate(cfg, write, layers, backlog, sub) if backlog else float("nan")
         finally:
             sub.close()
@@ -353,17 +483,39 @@ def _seed_rows(res: BenchResult, info: ModelInfo, images: list[np.ndarray], *, s
                      "ms": sd * 1e3, "speedup": sb / sd, "gflops": sg / sd})
 
 
-def _end_to_end_pair(weights: Path, size: int, e2e_layers: int, *,
-                     progress: Callable[[str], None]) -> dict[str, float]:
-    """End to end without, then with, nominal slices; geometry's overhead is their p50s'
-    ratio."""
+def sinks_end_to_end(weights: Path, size: int, layers: int) -> dict[str, Any]:
+    """End to end with [opcua] and [mqtt] enabled, a mosquitto started for it: the
+    `sinks_*` fields, or `sinks_skipped` (the reason) and None where there is no mosquitto
+    or it does not start."""
+    skipped = {"sinks_e2e_p50_ms": None, "sinks_e2e_p95_ms": None}
+    binary = mosquitto_binary()
+    if binary is None:
+        return {**skipped, "sinks_skipped": "no mosquitto on PATH or in /usr/sbin "
+                "(apt-get install mosquitto)"}
+    try:
+        with _mosquitto(binary) as url:
+            run = end_to_end(weights, size, layers, backlog=0, mqtt_url=url)
+    except _NoBroker as e:
+        return {**skipped, "sinks_skipped": str(e)}
+    return {"sinks_e2e_p50_ms": run["e2e_p50_ms"], "sinks_e2e_p95_ms": run["e2e_p95_ms"],
+            "sinks_skipped": None}
+
+
+def _end_to_end_runs(weights: Path, size: int, e2e_layers: int, *,
+                     progress: Callable[[str], None]) -> dict[str, Any]:
+    """End to end plain, with nominal slices, and publishing over OPC UA and MQTT too; the
+    overheads are the p50s' ratios to the plain run's."""
     progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
-    e2e = end_to_end(weights, size, e2e_layers)
+    e2e: dict[str, Any] = dict(end_to_end(weights, size, e2e_layers))
     progress(f"end to end with [geometry] nominal slices: {e2e_layers} layers of {size} px")
     geo = end_to_end(weights, size, e2e_layers, backlog=0, geometry=True)
     e2e.update({"geometry_e2e_p50_ms": geo["e2e_p50_ms"],
                 "geometry_e2e_p95_ms": geo["e2e_p95_ms"],
                 "geometry_overhead": geo["e2e_p50_ms"] / e2e["e2e_p50_ms"]})
+    progress(f"end to end with [opcua] and [mqtt]: {e2e_layers} layers of {size} px")
+    sinks = sinks_end_to_end(weights, size, e2e_layers)
+    p50 = sinks["sinks_e2e_p50_ms"]
+    e2e.update({**sinks, "sinks_overhead": None if p50 is None else p50 / e2e["e2e_p50_ms"]})
     return e2e
 
 
@@ -398,7 +550,7 @@ def run_bench(weights: Path, *, size: int = 2048, layers: int = 3, e2e_layers: i
         if seed_size and device.type == "cpu":
             _seed_rows(res, info, images, seed_size=seed_size, tile=tile, cache=Path(cache),
                        device=device, progress=progress)
-    e2e = _end_to_end_pair(weights, size, e2e_layers, progress=progress)
+    e2e = _end_to_end_runs(weights, size, e2e_layers, progress=progress)
     if memory_size:
         progress(f"peak memory of a fresh process serving one {memory_size} px layer")
         loaded_mb, layer_mb = layer_peak_rss(weights, memory_size)
