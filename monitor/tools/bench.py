@@ -8,7 +8,8 @@ moment a layer file is closed in the watch folder to the moment a subscriber rec
 `layer` message; then again with `[geometry] nominal` slices for every layer (printed
 area and part statistics), the ratio of the two p50s being `geometry_overhead`; then again
 publishing over OPC UA and MQTT too (a mosquitto started on a free loopback port; skipped
-with the reason when there is none), `sinks_overhead`.
+with the reason when there is none), `sinks_overhead`. The three runs take turns in rounds,
+so that the machine's drift falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -351,7 +352,7 @@ def _backlog_rate(cfg: Config, write: Callable[[int], None], layers: int, backlo
 
 
 def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
-               geometry: bool = False, mqtt_url: str | None = None) -> dict[str, float]:
+               geometry: bool = False, mqtt_url: str | None = None) -> dict[str, Any]:
     """Latency from a closed file to a received message on the real daemon, and the rate at
     which it clears a backlog of layers written while it was down (none when backlog is 0).
 
@@ -392,7 +393,8 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
 
     return {"e2e_p50_ms": pct(50), "e2e_p95_ms": pct(95), "e2e_p99_ms": pct(99),
             "infer_ms": infer, "e2e_over_infer": pct(50) / infer if infer else float("nan"),
-            "backlog_layers_per_s": rate, "backlog_over_infer_rate": rate * infer / 1000.0}
+            "backlog_layers_per_s": rate, "backlog_over_infer_rate": rate * infer / 1000.0,
+            "latencies_ms": lat}
 
 
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's size at the fork.
@@ -498,24 +500,49 @@ def sinks_end_to_end(weights: Path, size: int, layers: int) -> dict[str, Any]:
     except _NoBroker as e:
         return {**skipped, "sinks_skipped": str(e)}
     return {"sinks_e2e_p50_ms": run["e2e_p50_ms"], "sinks_e2e_p95_ms": run["e2e_p95_ms"],
-            "sinks_skipped": None}
+            "sinks_skipped": None, "latencies_ms": run["latencies_ms"]}
+
+
+def _pct(lat: list[float], p: float) -> float:
+    lat = sorted(lat)
+    return lat[min(len(lat) - 1, round(p / 100 * (len(lat) - 1)))]
 
 
 def _end_to_end_runs(weights: Path, size: int, e2e_layers: int, *,
-                     progress: Callable[[str], None]) -> dict[str, Any]:
-    """End to end plain, with nominal slices, and publishing over OPC UA and MQTT too; the
-    overheads are the p50s' ratios to the plain run's."""
-    progress(f"end to end on the daemon: {e2e_layers} layers of {size} px")
-    e2e: dict[str, Any] = dict(end_to_end(weights, size, e2e_layers))
-    progress(f"end to end with [geometry] nominal slices: {e2e_layers} layers of {size} px")
-    geo = end_to_end(weights, size, e2e_layers, backlog=0, geometry=True)
-    e2e.update({"geometry_e2e_p50_ms": geo["e2e_p50_ms"],
-                "geometry_e2e_p95_ms": geo["e2e_p95_ms"],
-                "geometry_overhead": geo["e2e_p50_ms"] / e2e["e2e_p50_ms"]})
-    progress(f"end to end with [opcua] and [mqtt]: {e2e_layers} layers of {size} px")
-    sinks = sinks_end_to_end(weights, size, e2e_layers)
-    p50 = sinks["sinks_e2e_p50_ms"]
-    e2e.update({**sinks, "sinks_overhead": None if p50 is None else p50 / e2e["e2e_p50_ms"]})
+                     progress: Callable[[str], None], rounds: int | None = None
+                     ) -> dict[str, Any]:
+    """End to end plain, with nominal slices, and publishing over OPC UA and MQTT too, in
+    `rounds` interleaved rounds (plain, slices, sinks, plain, ...) so that a drift in the
+    machine's speed (another process, the clock) falls on all three alike; the overheads
+    are the ratios of their p50s over every round's layers to the plain run's. Default: 3
+    rounds, 1 for fewer than 6 layers."""
+    rounds = rounds or (3 if e2e_layers >= 6 else 1)
+    per = max(2, -(-e2e_layers // rounds))
+    plain: list[float] = []
+    geo: list[float] = []
+    sinks: list[float] = []
+    e2e: dict[str, Any] = {}
+    skipped: str | None = None
+    for r in range(rounds):
+        progress(f"end to end, round {r + 1} of {rounds}: {per} layers of {size} px plain, "
+                 "with [geometry] nominal slices, with [opcua] and [mqtt]")
+        run = end_to_end(weights, size, per, backlog=10 if r == 0 else 0)
+        if r == 0:  # the backlog rate and inference time come from the first round
+            e2e = {k: v for k, v in run.items() if k != "latencies_ms"}
+        plain += run["latencies_ms"]
+        geo += end_to_end(weights, size, per, backlog=0, geometry=True)["latencies_ms"]
+        if skipped is None:
+            got = sinks_end_to_end(weights, size, per)
+            skipped = got["sinks_skipped"]
+            sinks += got.get("latencies_ms") or []
+    p50 = _pct(plain, 50)
+    e2e.update({"e2e_layers": len(plain), "e2e_p50_ms": p50, "e2e_p95_ms": _pct(plain, 95),
+                "e2e_p99_ms": _pct(plain, 99), "e2e_over_infer": p50 / e2e["infer_ms"],
+                "geometry_e2e_p50_ms": _pct(geo, 50), "geometry_e2e_p95_ms": _pct(geo, 95),
+                "geometry_overhead": _pct(geo, 50) / p50, "sinks_skipped": skipped,
+                "sinks_e2e_p50_ms": _pct(sinks, 50) if sinks else None,
+                "sinks_e2e_p95_ms": _pct(sinks, 95) if sinks else None,
+                "sinks_overhead": _pct(sinks, 50) / p50 if sinks else None})
     return e2e
 
 
