@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monitor.geometry.calibration import Calibration
-from monitor.geometry.parts import part_stats, tolerance_px
+from monitor.geometry.parts import PartZones, part_stats, tolerance_px
 from monitor.geometry.printed import printed_area
 
 SLM = Path("/work/shared/data/slm")
@@ -233,6 +233,23 @@ def test_part_stats_match_reference_on_random_geometry(seed: int) -> None:
             assert f.centroid_shift_mm is None
         else:
             assert f.centroid_shift_mm == pytest.approx(r["centroid_shift_mm"], abs=1e-6)
+
+
+@pytest.mark.parametrize("size", [200, 1200])  # full resolution; halved (>= 1024 px)
+def test_part_width_is_the_widest_inscribed_circle(size: int) -> None:
+    labels = np.zeros((size, size), np.int32)
+    labels[20:180, 10:13] = 1                      # a wall 3 px wide
+    labels[20:180, 30:42] = 2                      # a bar 12 px wide
+    cv2.circle(labels, (100, 100), 40, 3, -1)      # a disc 81 px across ...
+    cv2.circle(labels, (100, 100), 30, 0, -1)      # ... made a ring 10 px wide
+    labels[150:190, 150:190] = 4                   # a block 40 px
+    cal = Calibration.from_corners(None, image_size=(size, size), frame_px=(size, size),
+                                   frame_mm=(0, 0, size / 10, size / 10))
+    zones = PartZones.measure(labels, labels > 0, cal, tolerance_mm=0.2)
+    width = {p.id: p.width_px for p in zones.stats({})}
+    tol = 0 if size < 1024 else 2  # half resolution: a pixel or two either way
+    for pid, want in {1: 3, 2: 12, 3: 10, 4: 40}.items():
+        assert abs(width[pid] - want) <= 1 + tol, (pid, width[pid], want)
 
 
 def test_bench_runs_small() -> None:

@@ -25,9 +25,10 @@ def engine(**over: Any) -> AlarmEngine:
     return AlarmEngine(AlarmsConfig.model_validate(data), class_names=DEFAULT_CLASS_NAMES)
 
 
-def part(pid: int, printed: float = 0.95, excess: float = 0.0) -> PartRecord:
+def part(pid: int, printed: float = 0.95, excess: float = 0.0,
+         width_px: float = 100.0) -> PartRecord:
     return PartRecord(id=pid, nominal_mm2=100.0, printed_fraction=printed,
-                      excess_fraction=excess, centroid_shift_mm=0.1)
+                      excess_fraction=excess, centroid_shift_mm=0.1, width_px=width_px)
 
 
 def run(eng: AlarmEngine, layers: dict[int, list[PartRecord] | None]) -> list[AlarmEvent]:
@@ -55,6 +56,19 @@ def test_missing_part_opens_after_n_layers_and_clears_when_it_reappears() -> Non
                              ("clear", 5, "part_missing.part7", 7)]
     assert events[0].severity == "critical" and events[0].class_name == ""
     assert events[0].value == 0.0 and events[0].threshold == 0.5
+
+
+@pytest.mark.parametrize(("width_px", "min_width_px", "alarms"), [
+    (11.0, 12.0, False),  # a wall the camera does not resolve: measured, never missing
+    (12.0, 12.0, True),
+    (3.0, 0.0, True),     # the guard switched off
+])
+def test_parts_too_thin_to_resolve_are_never_missing(width_px: float, min_width_px: float,
+                                                     alarms: bool) -> None:
+    eng = engine(parts={"cooldown_layers": 0, "min_width_px": min_width_px})
+    gone = [part(1), part(2, printed=0.0, width_px=width_px)]
+    events = run(eng, {1: gone, 2: gone, 3: gone})
+    assert brief(events) == ([("open", 2, "part_missing.part2", 2)] if alarms else [])
 
 
 def test_excess_part_warns() -> None:
@@ -134,6 +148,28 @@ def test_rule_scope(scope: str, with_zone: bool, alarms: bool) -> None:
     events = eng.evaluate(KEY, 1, whole, parts=[part(1)] if with_zone else None,
                           parts_zone=zone).events
     assert bool(events) is alarms
+
+
+def _speck(layer_size: int = 50) -> LayerStats:
+    masks = np.zeros((6, layer_size, layer_size), bool)
+    masks[1, 30:40, 30:40] = True  # 1 mm² of swelling, the same place every layer
+    return layer_stats(masks, DEFAULT_CLASS_NAMES, pixel_size_mm=0.1)
+
+
+@pytest.mark.parametrize(("scope", "with_zone", "alarms"), [
+    ("parts", True, False),   # off the parts (the zone holds none of it): not tracked
+    ("plate", True, True),    # tracked wherever it is
+    ("parts", False, True),   # no slice: the whole layer
+])
+def test_track_scope(scope: str, with_zone: bool, alarms: bool) -> None:
+    eng = engine(tracks={"classes": ["swelling"], "alarm_layers": 3, "scope": scope})
+    events = []
+    for n in (1, 2, 3, 4):
+        events += eng.evaluate(KEY, n, _speck(), parts=[part(1)] if with_zone else None,
+                               parts_zone=EMPTY if with_zone else None).events
+    assert [e.rule for e in events if e.action == "open"] == (["track.swelling"] if alarms
+                                                              else [])
+    assert eng.wants_parts_zone is (scope == "parts")
 
 
 @pytest.mark.parametrize(("section", "message"), [
