@@ -158,6 +158,55 @@ def test_defect_stacking_over_five_layers_raises_one_alarm_at_the_fifth() -> Non
     assert events[0].track == events[1].track and events[0].value == 5
 
 
+USUAL = {"classes": ["swelling"], "alarm_layers": 100, "alarm_volume_mm3": 0.12,
+         "baseline_share": 0.3, "baseline_learn_layers": 3, "absolute_volume_mm3": 5.0}
+# the model paints a little swelling on every part on every layer: 12 x 1 mm² = 12 mm²
+TEXTURE = [(x, y, 10, 10) for y in (0, 20, 40) for x in range(0, 100, 25)]
+
+
+def _stack(tracks: dict[str, Any], start: int, box: tuple[int, int, int, int],
+           texture: list[tuple[int, int, int, int]], layers: int = 12) -> list[AlarmEvent]:
+    """A defect stacking from layer `start` beside a texture marked on every layer (the
+    default 3 grace layers)."""
+    eng = engine(grace_layers=3, tracks=tracks)
+    out: list[AlarmEvent] = []
+    for n in range(1, layers + 1):
+        boxes = [*texture, box] if n >= start else texture
+        out += [e for e in eng.evaluate(KEY, n, stats(*boxes)).events if e.action == "open"]
+    return out
+
+
+def test_a_track_like_the_builds_usual_marks_is_held_back() -> None:
+    small = (70, 70, 10, 10)  # 1 mm² per layer: under 0.3 x 12 mm² of usual swelling
+    # the texture's tracks (1 mm² a layer each) are the usual look, and so is the small
+    # defect beside them: under its share of the usual area, never past 5 mm³
+    assert _stack(USUAL, 5, small, TEXTURE, layers=40) == []
+    # without the texture it stands out: it alarms once it passes 0.12 mm³ (layer 7)
+    opened = _stack(USUAL, 5, small, [])
+    assert [(e.layer, e.rule) for e in opened] == [(7, "track.swelling")]
+    # switched off, the texture alarms after the grace layers (one alarm: one_per_part)
+    off = _stack({**USUAL, "baseline_share": 0.0}, 5, small, TEXTURE)
+    assert [e.layer for e in off] == [4]
+
+
+def test_a_large_track_alarms_whatever_the_builds_usual_marks() -> None:
+    big = (70, 60, 30, 30)  # 9 mm² a layer: over 0.3 x 12 mm², it stands out at once
+    assert [e.layer for e in _stack(USUAL, 5, big, TEXTURE)] == [6]
+    # 3 mm² a layer, under the share, but past absolute_volume_mm3 after 7 layers (0.15 mm³
+    # each); the texture's 1 mm² tracks would take 20
+    tight = {**USUAL, "absolute_volume_mm3": 1.0}
+    late = _stack(tight, 5, (60, 70, 30, 10), TEXTURE, layers=20)
+    assert [e.layer for e in late] == [11]
+
+
+def test_the_usual_area_is_kept_with_the_build_state() -> None:
+    eng = engine(tracks=USUAL)
+    states: dict[str, Any] = {}
+    for n in range(1, 6):
+        states |= eng.evaluate(KEY, n, stats(*TEXTURE)).rule_states
+    assert states["track.swelling"]["history"] == pytest.approx([12.0] * 5)
+
+
 def test_one_layer_speck_and_distant_defects_do_not_link() -> None:
     t = BuildTracks(TracksConfig.model_validate(TRACKS), pixel_size_mm=0.1,
                     layer_thickness_mm=0.05)

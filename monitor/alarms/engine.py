@@ -38,7 +38,7 @@ from monitor.alarms.lifecycle import BuildState
 from monitor.alarms.parts import check_parts
 from monitor.alarms.rules import check_rule
 from monitor.alarms.stall import check_stalls, stall_event, stall_limit
-from monitor.alarms.tracks import BuildTracks, track_events
+from monitor.alarms.tracks import BuildTracks, track_events, usual_look
 from monitor.config import AlarmsConfig
 from monitor.errors import ConfigError
 from monitor.records import AlarmEvent, BuildKey, EngineState, LayerAlarms, PartRecord, RuleState
@@ -234,6 +234,8 @@ class AlarmEngine:
             on = parts_zone if parts_zone is not None and self.cfg.tracks.scope == "parts" \
                 else stats
             change = st.tracks.update(layer, on, steps=st.steps)
+            change = usual_look(change, st.rules, on, self.cfg.tracks, touched,
+                                thickness=st.tracks.thickness)
             events += track_events(
                 key, layer, change, st.tracks.live, cfg=self.cfg.tracks,
                 in_grace=st.in_grace(layer, self.cfg.grace_layers),

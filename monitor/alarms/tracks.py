@@ -12,10 +12,12 @@ alarms (rule ``track.<class>``).
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 
 from monitor.config import TracksConfig
-from monitor.records import AlarmEvent, BuildKey, Track, TrackChange
+from monitor.records import AlarmEvent, BuildKey, RuleState, Track, TrackChange
 from monitor.vision.stats import Component, LayerStats
 
 TRACK_PREFIX = "track."
@@ -117,6 +119,41 @@ class BuildTracks:
         self.live = [t for t in self.live if not t.ended]
         self.last_layer = layer
         return TrackChange(assignments, list(touched.values()), ended, alarms)
+
+
+def usual_look(change: TrackChange, rules: dict[str, RuleState], on: LayerStats,
+               cfg: TracksConfig, touched: list[str], *, thickness: float) -> TrackChange:
+    """The layer's track alarms less those of tracks that are the build's usual look.
+
+    A model that is not at home with a camera marks some of a class on every layer (a
+    texture, a lighting change that comes and goes), and those marks stack as surely as a
+    defect. Each tracked class's area (`on`: the parts' zone, or the layer) is kept over the
+    last `baseline_window` layers in its rule state ``track.<class>`` of `rules` (stored
+    with the build, so a restart keeps it); a track whose area per layer is under `baseline_share`
+    of that window's median is held back, unless its volume passes `absolute_volume_mm3`.
+    A held track may alarm on a later layer, once it stands out or grows past that.
+    """
+    usual: dict[str, float] = {}
+    for cls in cfg.classes:
+        rule_id = TRACK_PREFIX + cls
+        rs = rules.setdefault(rule_id, RuleState())
+        if len(rs.history) >= cfg.baseline_learn_layers:
+            usual[cls] = statistics.median(rs.history)
+        c = on.classes.get(cls)
+        rs.history.append(c.area_mm2 if c is not None else 0.0)
+        del rs.history[:-cfg.baseline_window]
+        touched.append(rule_id)
+    if not cfg.baseline_share or not change.alarms:
+        return change
+    alarms = []
+    for t in change.alarms:
+        per_layer_mm2 = t.volume_mm3 / thickness / max(t.layers, 1)
+        if (t.volume_mm3 <= cfg.absolute_volume_mm3 and t.class_name in usual
+                and per_layer_mm2 < cfg.baseline_share * usual[t.class_name]):
+            t.alarmed = False  # judged again on the next layer it grows in
+            continue
+        alarms.append(t)
+    return dataclasses.replace(change, alarms=alarms)
 
 
 def track_classes_known(cfg: TracksConfig, class_names: Sequence[str]) -> list[str]:

@@ -127,9 +127,23 @@ class TracksConfig(Section):
     min_area_mm2: float = Field(0.05, ge=0, description="Smaller components are not tracked.")
     alarm_layers: int = Field(5, ge=2, description="A track this many layers long alarms.")
     alarm_volume_mm3: float = Field(
-        1.0, gt=0,
+        0.6, gt=0,
         description="A track of 2+ layers whose volume (area x layer thickness) exceeds this "
         "alarms.",
+    )
+    baseline_share: float = Field(
+        0.3, ge=0, description="A track whose area per layer is under this share of its "
+        "class's usual area in the build (median of the last baseline_window layers, on the "
+        "parts with slices) is the camera's usual look, not a defect: it does not alarm "
+        "unless its volume exceeds absolute_volume_mm3. 0 = off."
+    )
+    baseline_window: int = Field(20, ge=1, description="Layers the class's usual area spans.")
+    baseline_learn_layers: int = Field(
+        3, ge=1, description="Layers seen before the usual area applies."
+    )
+    absolute_volume_mm3: float = Field(
+        5.0, gt=0, description="A track whose volume exceeds this alarms whatever the "
+        "build's usual area of its class."
     )
     severity: Severity = Field("critical", description="Severity of track alarms.")
     scope: Literal["parts", "plate"] = Field(
