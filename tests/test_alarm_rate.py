@@ -39,7 +39,7 @@ def test_alarm_rates_of_the_default_model(tmp_path: Path) -> None:
     out = measure(DEFAULT_WEIGHTS, tmp_path, slm_root=SLM if SLM.is_dir() else None,
                   device="cpu")
     print(json.dumps(out, indent=1))
-    for key in ("slm_B0_1_10", "synthetic_healthy", "synthetic_healthy_varied_cameras"):
+    for key in ("slm_all_with_slices", "synthetic_healthy", "synthetic_healthy_varied_cameras"):
         if key in out:
             # as the daemon runs the default weights (adapted to no camera): nothing critical,
             # no hook from the defect classes

@@ -118,23 +118,29 @@ def segmenter(weights: Path, device: str = "auto") -> Segmenter:
 # ------------------------------------------------------------ real SLM layers
 
 
-def slm(seg: Segmenter, root: Path, *, build: str = "B0", layers: range = range(1, 11)
-        ) -> Tally:
-    """Real after-melt layers with their nominal slices and the plate calibration."""
+def slm(seg: Segmenter, root: Path) -> Tally:
+    """Every real after-melt layer with a nominal slice (each build through its own engine
+    state, layers in order: B0's ten in a row, the others' few far apart), with the plate
+    calibration."""
     cal = json.loads((root / "calibration.json").read_text())
     camera = CameraConfig(plate_corners_px=tuple(tuple(c) for c in cal["plate_corners_px"]))
     geometry = GeometryConfig(nominal=f"{root}/nominal/{{build}}/layer_{{layer:05d}}.png",
                               frame_mm=(0.0, 0.0, 216.0, 216.0))
     runner = Runner(seg, camera=camera, geometry=geometry)
 
-    def items() -> Iterator[tuple[int, np.ndarray, Path]]:
-        for n in layers:
-            path = root / f"images/{build}/layer_{n:05d}.jpg"
+    def items(build: str) -> Iterator[tuple[int, np.ndarray, Path]]:
+        for path in sorted((root / "images" / build).glob("layer_*.jpg")):
+            n = int(path.stem.split("_")[1])
+            if not (root / "nominal" / build / f"layer_{n:05d}.png").is_file():
+                continue
             img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
             if img is not None:
                 yield n, to_unit_gray(img), path
 
-    return runner.build(build, items())
+    tally = Tally()
+    for build in sorted(p.name for p in (root / "images").iterdir() if p.is_dir()):
+        tally.add(runner.build(build, items(build)))
+    return tally
 
 
 # ------------------------------------------------------------ synthetic builds
@@ -215,14 +221,14 @@ def _score(gen: Any, opened: list[AlarmEvent], recall: Recall, seed: int,
 
 
 def measure(weights: Path, work: Path, *, slm_root: Path | None, device: str = "auto",
-            healthy_builds: int = 3, defect_builds: int = 5, layers: int = 40,
-            size: int = 512) -> dict[str, Any]:
+            healthy_builds: int = 3, varied_builds: int = 12, defect_builds: int = 10,
+            layers: int = 40, size: int = 512) -> dict[str, Any]:
     """Every number of the README's alarm measurements."""
     seg = segmenter(weights, device)
     out: dict[str, Any] = {"weights": str(weights), "model_sha256": seg.info.sha256,
                            "adapted_cameras": list(seg.info.adapted_cameras)}
     if slm_root is not None and (slm_root / "nominal").is_dir():
-        out["slm_B0_1_10"] = slm(seg, slm_root).summary()
+        out["slm_all_with_slices"] = slm(seg, slm_root).summary()
     healthy = Tally()
     for seed in range(healthy_builds):
         healthy.add(synthetic(seg, work, seed=100 + seed, layers=layers, size=size,
@@ -231,7 +237,7 @@ def measure(weights: Path, work: Path, *, slm_root: Path | None, device: str = "
     # The same, through cameras of other looks (monitor.training.camera), on seeds no
     # training build used.
     varied = Tally()
-    for seed in range(healthy_builds):
+    for seed in range(varied_builds):
         varied.add(synthetic(seg, work, seed=600 + seed, layers=layers, size=size,
                              defects=False, camera_style="varied"))
     out["synthetic_healthy_varied_cameras"] = varied.summary()
@@ -252,12 +258,14 @@ if __name__ == "__main__":
     p.add_argument("--slm", type=Path, default=Path("/work/shared/data/slm"))
     p.add_argument("--device", default="auto")
     p.add_argument("--healthy-builds", type=int, default=3)
-    p.add_argument("--defect-builds", type=int, default=5)
+    p.add_argument("--varied-builds", type=int, default=12)
+    p.add_argument("--defect-builds", type=int, default=10)
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--size", type=int, default=512)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(measure(a.weights, Path(tmp), slm_root=a.slm, device=a.device,
                                  healthy_builds=a.healthy_builds,
+                                 varied_builds=a.varied_builds,
                                  defect_builds=a.defect_builds, layers=a.layers,
                                  size=a.size), indent=1))
