@@ -27,7 +27,7 @@ from monitor.daemon.committer import Committer, wait
 from monitor.daemon.items import Ack, Analysable, Failed, Mute, Reload, Request, Segmented
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
-from monitor.daemon.parts import LayerParts, PartMeter
+from monitor.daemon.parts import GeometryAhead, LayerParts, PartMeter
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
@@ -73,7 +73,8 @@ class Analyser(Stage):
                  pixel_size_mm: Mapping[str, float], reader: Engine, committer: Committer,
                  maps: MapMaker, settlers: Mapping[str, Settler], metrics: Metrics,
                  counts: dict[str, int], inbox: queue.Queue[Analysable], upstream: Stage,
-                 stop: threading.Event, parts: Mapping[str, PartMeter] | None = None) -> None:
+                 stop: threading.Event, parts: Mapping[str, PartMeter] | None = None,
+                 geometry: GeometryAhead | None = None) -> None:
         super().__init__("analyser", stop=stop)
         self.engine = engine
         self.regions = regions
@@ -90,6 +91,7 @@ class Analyser(Stage):
         self.upstream = upstream
         self.dashboard_url = cfg.alarms.dashboard_url
         self.parts = dict(parts or {})  # printer -> its nominal slices ([geometry] nominal)
+        self.geometry = geometry  # places the next layer's slice once this one is done
         # When the last layer of each active build arrived: a copy for the metrics thread.
         self.last_arrivals: dict[str, float] = engine.last_arrivals()
         self._next_stall_check = 0.0
@@ -170,6 +172,9 @@ class Analyser(Stage):
         self._finish(cand, x.sig, rec, verdict)
         if self.store_maps:
             self.maps.later(rec, x.gray, masks)
+        if self.geometry is not None and measured is not None:
+            h, w = x.gray.shape[:2]
+            self.geometry.prefetch(cand.printer, cand.key.build, cand.key.layer, (w, h))
 
     def _where(self, ev: AlarmEvent, px: float, measured: LayerParts | None) -> AlarmEvent:
         """An opening alarm with what to look at: the part it is on, its position on the

@@ -156,7 +156,7 @@ class Daemon:
             pixel_size_mm={n: p.camera.pixel_size_mm for n, p in self.printers.items()},
             reader=reader, committer=committer, maps=maps, settlers=self.settlers,
             metrics=metrics, counts=self.counts, inbox=self._segmented, upstream=worker,
-            stop=self._stop, parts=meters)
+            stop=self._stop, parts=meters, geometry=ahead)
         self._reloader = Reloader(cfg, worker=worker, analyser=analyser,
                                   on_model=self._set_model_info)
         requests = self._requests = Requests(

@@ -76,6 +76,24 @@ class Prepared:
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """A layer's slice in the image: all of its geometry that needs no image."""
+
+    labels: npt.NDArray[np.int32]  # (H, W) nominal part ids in image pixels, 0 outside
+    calibration: Calibration
+    tolerance_px: int
+    stamp: tuple[int, int] | None  # the slice file's (mtime_ns, size) when it was read
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
 class PartMeter:
     """Nominal slices and calibrations of one printer (cached per image and frame size)."""
 
@@ -89,6 +107,9 @@ class PartMeter:
                                     min_separation=geometry.printed_min_separation)
         self._cals: dict[tuple[tuple[int, int], tuple[int, int]], Calibration] = {}
         self._told: set[tuple[str, int]] = set()  # layers already logged without a slice
+        # the next layer's slice, placed while the printer recoats (see prefetch)
+        self._next: tuple[tuple[str, int, tuple[int, int]], _Placed] | None = None
+        self._latest: dict[str, int] = {}  # per build, the last layer prepared
 
     def calibration(self, image_size: tuple[int, int], frame_px: tuple[int, int]
                     ) -> Calibration:
@@ -103,17 +124,54 @@ class PartMeter:
                 frame_mm=self.geometry.frame_mm, pixel_size_mm=self.camera.pixel_size_mm)
         return cal
 
+    def _place(self, build: str, layer: int, stem: str, size: tuple[int, int]
+               ) -> _Placed | None:
+        """Read the layer's slice and warp it into the image; None when it has none."""
+        stamp = _stamp(self.slices.path(build, layer, stem))  # before reading: see prefetch
+        nominal = self.slices.get(build, layer, stem=stem, image_size=size)
+        if nominal is None:
+            return None
+        cal = self.calibration(size, nominal.frame_px)
+        labels = cal.frame_to_image_labels(nominal.labels, (size[1], size[0]))
+        return _Placed(labels, cal, tolerance_px(cal, labels, self.geometry.tolerance_mm),
+                       stamp)
+
+    def prefetch(self, build: str, layer: int, size: tuple[int, int]) -> None:
+        """Place a layer's slice before its image comes, in the printer's recoating time:
+        reading, numbering and warping it is a quarter of the geometry's work. Kept only
+        while the slice file is unchanged; not done for a `{stem}` template (the next
+        image's name is unknown) or a layer already prepared."""
+        if "{stem" in self.slices.template or layer <= self._latest.get(build, 0):
+            return
+        try:
+            placed = self._place(build, layer, "", size)
+        except SliceError:
+            return  # said when the layer comes
+        if placed is not None:
+            self._next = ((build, layer, size), placed)
+
+    def _placed(self, build: str, layer: int, stem: str, size: tuple[int, int]
+                ) -> _Placed | None:
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == (build, layer, size) and \
+                ahead[1].stamp == _stamp(self.slices.path(build, layer, stem)):
+            return ahead[1]
+        return self._place(build, layer, stem, size)
+
     def prepare(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic]
                 ) -> Prepared | None:
         """The layer's slice in image pixels and its printed area; None without a slice."""
         h, w = gray.shape[:2]
+        self._latest[build] = max(layer, self._latest.get(build, 0))
+        if len(self._latest) > 1000:  # builds come and go; a few are live at a time
+            self._latest = {build: layer}
         try:
-            nominal = self.slices.get(build, layer, stem=path.stem, image_size=(w, h))
+            placed = self._placed(build, layer, path.stem, (w, h))
         except SliceError as e:
             log.warning("layer %s/%d: nominal slice unusable, analysed without it: %s",
                         build, layer, e)
             return None
-        if nominal is None:
+        if placed is None:
             if (build, layer) not in self._told:
                 if len(self._told) > 100_000:
                     self._told.clear()
@@ -121,9 +179,7 @@ class PartMeter:
                 log.info("no nominal slice for %s/%d (%s); analysed without part statistics",
                          build, layer, self.slices.path(build, layer, path.stem))
             return None
-        cal = self.calibration((w, h), nominal.frame_px)
-        labels = cal.frame_to_image_labels(nominal.labels, (h, w))  # (H, W) part ids
-        tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
+        labels, cal, tol = placed.labels, placed.calibration, placed.tolerance_px
         # grey levels 0-255 whatever the file's depth: the printed-area texture floor is in them
         printed = printed_area(np.asarray(gray, np.float32) * np.float32(255), labels > 0,
                                tolerance_px=tol, params=self.params).mask
@@ -176,6 +232,14 @@ class GeometryAhead:
         if meter is None:
             return None
         return self._pool.submit(meter.prepare, build, layer, path=path, gray=gray)
+
+    def prefetch(self, printer: str, build: str, layer: int, size: tuple[int, int]) -> None:
+        """Place the slice of the layer after `layer` while the printer recoats (any thread:
+        the work is queued behind the layers already submitted)."""
+        meter = self.meters.get(printer)
+        if meter is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: nothing left to prefetch for
+                self._pool.submit(meter.prefetch, build, layer + 1, size)
 
     def stop(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

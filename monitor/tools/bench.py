@@ -356,9 +356,9 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
     """Latency from a closed file to a received message on the real daemon, and the rate at
     which it clears a backlog of layers written while it was down (none when backlog is 0).
 
-    With `geometry`, each layer's nominal slice is written before its image and
+    With `geometry`, every layer's nominal slice is written before the first image and
     `[geometry] nominal` names them, so the daemon also finds each layer's printed area
-    and part statistics (once it is wired to; until then the key changes nothing).
+    and part statistics.
 
     With `mqtt_url` (a running broker), the daemon also serves OPC UA on a free loopback
     port and publishes to that broker; no client subscribes while the layers are measured,
@@ -373,10 +373,12 @@ def end_to_end(weights: Path, size: int, layers: int, *, backlog: int = 10,
             f"opc.tcp://127.0.0.1:{_free_port()}/pbf-monitor", mqtt_url)
         cfg = _e2e_config(work, weights, geometry=geometry, sinks=sinks)
 
-        def write(i: int) -> None:
-            if geometry:
+        if geometry:  # a build's slices exist before it starts, as from the machine's job
+            for i in range(layers + backlog):
                 write_layer_file(work / "nominal" / "B" / f"layer_{i + 1:05d}.png",
                                  gen.nominal(i))
+
+        def write(i: int) -> None:
             write_layer_file(build / f"layer_{i + 1:05d}.png", gen.layer(i).image)
 
         build = cfg.watch.dir / "B"
