@@ -150,6 +150,7 @@ def test_ack_stops_a_refire_and_late_subscriber_gets_state(rig: Callable[..., Ri
     r = rig(RULE)
     for n in (1, 2):
         r.write(n, (20, 20, 10, 10))  # 1 mm²
+    r.listener.wait(lambda: bool(r.alarms()))  # type: ignore[union-attr]
     (first,) = r.alarms()
     assert (first["state"], first["layer"]) == ("open", 2)
 
@@ -199,6 +200,7 @@ def test_mute_and_test_alarm_and_hook(rig: Callable[..., Rig], tmp_path: Path) -
                                     "--config", str(r.config)])
     assert out.exit_code == 0, out.output
     r.write(5, (20, 20, 10, 10))
+    r.listener.wait(lambda: bool(r.alarms()))  # type: ignore[union-attr]
     (opened,) = r.alarms()
     assert opened["layer"] == 5  # the streak went on while muted
     out = CliRunner().invoke(main, ["test-alarm", "--severity", "critical", "--hook",

@@ -89,6 +89,9 @@ def test_opcua_browse_read_event_and_ack(rig_with: Callable[[str], Rig]) -> None
 
             for n in (1, 2):  # 1 mm² of swelling twice: the rule opens an alarm at layer 2
                 await asyncio.to_thread(r.write, n, (20, 20, 10, 10))
+            # the alarm's message follows layer 2's in the same batch
+            await asyncio.to_thread(r.listener.wait,  # type: ignore[union-attr]
+                                    lambda: bool(r.alarms()))
             (alarm,) = r.alarms()
             printer = "PbfMonitor/Printers/default"
             number = c.get_node(ua.NodeId(f"{printer}/LastLayer/Number", idx))
@@ -289,6 +292,7 @@ def test_mqtt_layers_alarms_retained_state_and_broker_outage(
                      'printer = "m1"\nqueue_size = 1000\n')
         for n in (1, 2):
             r.write(n, (20, 20, 10, 10))
+        r.listener.wait(lambda: bool(r.alarms()))  # type: ignore[union-attr]
         (alarm,) = r.alarms()
         wait(lambda: len(sub.payloads("/layer")) == 2 and sub.payloads("/alarm"),
              what="layers and the alarm over MQTT")
@@ -468,8 +472,9 @@ def test_restart_shows_the_present_before_any_new_layer(
                  'printer = "m1"\n')
     for n in (1, 2):
         r.write(n, (20, 20, 10, 10))
-    (alarm,) = r.alarms()
     assert r.listener is not None
+    r.listener.wait(lambda: bool(r.alarms()))  # it may follow layer 2's message
+    (alarm,) = r.alarms()
     layer2 = r.listener.layers()[2][0]
     r.stop()
 
