@@ -200,11 +200,27 @@ def test_a_large_track_alarms_whatever_the_builds_usual_marks() -> None:
 
 
 def test_the_usual_area_is_kept_with_the_build_state() -> None:
-    eng = engine(tracks=USUAL)
+    from monitor.records import EngineState, RuleState
+
+    eng = engine(grace_layers=3, tracks=USUAL)
     states: dict[str, Any] = {}
     for n in range(1, 6):
         states |= eng.evaluate(KEY, n, stats(*TEXTURE)).rule_states
     assert states["track.swelling"]["history"] == pytest.approx([12.0] * 5)
+
+    def after_restart(rules: dict[str, Any]) -> list[AlarmEvent]:
+        fresh = engine(grace_layers=3, tracks=USUAL)
+        fresh.restore_build(KEY, EngineState(
+            first_layer=1, last_evaluated=5, last_layer=5,
+            rules={k: RuleState(**v) for k, v in rules.items()}, tracks=[], next_track=1,
+            arrivals=[], stall_open=False, last_layer_at=None,
+            evaluated_layers=[1, 2, 3, 4, 5]))
+        return [e for n in range(6, 20)
+                for e in fresh.evaluate(KEY, n, stats(*TEXTURE)).events if e.action == "open"]
+
+    assert after_restart(states) == []  # the texture is still the usual look
+    # had the usual area been lost, the texture's tracks would alarm before it is learnt
+    assert [e.layer for e in after_restart({})] == [8]
 
 
 def test_one_layer_speck_and_distant_defects_do_not_link() -> None:
