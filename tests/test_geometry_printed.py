@@ -245,7 +245,7 @@ def test_part_width_is_the_widest_inscribed_circle(size: int) -> None:
     labels[150:190, 150:190] = 4                   # a block 40 px
     cal = Calibration.from_corners(None, image_size=(size, size), frame_px=(size, size),
                                    frame_mm=(0, 0, size / 10, size / 10))
-    zones = PartZones.measure(labels, labels > 0, cal, tolerance_mm=0.2)
+    zones = PartZones.measure(labels, labels > 0, cal, tol_px=tolerance_px(cal, labels, 0.2))
     width = {p.id: p.width_px for p in zones.stats({})}
     tol = 0 if size < 1024 else 2  # half resolution: a pixel or two either way
     for pid, want in {1: 3, 2: 12, 3: 10, 4: 40}.items():

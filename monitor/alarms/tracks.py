@@ -129,8 +129,9 @@ def usual_look(change: TrackChange, rules: dict[str, RuleState], on: LayerStats,
     texture, a lighting change that comes and goes), and those marks stack as surely as a
     defect. Each tracked class's area (`on`: the parts' zone, or the layer) is kept over the
     last `baseline_window` layers in its rule state ``track.<class>`` of `rules` (stored
-    with the build, so a restart keeps it); a track whose area per layer is under `baseline_share`
-    of that window's median is held back, unless its volume passes `absolute_volume_mm3`.
+    with the build, so a restart keeps it); a track whose area per layer is under
+    `baseline_share` of that window's median is held back, unless its volume passes
+    `absolute_volume_mm3`.
     A held track may alarm on a later layer, once it stands out or grows past that.
     """
     usual: dict[str, float] = {}

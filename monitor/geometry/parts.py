@@ -168,15 +168,14 @@ class PartZones:
 
     @classmethod
     def measure(cls, nominal: Labels, printed: BoolArray, cal: Calibration, *,
-                tolerance_mm: float) -> PartZones:
-        """Args as `part_stats`."""
+                tol_px: int) -> PartZones:
+        """Args as `part_stats`, the tolerance in image pixels (`tolerance_px`)."""
         shape = (int(nominal.shape[0]), int(nominal.shape[1]))
         n = int(nominal.max(initial=0)) + 1
         if n == 1:
             return cls(shape, n, None, ())
         area_full = cal.pixel_area_mm2(nominal.shape)
-        tol = tolerance_px(cal, nominal, tolerance_mm)
-        zone = _gather_zone(nominal, printed, area_full, tol, n)
+        zone = _gather_zone(nominal, printed, area_full, tol_px, n)
         sums = _zone_sums(zone, n, nominal.shape[1])
         excess_mm2 = _excess_mm2(printed, zone, area_full, n)
         cents, pcents = sums.cents, sums.pcents
@@ -257,7 +256,8 @@ def part_stats(
             the tolerance, as a fraction of the part's nominal area.
         tolerance_mm: how far outside its nominal outline a part's pixels still count.
     """
-    return PartZones.measure(nominal, printed, cal, tolerance_mm=tolerance_mm).stats(classes)
+    tol = tolerance_px(cal, nominal, tolerance_mm)
+    return PartZones.measure(nominal, printed, cal, tol_px=tol).stats(classes)
 
 
 def _excess(
