@@ -40,6 +40,8 @@ class PrintedParams:
     quadratic: float = 0.6      # 0: one shared covariance (linear), 1: one per class
     prior: float = 1.0          # log-odds for melt inside the nominal, against outside it
     registration_px: float = 3.0  # the prior ramps from -prior to +prior over +-this
+    part_k: float = 0.5         # a standing-out part's threshold: its ring's median + k sigma
+    part_min_z: float = 2.0     # robust sigmas its inside must stand out by (<0: off)
     close_px: int = 2           # morphological close/open radius for the clean-up
     fill_holes: bool = True     # fill powder-looking holes enclosed by melt
     samples: int = 20000        # pixels sampled per class to fit the discriminant
@@ -209,17 +211,87 @@ def _features(small: F32, powder: F32, p: PrintedParams, scale: int) -> list[F32
     return feats
 
 
-def _smooth_with_prior(score: F32, bands: _Bands, p: PrintedParams, scale: int) -> F32:
-    """Pixel scores averaged over the vote window, plus the nominal prior."""
+def _vote(score: F32, p: PrintedParams, scale: int) -> F32:
+    """Pixel scores averaged over the vote window."""
     vote = _px(p.vote_px, scale, 0)
-    if vote:
-        score = np.asarray(cv2.boxFilter(score, cv2.CV_32F, (2 * vote + 1, 2 * vote + 1)),
-                           np.float32)
+    if not vote:
+        return score
+    return np.asarray(cv2.boxFilter(score, cv2.CV_32F, (2 * vote + 1, 2 * vote + 1)),
+                      np.float32)
+
+
+def _group_quantiles(values: F32, groups: npt.NDArray[np.integer[Any]], n: int,
+                     qs: tuple[float, ...]) -> npt.NDArray[np.float64]:
+    """(len(qs), n): the quantiles of `values` per group id 0..n-1 (nan for an empty
+    group)."""
+    v = values.astype(np.float64)
+    g = groups
+    out = np.full((len(qs), n), np.nan)
+    if not len(v):
+        return out
+    # one sort on group, then value: the values squeezed into [0, 0.5) of each group's unit
+    lo, span = float(v.min()), float(np.ptp(v)) or 1.0
+    order = np.argsort(g + 0.5 * (v - lo) / span * (1 - 1e-9), kind="stable")
+    v = v[order]
+    count = np.bincount(g, minlength=n)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    has = count > 0
+    for i, q in enumerate(qs):
+        out[i, has] = v[start[has] + np.floor(q * (count[has] - 1)).astype(np.int64)]
+    return out
+
+
+def _part_shift(score: F32, bands: _Bands, p: PrintedParams) -> F32 | None:
+    """Per part, how far its threshold drops below the layer's (0 outside the parts).
+
+    The discriminant is fitted on all parts at once, so a part whose melt is fainter than
+    the others' (a thin ring, dull bars) scores below 0 over much of its area although it
+    plainly differs from the powder around it. Each part is therefore also read against
+    its own ring of powder: when its inside as a whole stands out (medians `part_min_z`
+    robust sigmas apart), a pixel of it counts as printed once it scores above the ring's
+    median + `part_k` sigma. A part that looks like its own powder (gone missing, not
+    exposed) keeps the layer's threshold. None when no part's threshold moves.
+    """
+    nom = bands.d_in > 0
+    n, lab_any = cv2.connectedComponents(nom.view(np.uint8), connectivity=8)
+    lab: npt.NDArray[np.int32] = np.asarray(lab_any, np.int32)
+    # every powder pixel to the part of its nearest nominal pixel
+    _, near_any = cv2.distanceTransformWithLabels((~nom).view(np.uint8), cv2.DIST_L2, 3,
+                                                  labelType=cv2.DIST_LABEL_PIXEL)
+    near: npt.NDArray[np.int32] = np.asarray(near_any, np.int32)
+    flat_nom = np.flatnonzero(nom)
+    part_of = np.zeros(int(near.max()) + 1, np.int32)
+    part_of[near.ravel()[flat_nom]] = lab.ravel()[flat_nom]
+    # quantiles from evenly strided samples: a few thousand pixels per part are plenty
+    ring, core = np.flatnonzero(bands.ring), np.flatnonzero(bands.core)
+    ring, core = ring[::max(1, len(ring) // 32768)], core[::max(1, len(core) // 32768)]
+    flat = score.ravel()
+    q25, med, q75 = _group_quantiles(flat[ring], part_of[near.ravel()[ring]], n,
+                                     (0.25, 0.5, 0.75))
+    sigma = (q75 - q25) / 1.349
+    (inside,) = _group_quantiles(flat[core], lab.ravel()[core], n, (0.5,))
+    with np.errstate(invalid="ignore"):
+        stands_out = (inside - med) >= p.part_min_z * np.maximum(sigma, 1e-3)
+        # the threshold on the score before the prior, which deep inside is -prior
+        drop = np.where(stands_out, np.maximum(0.0, -p.prior - (med + p.part_k * sigma)), 0.0)
+    drop = np.nan_to_num(drop).astype(np.float32)
+    drop[0] = 0.0
+    return drop[lab] if drop.any() else None
+
+
+def _with_prior(score: F32, shift: F32 | None, bands: _Bands, p: PrintedParams,
+                scale: int) -> F32:
+    """Scores plus the nominal prior and the parts' threshold shifts, both ramped over
+    the registration uncertainty at the outline."""
+    if not p.prior and shift is None:
+        return score
+    reg = max(0.5, p.registration_px / scale)
+    sd = bands.d_in.astype(np.float32) - bands.d_out.astype(np.float32)
+    ramp = np.clip(sd, -reg, reg) / reg
     if p.prior:
-        # nominal prior in log-odds, ramped over the registration uncertainty
-        reg = max(0.5, p.registration_px / scale)
-        sd = bands.d_in.astype(np.float32) - bands.d_out.astype(np.float32)
-        score += np.float32(p.prior / reg) * np.clip(sd, -reg, reg)
+        score = score + np.float32(p.prior) * ramp
+    if shift is not None:
+        score = score + shift * np.clip(ramp, 0.0, 1.0)
     return score
 
 
@@ -274,7 +346,9 @@ def printed_area(
         p.quadratic)
     if sep < p.min_separation:
         return Printed(np.zeros(img.shape, bool), 0, sep)
-    score = _smooth_with_prior(score, bands, p, scale)
+    score = _vote(score, p, scale)
+    shift = _part_shift(score, bands, p) if p.part_min_z >= 0 else None
+    score = _with_prior(score, shift, bands, p, scale)
     tol = _px(tolerance_px, scale, 0)
     m8 = _clean(((score > 0) & (bands.d_out <= tol)).view(np.uint8), nom, p, scale)
     if scale > 1:
