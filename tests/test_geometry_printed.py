@@ -100,6 +100,43 @@ def test_faint_part_is_read_against_its_own_powder() -> None:
     assert fractions["part"][6] < 0.1
 
 
+def test_melt_past_the_outline_is_excess_and_stray_melt_is_not() -> None:
+    """Part 1 is melted 70 px past its right edge (a distorted part); beside part 2 a
+    detached dark patch (a ghost or soot) lies 20 px off; part 3 is clean. Only part 1 has
+    excess, and the rim the classifier's windows draw along every outline is not excess."""
+    rng = np.random.default_rng(7)
+    h = w = 512
+    img = 110 + rng.normal(0, 6, (h, w))
+    labels = np.zeros((h, w), np.int32)
+    labels[60:160, 60:160] = 1
+    labels[300:400, 60:160] = 2
+    labels[300:400, 300:400] = 3
+    melt = labels > 0
+    melt[60:160, 160:230] = True                      # part 1 runs on 70 px
+    img[melt] -= 25
+    img[320:380, 180:200] -= 25                       # detached, 20 px right of part 2
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    cal = Calibration.from_corners(None, image_size=(w, h), frame_px=(w, h),
+                                   pixel_size_mm=0.1)
+    params = PrintedParams()
+    pr = printed_area(img, labels > 0, tolerance_px=5, params=params)
+    s = {p.id: p for p in part_stats(labels, pr.mask, {}, cal, tolerance_mm=0.5,
+                                     excess_margin_px=params.bleed_px)}
+    print({i: round(p.excess_fraction, 3) for i, p in s.items()})
+    # searched to 65 px past the edge (tolerance 5 + reach 60), less the tolerance and
+    # the bleed margin (18): up to 0.42 of the part
+    assert s[1].excess_fraction > 0.3
+    assert s[2].excess_fraction == 0.0 and s[3].excess_fraction == 0.0
+    assert not pr.mask[320:380, 185:200].any()        # the stray patch is not melt
+    assert pr.mask[80:140, 185:210].all()              # the distorted part's is
+    # without the reach beyond the tolerance, no part could ever be in excess
+    flat = printed_area(img, labels > 0, tolerance_px=5,
+                        params=PrintedParams(excess_reach_px=0))
+    assert max(p.excess_fraction for p in part_stats(
+        labels, flat.mask, {}, cal, tolerance_mm=0.5,
+        excess_margin_px=params.bleed_px)) == 0.0
+
+
 def test_blank_layer_prints_nothing() -> None:
     rng = np.random.default_rng(3)
     img = (110 + rng.normal(0, 6, (256, 256))).astype(np.uint8)
@@ -169,6 +206,20 @@ def test_real_faint_parts_read_printed() -> None:
     fr = np.array([s.printed_fraction for s in part_stats(labels, pr.mask, {}, cal,
                                                           tolerance_mm=0.5)])
     assert (fr >= 0.9).mean() >= 0.9 and fr.min() > 0.6, np.round(np.sort(fr)[:6], 2)
+
+
+@pytest.mark.skipif(not SLM.is_dir(), reason="shared SLM data not present")
+@pytest.mark.parametrize(("build", "layer"), [("B0", 2), ("B20220819", 32)])
+def test_real_layers_soot_and_rims_are_not_excess(build: str, layer: int) -> None:
+    """Dark soot around the rings and the classifier's rim along every outline once read
+    as excess up to 0.67-0.71 of a part (these two layers' worst parts); healthy parts
+    must stay well under part_excess's 0.25."""
+    img, labels, cal = _slm(build, layer)
+    params = PrintedParams()
+    pr = printed_area(img, labels > 0, tolerance_px=6, params=params)
+    ex = [p.excess_fraction for p in part_stats(labels, pr.mask, {}, cal, tolerance_mm=0.5,
+                                                excess_margin_px=params.bleed_px)]
+    assert max(ex) < 0.2, sorted(ex)[-3:]
 
 
 def test_part_stats_excess_shift_and_classes() -> None:

@@ -183,7 +183,8 @@ class PartMeter:
         # grey levels 0-255 whatever the file's depth: the printed-area texture floor is in them
         printed = printed_area(np.asarray(gray, np.float32) * np.float32(255), labels > 0,
                                tolerance_px=tol, params=self.params).mask
-        parts = PartZones.measure(labels, printed, cal, tol_px=tol)
+        parts = PartZones.measure(labels, printed, cal, tol_px=tol,
+                                  excess_margin_px=self.params.bleed_px)
         return Prepared(labels, cal, printed, parts, parts.zone_mask())
 
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]

@@ -132,13 +132,14 @@ def _zone_sums(zone: _Zone, n: int, width: int) -> _Sums:
 
 
 def _excess_mm2(printed: BoolArray, zone: _Zone, area_full: npt.NDArray[np.float32],
-                n: int) -> npt.NDArray[np.float64]:
-    """Printed outside every zone, given to the nearest part (n,)."""
+                n: int, beyond_px: float) -> npt.NDArray[np.float64]:
+    """Printed outside every zone and over `beyond_px` from every part, given to the
+    nearest part (n,)."""
     if np.count_nonzero(printed) <= np.count_nonzero(zone.pr):
         return np.zeros(n)
     outside = np.asarray(printed, bool).copy()
     outside[zone.y0:zone.y0 + len(zone.sub)] &= zone.grown == 0
-    return _excess(zone.sub, zone.y0, outside, area_full, n)
+    return _excess(zone.sub, zone.y0, outside, area_full, n, beyond_px)
 
 
 def _class_mm2(classes: Mapping[str, BoolArray], zone: _Zone,
@@ -168,8 +169,10 @@ class PartZones:
 
     @classmethod
     def measure(cls, nominal: Labels, printed: BoolArray, cal: Calibration, *,
-                tol_px: int) -> PartZones:
-        """Args as `part_stats`, the tolerance in image pixels (`tolerance_px`)."""
+                tol_px: int, excess_margin_px: float = 0.0) -> PartZones:
+        """Args as `part_stats`, the tolerance in image pixels (`tolerance_px`). Printed
+        pixels count as excess from `excess_margin_px` beyond the tolerance on: how far the
+        printed-area classifier bleeds past a melt edge (`PrintedParams.bleed_px`)."""
         shape = (int(nominal.shape[0]), int(nominal.shape[1]))
         n = int(nominal.max(initial=0)) + 1
         if n == 1:
@@ -177,7 +180,7 @@ class PartZones:
         area_full = cal.pixel_area_mm2(nominal.shape)
         zone = _gather_zone(nominal, printed, area_full, tol_px, n)
         sums = _zone_sums(zone, n, nominal.shape[1])
-        excess_mm2 = _excess_mm2(printed, zone, area_full, n)
+        excess_mm2 = _excess_mm2(printed, zone, area_full, n, tol_px + excess_margin_px)
         cents, pcents = sums.cents, sums.pcents
         ids = np.flatnonzero(sums.nominal_mm2 > 0)
         widths = _widths(zone.sub, ids)
@@ -245,6 +248,7 @@ def part_stats(
     cal: Calibration,
     *,
     tolerance_mm: float,
+    excess_margin_px: float = 0.0,
 ) -> list[PartStats]:
     """Per-part statistics of one layer.
 
@@ -255,15 +259,20 @@ def part_stats(
         classes: defect class name -> (H, W) mask; each is counted on the part grown by
             the tolerance, as a fraction of the part's nominal area.
         tolerance_mm: how far outside its nominal outline a part's pixels still count.
+        excess_margin_px: printed pixels count as excess this far beyond the tolerance
+            on (`PrintedParams.bleed_px` for a mask from `printed_area`).
     """
     tol = tolerance_px(cal, nominal, tolerance_mm)
-    return PartZones.measure(nominal, printed, cal, tol_px=tol).stats(classes)
+    return PartZones.measure(nominal, printed, cal, tol_px=tol,
+                             excess_margin_px=excess_margin_px).stats(classes)
 
 
 def _excess(
-    sub: Labels, y0: int, outside: BoolArray, area: npt.NDArray[np.float32], n: int
+    sub: Labels, y0: int, outside: BoolArray, area: npt.NDArray[np.float32], n: int,
+    beyond_px: float = 0.0,
 ) -> npt.NDArray[np.float64]:
-    """mm² of `outside` per part, each pixel given to the part nearest to it (n,).
+    """mm² of `outside` per part, each pixel given to the part nearest to it (n,), for the
+    pixels over `beyond_px` from every part.
 
     `sub` holds the image rows from `y0` on that contain every part. The nearest part pixel
     is on a part's outline, so a k-d tree of the outline pixels answers it exactly (a
@@ -275,6 +284,7 @@ def _excess(
     ey, ex = np.divmod(edge, sub.shape[1])
     xy = cv2.findNonZero(outside.view(np.uint8)).reshape(-1, 2)  # faster than np.nonzero
     xs, ys = xy[:, 0], xy[:, 1]
-    _, j = cKDTree(np.c_[ey + y0, ex]).query(np.c_[ys, xs])
-    owner = sub.ravel()[edge[j]]
-    return np.bincount(owner, weights=area[ys, xs], minlength=n).astype(np.float64)
+    dist, j = cKDTree(np.c_[ey + y0, ex]).query(np.c_[ys, xs])
+    far = dist > beyond_px
+    owner = sub.ravel()[edge[j[far]]]
+    return np.bincount(owner, weights=area[ys[far], xs[far]], minlength=n).astype(np.float64)

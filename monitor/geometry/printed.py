@@ -8,8 +8,9 @@ outside the nominal parts (grown by a margin), which follows lighting gradients 
 chamber wall. The polarity (melt brighter or darker than powder) is decided per layer from
 the nominal regions against that background, and a pixel is printed when its smoothed
 intensity departs from the powder in that direction, or its texture (local spread) is well
-above the powder's while its intensity leans the same way. Only pixels in the search zone
-(nominal grown by the tolerance) are classified; the mask is then cleaned morphologically.
+above the powder's while its intensity leans the same way. Only pixels near the parts are
+classified (the nominal grown by the tolerance and a reach beyond it, where melt is the
+part's excess); the mask is then cleaned morphologically.
 See docs/printed-area.md for the measurements behind the defaults.
 """
 
@@ -40,11 +41,17 @@ class PrintedParams:
     quadratic: float = 0.6      # 0: one shared covariance (linear), 1: one per class
     prior: float = 1.0          # log-odds for melt inside the nominal, against outside it
     registration_px: float = 3.0  # the prior ramps from -prior to +prior over +-this
+    excess_reach_px: int = 60   # melt is looked for this far beyond the tolerance (excess)
     part_k: float = 0.5         # a standing-out part's threshold: its ring's median + k sigma
     part_min_z: float = 2.0     # robust sigmas its inside must stand out by (<0: off)
     close_px: int = 2           # morphological close/open radius for the clean-up
     fill_holes: bool = True     # fill powder-looking holes enclosed by melt
     samples: int = 20000        # pixels sampled per class to fit the discriminant
+
+    @property
+    def bleed_px(self) -> int:
+        """How far past a melt edge the box windows still call powder printed."""
+        return self.coarse_px + self.vote_px
 
 
 @dataclass(frozen=True)
@@ -319,7 +326,8 @@ def printed_area(
     Args:
         image: (H, W) grayscale camera image, any integer or float type.
         nominal: (H, W) nominal part area in the same pixels.
-        tolerance_px: search zone = nominal grown by this many pixels.
+        tolerance_px: the nominal grown by this many pixels is the part's zone; melt is
+            searched for `params.excess_reach_px` further out.
     """
     if not nominal.any():
         return Printed(np.zeros(np.shape(image), bool), 0, 0.0)
@@ -327,7 +335,8 @@ def printed_area(
     # Work in the parts' box grown by the background window: nothing outside it is
     # classified, and the powder it holds is what the background is estimated from.
     x, y, w, h = cv2.boundingRect(nominal.view(np.uint8))
-    pad = 2 * max(p.background_px, p.margin_px + p.ring_px, tolerance_px)
+    pad = 2 * max(p.background_px, p.margin_px + p.ring_px,
+                  tolerance_px + p.excess_reach_px)
     hh, ww = nominal.shape
     y0, y1, x0, x1 = max(0, y - pad), min(hh, y + h + pad), max(0, x - pad), min(ww, x + w + pad)
     if (y0, y1, x0, x1) != (0, hh, 0, ww):
@@ -349,12 +358,43 @@ def printed_area(
     score = _vote(score, p, scale)
     shift = _part_shift(score, bands, p) if p.part_min_z >= 0 else None
     score = _with_prior(score, shift, bands, p, scale)
-    tol = _px(tolerance_px, scale, 0)
-    m8 = _clean(((score > 0) & (bands.d_out <= tol)).view(np.uint8), nom, p, scale)
+    # Searched beyond the tolerance too: melt there is the part's excess (distortion,
+    # swelling, exposure outside the part), which part_excess alarms on.
+    reach = _px(tolerance_px + p.excess_reach_px, scale, 0)
+    m8 = _clean(((score > 0) & (bands.d_out <= reach)).view(np.uint8), nom, p, scale)
+    if p.excess_reach_px > 0:
+        m8 = _attached(m8, bands, _px(tolerance_px, scale, 0), _px(p.bleed_px, scale))
     if scale > 1:
         m8 = np.asarray(cv2.resize(m8, (img.shape[1], img.shape[0]),
                                    interpolation=cv2.INTER_NEAREST), np.uint8)
     return Printed(m8.astype(bool), polarity, sep)
+
+
+def _attached(m8: npt.NDArray[np.uint8], bands: _Bands, tol: int, bleed: int
+              ) -> npt.NDArray[np.uint8]:
+    """Beyond the tolerance, only melt that reaches past the classifier's bleed and is
+    continuous with a part's own: a distorted or swollen part's melt runs on past its
+    outline, while a glint at the plate's rim, a ghost or a soot patch a few pixels off
+    stands alone, and the rim the box windows draw along every outline (up to `bleed`
+    beyond it) is not melt. Where such melt is kept, the band that joins it to its part is
+    kept with it."""
+    outer = (m8 > 0) & (bands.d_out > tol)
+    if not outer.any():
+        return m8
+    far = outer & (bands.d_out > tol + bleed)
+    keep = np.zeros(m8.shape, bool)
+    if far.any():
+        n, lab = cv2.connectedComponents(m8, connectivity=8)
+        touching = np.zeros(n, bool)
+        touching[lab[(m8 > 0) & (bands.d_in > 0)]] = True
+        touching[0] = False
+        far &= touching[lab]
+        if far.any():
+            near = cv2.dilate(far.view(np.uint8), _disk(bleed + 1)) > 0
+            keep = far | (outer & near)
+    out = m8.copy()
+    out[outer & ~keep] = 0
+    return out
 
 
 def _fill_holes(m8: npt.NDArray[np.uint8], nominal: BoolArray,

@@ -143,8 +143,9 @@ class BuildGenerator:
                 "first_layer": start_layer + e.start, "last_layer": start_layer + e.stop - 1}
             if e.kind == "distorted":
                 ev["mode"] = e.mode
-                ev.update({"scale": round(e.scale, 3)} if e.mode == "swollen" else
-                          {"shift": [round(e.dx, 3), round(e.dy, 3)]})
+                ev["reach_px"] = round(e.reach * self.size, 1)
+                if e.mode == "shifted":
+                    ev["direction"] = [round(e.dx, 3), round(e.dy, 3)]
             out.append(ev)
         return out
 

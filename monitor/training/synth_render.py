@@ -79,7 +79,7 @@ class LayerRenderer:
         active = [e for e in events if e.start <= index < e.stop]
         for e in active:
             if e.kind == "distorted":
-                self.shapes[e.part] = printed_shape(self.shapes[e.part], e)
+                self.shapes[e.part] = printed_shape(self.shapes[e.part], e, size)
         self.levels = np.array(
             [PART_LEVEL + p.level + rng.normal(0.0, 3.0) for p in plan.parts], dtype=np.float32
         )
