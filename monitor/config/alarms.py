@@ -125,7 +125,7 @@ class TracksConfig(Section):
     )
     max_gap_layers: int = Field(1, ge=0, description="Layers a track may skip and go on.")
     min_area_mm2: float = Field(0.05, ge=0, description="Smaller components are not tracked.")
-    alarm_layers: int = Field(5, ge=2, description="A track this many layers long alarms.")
+    alarm_layers: int = Field(10, ge=2, description="A track this many layers long alarms.")
     alarm_volume_mm3: float = Field(
         0.6, gt=0,
         description="A track of 2+ layers whose volume (area x layer thickness) exceeds this "
