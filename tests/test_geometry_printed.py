@@ -13,6 +13,7 @@ import pytest
 from monitor.geometry.calibration import Calibration
 from monitor.geometry.parts import PartZones, part_stats, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
+from monitor.training.synth import BuildGenerator
 
 SLM = Path("/work/shared/data/slm")
 if not SLM.is_dir():
@@ -135,6 +136,15 @@ def test_melt_past_the_outline_is_excess_and_stray_melt_is_not() -> None:
     assert max(p.excess_fraction for p in part_stats(
         labels, flat.mask, {}, cal, tolerance_mm=0.5,
         excess_margin_px=params.bleed_px)) == 0.0
+
+
+def test_polarity_follows_the_melt_not_the_discriminant_weight() -> None:
+    """Classic synthetic melt is brighter than powder. On this layer (a part distorted past
+    its slice) the discriminant's weight on the fine intensity came out negative, next to a
+    larger positive weight on the nearly collinear coarse one, and the polarity read -1."""
+    gen = BuildGenerator(size=512, layers=40, seed=200, part_events=True)
+    pr = printed_area(gen.layer(10).image, gen.nominal(10) > 0, tolerance_px=5)
+    assert pr.polarity == 1
 
 
 def test_blank_layer_prints_nothing() -> None:

@@ -117,11 +117,11 @@ def _discriminant(
 ) -> tuple[float, int, F32]:
     """Melt vs powder as two Gaussians fitted on sampled pixels.
 
-    Returns the Fisher distance (shared covariance), the polarity (sign of the intensity
-    weight) and the log-likelihood ratio melt : powder at every pixel (h, w). A linear
-    discriminant says "rougher than powder" or "smoother"; dull melt on one part and
-    speckled melt on the next are both unlike powder, which a covariance per class
-    (blended with the shared one by `alpha`, 0 = linear) can say.
+    Returns the Fisher distance (shared covariance), the polarity (+1 when the melt's mean
+    intensity is above the powder's) and the log-likelihood ratio melt : powder at every
+    pixel (h, w). A linear discriminant says "rougher than powder" or "smoother"; dull melt
+    on one part and speckled melt on the next are both unlike powder, which a covariance
+    per class (blended with the shared one by `alpha`, 0 = linear) can say.
     """
     shape = feats[0].shape
     a = np.stack([f.ravel()[melt] for f in feats], 1).astype(np.float64)
@@ -156,7 +156,9 @@ def _discriminant(
             cv2.scaleAdd(feats[j], float(2 * q[i, j]), acc, dst=acc)
         np.multiply(acc, feats[i], out=acc)
         out += acc
-    return sep, 1 if w[0] > 0 else -1, out
+    # polarity from the class means, not the discriminant's weight: the fine and coarse
+    # intensities are nearly collinear, and the weight's sign of either can flip
+    return sep, 1 if mu_a[0] > mu_b[0] else -1, out
 
 
 def _px(v: float, scale: int, lo: int = 1) -> int:
