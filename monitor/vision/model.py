@@ -239,6 +239,7 @@ def load_weights(path: Path, *, expected_sha256: str = "") -> tuple[UNet, ModelI
 
 def set_adapted_cameras(path: Path, cameras: Sequence[str]) -> str:
     """Rewrite a weights file saying it was adapted to `cameras` ([camera] id values); the
-    tensors are unchanged. Returns the new sha256 (what `pbf-monitor adapt` will call)."""
+    tensors are unchanged. Returns the new sha256. (`pbf-monitor adapt` names the camera in
+    the weights it writes; this marks weights adapted elsewhere, and serves the tests.)"""
     model, info = load_weights(path)
     return save_weights(path, model, replace(info, adapted_cameras=tuple(cameras)))
