@@ -42,6 +42,29 @@ def test_open_synth_dataset_matches_generator(synth_ds: Path) -> None:
     np.testing.assert_array_equal(masks, lay.masks)
 
 
+def test_synth_command_regenerates_a_healthy_build_with_part_events(tmp_path: Path) -> None:
+    """A model card's regenerate command for a healthy build once dropped --no-defects, so
+    it rebuilt a build full of defects in place of the negatives trained on."""
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+
+    write_dataset(tmp_path / "h", layers=3, size=64, seed=5, defects=False, part_events=True,
+                  camera="varied")
+    cmd = open_dataset(tmp_path / "h").synth_command() or ""
+    assert cmd.endswith("--seed 5 --part-events --no-defects --camera varied"), cmd
+    args = cmd.split()[2:]
+    args[0] = str(tmp_path / "again")
+    res = CliRunner().invoke(main, ["synth", *args])
+    assert res.exit_code == 0, res.output
+    for name in ("layer_00001", "layer_00003"):
+        a = open_dataset(tmp_path / "h").sample(name)
+        b = open_dataset(tmp_path / "again").sample(name)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        assert not b[1][1:].any()  # no defect drawn
+
+
 def _copy(src: Path, dst: Path) -> Path:
     import shutil
 

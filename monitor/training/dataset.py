@@ -111,6 +111,10 @@ class Dataset:
             return None
         cmd = (f"pbf-monitor synth {self.root} --layers {s.get('layers')} "
                f"--size {s.get('size')} --seed {s.get('seed')}")
+        if s.get("part_events") is not None:
+            cmd += " --part-events"
+        if s.get("defects") is False:  # a healthy build: the negatives the card lists
+            cmd += " --no-defects"
         if s.get("camera"):
             cmd += f" --camera {s['camera']}"
         return cmd
