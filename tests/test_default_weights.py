@@ -31,12 +31,13 @@ def test_finds_defects_on_an_unseen_synthetic_build(segmenter: Segmenter,
                                                      tmp_path: Path) -> None:
     write_dataset(tmp_path / "b", layers=12, size=512, seed=4242)  # seed not used in training
     j = metrics_json(evaluate(open_dataset(tmp_path / "b"), segmenter))
-    # 0.68 over 40 layers of this seed (weights/default.json); the classic-only weights
+    # 0.66 over 40 layers of this seed (weights/default.json); the classic-only weights
     # before them had 0.86: the price of many cameras at width 8 (README).
     assert j["mean_iou_defects"] >= 0.6, j
     for name, m in j["classes"].items():
         if m["true_fraction"]:
-            # swelling is the lowest on these 12 layers: 0.54 (0.78 over 40)
+            # the lowest on these 12 layers: under_melting 0.71 (0.78 over 40), swelling
+            # 0.75 (0.87 over 40)
             assert m["recall"] >= (0.5 if name == "swelling" else 0.7), (name, m)
 
 
@@ -78,17 +79,17 @@ def test_quiet_on_real_after_melt_parts(tmp_path: Path) -> None:
 @pytest.mark.skipif(not SLM.is_dir(), reason="../shared/data/slm is not beside the repo")
 def test_finds_defects_pasted_into_real_layers(tmp_path: Path) -> None:
     """Synthetic defects pasted into real layers of the builds adapt leaves out (B0 is the
-    one adapted on in the README): spatter, over- and under-melting are found >= 70% of the
-    time. Swelling (0.4 over all 15 layers) and misprint (1 of 7) are the README's known
-    weak spots: swelling must still be found at times; misprint is not asserted."""
+    one adapted on in the README): swelling, spatter, over- and under-melting are found
+    >= 70% of the time (here 0.9, 1.0, 1.0, 1.0; the weights before these found swelling
+    0.4 of the time). Misprint (1 of 7 over all 15 layers) is the README's known weak spot
+    and is not asserted."""
     seg, site = _slm_site(tmp_path)
     held = site.layers(["B20220819", "B20220824"])
     sc = score(seg, site, held, paste=True, per_class=2)
     recall = sc.recall()
-    for cls in ("spatter", "over_melting", "under_melting"):
+    for cls in ("swelling", "spatter", "over_melting", "under_melting"):
         r = recall[cls]
         assert r is not None and r >= 0.7, (cls, recall)
-    assert (recall["swelling"] or 0.0) >= 0.2, recall
 
 
 def test_model_card_records_no_absolute_paths() -> None:
