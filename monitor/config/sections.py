@@ -174,6 +174,11 @@ class GeometryConfig(Section):
     printed_min_separation: float = Field(
         1.0, ge=0, description="Melt/powder contrast below which a layer counts as unprinted."
     )
+    outside_classes: tuple[str, ...] = Field(
+        ("misprint",), description="Classes that are melt outside the part by definition: "
+        "their marks deeper inside a nominal part than tolerance_mm are not counted on the "
+        "parts (per-part statistics, scope 'parts' rules, tracks)."
+    )
 
     @model_validator(mode="after")
     def _vector_needs_frame(self) -> GeometryConfig:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from monitor.alarms.engine import AlarmEngine
-from monitor.alarms.regions import BuildRegions, Regions, apply_ignore, region_stats
+from monitor.alarms.regions import Regions, apply_ignore, region_stats
 from monitor.config import Config
 from monitor.daemon.committer import Committer, wait
 from monitor.daemon.items import Ack, Analysable, Failed, Mute, Reload, Request, Segmented
@@ -148,9 +148,8 @@ class Analyser(Stage):
         measured = self._measure_parts(item, masks)
         zone_stats = None
         if measured is not None and self.engine.wants_parts_zone:
-            # Area fractions of the zone, as for a part region.
-            zone_stats = region_stats(masks, names, BuildRegions(None, {"": measured.zone}),
-                                      pixel_size_mm=px, max_components=self.max_components)[""]
+            zone_stats = measured.zone_stats(masks, names, pixel_size_mm=px,
+                                             max_components=self.max_components)
         key = BuildKey(cand.printer, cand.key.build)
         self._ensure_restored(key)
         verdict = self.engine.evaluate(key, cand.key.layer, stats, regions,

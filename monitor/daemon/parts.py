@@ -21,16 +21,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
+from monitor.alarms.regions import BuildRegions, region_stats
 from monitor.config import CameraConfig, GeometryConfig
 from monitor.geometry.calibration import Calibration
 from monitor.geometry.parts import PartZones, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
 from monitor.geometry.slices import NominalSlices, SliceError
 from monitor.records import PartRecord
-from monitor.vision.stats import NO_DEFECT
+from monitor.vision.stats import NO_DEFECT, LayerStats
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,17 @@ class LayerParts:
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm, image pixels
     labels: npt.NDArray[np.integer] | None = None  # (H, W) nominal part ids, 0 outside
     calibration: Calibration | None = None  # image pixels <-> plate mm
+    # (C, H, W) the model's masks as the parts count them: geometry.outside_classes cleared
+    # in the parts' cores; None = the masks as segmented
+    masks: BoolArray | None = None
+
+    def zone_stats(self, masks: BoolArray, class_names: Sequence[str], *,
+                   pixel_size_mm: float, max_components: int) -> LayerStats:
+        """Statistics of the defects on and around the parts (area fractions of the zone,
+        as for a part region), counted as the parts count them."""
+        on_parts = self.masks if self.masks is not None else masks
+        return region_stats(on_parts, class_names, BuildRegions(None, {"": self.zone}),
+                            pixel_size_mm=pixel_size_mm, max_components=max_components)[""]
 
     def part_at(self, x: float, y: float) -> int | None:
         """The nominal part whose zone holds image point (x, y), if any."""
@@ -74,6 +87,7 @@ class Prepared:
     printed: BoolArray  # (H, W) freshly melted pixels
     parts: PartZones  # the parts against the printed area; the classes are counted later
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm
+    core: BoolArray  # (H, W) the nominal parts shrunk by tolerance_mm
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,7 @@ class _Placed:
     calibration: Calibration
     tolerance_px: int
     stamp: tuple[int, int] | None  # the slice file's (mtime_ns, size) when it was read
+    core: BoolArray  # (H, W) the nominal parts shrunk by the tolerance
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -133,8 +148,8 @@ class PartMeter:
             return None
         cal = self.calibration(size, nominal.frame_px)
         labels = cal.frame_to_image_labels(nominal.labels, (size[1], size[0]))
-        return _Placed(labels, cal, tolerance_px(cal, labels, self.geometry.tolerance_mm),
-                       stamp)
+        tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
+        return _Placed(labels, cal, tol, stamp, _core(labels > 0, tol))
 
     def prefetch(self, build: str, layer: int, size: tuple[int, int]) -> None:
         """Place a layer's slice before its image comes, in the printer's recoating time:
@@ -185,12 +200,13 @@ class PartMeter:
                                tolerance_px=tol, params=self.params).mask
         parts = PartZones.measure(labels, printed, cal, tol_px=tol,
                                   excess_margin_px=self.params.bleed_px)
-        return Prepared(labels, cal, printed, parts, parts.zone_mask())
+        return Prepared(labels, cal, printed, parts, parts.zone_mask(), placed.core)
 
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]
                ) -> LayerParts:
         """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
         `class_names` order, after ignore regions)."""
+        masks = outside_only(masks, class_names, prep.core, self.geometry.outside_classes)
         classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
         stats = prep.parts.stats(classes)
         parts = tuple(PartRecord(id=p.id, nominal_mm2=p.nominal_mm2,
@@ -199,13 +215,35 @@ class PartMeter:
                                  centroid_shift_mm=p.centroid_shift_mm,
                                  classes=dict(p.classes), width_px=p.width_px)
                       for p in stats)
-        return LayerParts(parts, prep.zone, prep.labels, prep.calibration)
+        return LayerParts(parts, prep.zone, prep.labels, prep.calibration, masks)
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
                 masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:
         """Both halves at once (tools and tests); None when the layer has no usable slice."""
         prep = self.prepare(build, layer, path=path, gray=gray)
         return None if prep is None else self.finish(prep, masks, class_names)
+
+
+def _core(part: BoolArray, tol_px: int) -> BoolArray:
+    """The parts shrunk by the tolerance: what lies this deep inside is the part whatever
+    the registration's error."""
+    if tol_px <= 0 or not part.any():
+        return part
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tol_px + 1,) * 2)
+    return cv2.erode(part.view(np.uint8), k).view(bool)
+
+
+def outside_only(masks: BoolArray, class_names: Sequence[str], core: BoolArray,
+                 outside: Sequence[str]) -> BoolArray:
+    """`masks` with the `outside` classes (melt outside the part by definition) cleared in
+    the parts' core; the same array when there is nothing to clear."""
+    idx = [i for i, c in enumerate(class_names) if c in outside and masks[i].any()]
+    if not idx or not core.any():
+        return masks
+    out = masks.copy()
+    for i in idx:
+        out[i] &= ~core
+    return out
 
 
 def _yield_to_the_model() -> None:

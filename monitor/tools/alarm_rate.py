@@ -22,7 +22,6 @@ import cv2
 import numpy as np
 
 from monitor.alarms.engine import AlarmEngine
-from monitor.alarms.regions import BuildRegions, region_stats
 from monitor.config import AlarmsConfig, CameraConfig, GeometryConfig, parse_config
 from monitor.daemon.parts import PartMeter
 from monitor.records import AlarmEvent, BuildKey
@@ -96,8 +95,8 @@ class Runner:
                                            class_names=names) if self.meter else None)
             zone = None
             if measured is not None and self.engine.wants_parts_zone:
-                zone = region_stats(seg.masks, names, BuildRegions(None, {"": measured.zone}),
-                                    pixel_size_mm=px, max_components=self.max_components)[""]
+                zone = measured.zone_stats(seg.masks, names, pixel_size_mm=px,
+                                           max_components=self.max_components)
             parts = measured.parts if measured is not None else None
             for eng, out in ((self.engine, tally.opened), (self.trusting, tally.trusted)):
                 ev = eng.evaluate(key, n, stats, parts=parts, parts_zone=zone,

@@ -1,0 +1,62 @@
+"""geometry.outside_classes: a class that is melt outside the part by definition (misprint)
+is not counted where the slice says the part is, deeper than the tolerance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from monitor.config import CameraConfig, GeometryConfig, parse_config
+from monitor.daemon.parts import PartMeter
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
+
+NAMES = DEFAULT_CLASS_NAMES
+MISPRINT, SPATTER = NAMES.index("misprint"), NAMES.index("spatter")
+
+
+def _measure(tmp_path: Path, outside: tuple[str, ...]) -> tuple[dict[str, float], float,
+                                                                  float, np.ndarray]:
+    nominal = np.zeros((80, 100), np.uint8)
+    nominal[20:60, 20:70] = 255  # one part; 0.1 mm pixels: the 0.5 mm tolerance is 5 px
+    (tmp_path / "n").mkdir(exist_ok=True)
+    cv2.imwrite(str(tmp_path / "n" / "layer_00001.png"), nominal)
+    meter = PartMeter(CameraConfig(), GeometryConfig(
+        nominal=str(tmp_path / "n" / "layer_{layer:05d}.png"), outside_classes=outside))
+    gray = np.full((80, 100), 0.3, np.float32)
+    gray[20:60, 20:70] = 0.8
+    prep = meter.prepare("B", 1, path=tmp_path / "layer_00001.png", gray=gray)
+    assert prep is not None
+    masks = np.zeros((len(NAMES), 80, 100), bool)
+    masks[MISPRINT, 35:45, 35:45] = True  # 100 px deep inside the part: the slice says metal
+    masks[MISPRINT, 30:40, 66:72] = True  # 60 px across the outline: may be misplaced melt
+    masks[SPATTER, 35:45, 50:55] = True  # other classes count inside as before
+    before = masks.copy()
+    measured = meter.finish(prep, masks, NAMES)
+    np.testing.assert_array_equal(masks, before)  # the layer's own masks are untouched
+    zone = measured.zone_stats(masks, NAMES, pixel_size_mm=0.1, max_components=10)
+    return (measured.parts[0].classes, zone.classes["misprint"].area_mm2,
+            zone.classes["spatter"].area_mm2, masks)
+
+
+def test_misprint_deep_inside_a_part_is_not_counted_on_it(tmp_path: Path) -> None:
+    part, zone_misprint, zone_spatter, _ = _measure(tmp_path, ("misprint",))
+    assert zone_misprint == pytest.approx(0.60)  # the 60 px across the outline only
+    assert part["misprint"] == pytest.approx(60 / 2000)  # of the part's nominal area
+    assert zone_spatter == pytest.approx(0.50) and part["spatter"] == pytest.approx(50 / 2000)
+
+
+def test_switched_off_every_mark_counts(tmp_path: Path) -> None:
+    part, zone_misprint, _, _ = _measure(tmp_path, ())
+    assert zone_misprint == pytest.approx(1.60)
+    assert part["misprint"] == pytest.approx(160 / 2000)
+
+
+def test_default_is_misprint_and_unknown_keys_are_still_refused() -> None:
+    cfg = parse_config({}, base_dir=Path("."))
+    assert cfg.geometry.outside_classes == ("misprint",)
+    from monitor.errors import ConfigError
+    with pytest.raises(ConfigError, match="outside_class"):
+        parse_config({"geometry": {"outside_class": ["misprint"]}}, base_dir=Path("."))
