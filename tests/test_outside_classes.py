@@ -1,5 +1,6 @@
 """geometry.outside_classes: a class that is melt outside the part by definition (misprint)
-is not counted where the slice says the part is, deeper than the tolerance."""
+is not counted where the slice says the part is: deeper inside than the tolerance, or in a
+mark that does not reach beyond the outline."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ NAMES = DEFAULT_CLASS_NAMES
 MISPRINT, SPATTER = NAMES.index("misprint"), NAMES.index("spatter")
 
 
-def _measure(tmp_path: Path, outside: tuple[str, ...]) -> tuple[dict[str, float], float,
-                                                                  float, np.ndarray]:
+def _measure(tmp_path: Path, outside: tuple[str, ...], reach_mm: float = 5.0
+             ) -> tuple[dict[str, float], float, float, np.ndarray]:
     nominal = np.zeros((80, 100), np.uint8)
     nominal[20:60, 20:70] = 255  # one part; 0.1 mm pixels: the 0.5 mm tolerance is 5 px
     (tmp_path / "n").mkdir(exist_ok=True)
     cv2.imwrite(str(tmp_path / "n" / "layer_00001.png"), nominal)
     meter = PartMeter(CameraConfig(), GeometryConfig(
-        nominal=str(tmp_path / "n" / "layer_{layer:05d}.png"), outside_classes=outside))
+        nominal=str(tmp_path / "n" / "layer_{layer:05d}.png"), outside_classes=outside,
+        outside_reach_mm=reach_mm))
     gray = np.full((80, 100), 0.3, np.float32)
     gray[20:60, 20:70] = 0.8
     prep = meter.prepare("B", 1, path=tmp_path / "layer_00001.png", gray=gray)
@@ -32,6 +34,9 @@ def _measure(tmp_path: Path, outside: tuple[str, ...]) -> tuple[dict[str, float]
     masks = np.zeros((len(NAMES), 80, 100), bool)
     masks[MISPRINT, 35:45, 35:45] = True  # 100 px deep inside the part: the slice says metal
     masks[MISPRINT, 30:40, 66:72] = True  # 60 px across the outline: may be misplaced melt
+    masks[MISPRINT, 22:24, 30:40] = True  # 20 px inside, near the edge: reaches no powder
+    masks[MISPRINT, 61:64, 30:40] = True  # 30 px on the powder just beside the part
+    masks[MISPRINT, 30:40, 90:96] = True  # 60 px on the powder 2 mm from it
     masks[SPATTER, 35:45, 50:55] = True  # other classes count inside as before
     before = masks.copy()
     measured = meter.finish(prep, masks, NAMES)
@@ -43,15 +48,24 @@ def _measure(tmp_path: Path, outside: tuple[str, ...]) -> tuple[dict[str, float]
 
 def test_misprint_deep_inside_a_part_is_not_counted_on_it(tmp_path: Path) -> None:
     part, zone_misprint, zone_spatter, _ = _measure(tmp_path, ("misprint",))
-    assert zone_misprint == pytest.approx(0.60)  # the 60 px across the outline only
-    assert part["misprint"] == pytest.approx(60 / 2000)  # of the part's nominal area
+    # across the outline, beside the part and 2 mm off it (within outside_reach_mm)
+    assert zone_misprint == pytest.approx(1.50)
+    # per part: on the part grown by the tolerance, of its nominal area
+    assert part["misprint"] == pytest.approx(90 / 2000)
     assert zone_spatter == pytest.approx(0.50) and part["spatter"] == pytest.approx(50 / 2000)
 
 
+def test_misprint_beyond_the_reach_is_not_counted(tmp_path: Path) -> None:
+    part, zone_misprint, _, _ = _measure(tmp_path, ("misprint",), reach_mm=1.0)
+    assert zone_misprint == pytest.approx(0.90)
+    assert part["misprint"] == pytest.approx(90 / 2000)
+
+
 def test_switched_off_every_mark_counts(tmp_path: Path) -> None:
+    """Without outside classes misprint is counted like any class: in the tolerance zone."""
     part, zone_misprint, _, _ = _measure(tmp_path, ())
-    assert zone_misprint == pytest.approx(1.60)
-    assert part["misprint"] == pytest.approx(160 / 2000)
+    assert zone_misprint == pytest.approx(2.10)
+    assert part["misprint"] == pytest.approx(210 / 2000)
 
 
 def test_default_is_misprint_and_unknown_keys_are_still_refused() -> None:

@@ -127,7 +127,7 @@ class TracksConfig(Section):
     min_area_mm2: float = Field(0.05, ge=0, description="Smaller components are not tracked.")
     alarm_layers: int = Field(10, ge=2, description="A track this many layers long alarms.")
     alarm_volume_mm3: float = Field(
-        0.6, gt=0,
+        0.5, gt=0,
         description="A track of 2+ layers whose volume (area x layer thickness) exceeds this "
         "alarms.",
     )

@@ -179,6 +179,10 @@ class GeometryConfig(Section):
         "their marks deeper inside a nominal part than tolerance_mm are not counted on the "
         "parts (per-part statistics, scope 'parts' rules, tracks)."
     )
+    outside_reach_mm: float = Field(
+        5.0, ge=0, description="How far from the nominal parts scope 'parts' rules and tracks "
+        "count the outside_classes (they lie beyond the tolerance zone by definition)."
+    )
 
     @model_validator(mode="after")
     def _vector_needs_frame(self) -> GeometryConfig:

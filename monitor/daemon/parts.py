@@ -52,14 +52,25 @@ class LayerParts:
     # (C, H, W) the model's masks as the parts count them: geometry.outside_classes cleared
     # in the parts' cores; None = the masks as segmented
     masks: BoolArray | None = None
+    # geometry.outside_classes, and where they are counted: the parts grown by
+    # geometry.outside_reach_mm (None: in `zone`, as the other classes)
+    outside: tuple[str, ...] = ()
+    near: BoolArray | None = None
 
     def zone_stats(self, masks: BoolArray, class_names: Sequence[str], *,
                    pixel_size_mm: float, max_components: int) -> LayerStats:
         """Statistics of the defects on and around the parts (area fractions of the zone,
         as for a part region), counted as the parts count them."""
         on_parts = self.masks if self.masks is not None else masks
-        return region_stats(on_parts, class_names, BuildRegions(None, {"": self.zone}),
-                            pixel_size_mm=pixel_size_mm, max_components=max_components)[""]
+        st = region_stats(on_parts, class_names, BuildRegions(None, {"": self.zone}),
+                          pixel_size_mm=pixel_size_mm, max_components=max_components)[""]
+        idx = [i for i, c in enumerate(class_names) if c in self.outside]
+        if self.near is None or not idx:
+            return st
+        far = region_stats(on_parts[idx], [class_names[i] for i in idx],
+                           BuildRegions(None, {"": self.near}), pixel_size_mm=pixel_size_mm,
+                           max_components=max_components)[""]
+        return LayerStats(st.width, st.height, {**st.classes, **far.classes})
 
     def part_at(self, x: float, y: float) -> int | None:
         """The nominal part whose zone holds image point (x, y), if any."""
@@ -88,6 +99,7 @@ class Prepared:
     parts: PartZones  # the parts against the printed area; the classes are counted later
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm
     core: BoolArray  # (H, W) the nominal parts shrunk by tolerance_mm
+    near: BoolArray | None  # (H, W) the nominal parts grown by outside_reach_mm
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,7 @@ class _Placed:
     tolerance_px: int
     stamp: tuple[int, int] | None  # the slice file's (mtime_ns, size) when it was read
     core: BoolArray  # (H, W) the nominal parts shrunk by the tolerance
+    near: BoolArray | None  # (H, W) the nominal parts grown by outside_reach_mm
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -149,7 +162,11 @@ class PartMeter:
         cal = self.calibration(size, nominal.frame_px)
         labels = cal.frame_to_image_labels(nominal.labels, (size[1], size[0]))
         tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
-        return _Placed(labels, cal, tol, stamp, _core(labels > 0, tol))
+        part = labels > 0
+        near = None
+        if self.geometry.outside_classes:
+            near = _grown(part, tolerance_px(cal, labels, self.geometry.outside_reach_mm))
+        return _Placed(labels, cal, tol, stamp, _core(part, tol), near)
 
     def prefetch(self, build: str, layer: int, size: tuple[int, int]) -> None:
         """Place a layer's slice before its image comes, in the printer's recoating time:
@@ -200,13 +217,15 @@ class PartMeter:
                                tolerance_px=tol, params=self.params).mask
         parts = PartZones.measure(labels, printed, cal, tol_px=tol,
                                   excess_margin_px=self.params.bleed_px)
-        return Prepared(labels, cal, printed, parts, parts.zone_mask(), placed.core)
+        return Prepared(labels, cal, printed, parts, parts.zone_mask(), placed.core,
+                        placed.near)
 
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]
                ) -> LayerParts:
         """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
         `class_names` order, after ignore regions)."""
-        masks = outside_only(masks, class_names, prep.core, self.geometry.outside_classes)
+        masks = outside_only(masks, class_names, prep.labels, prep.core,
+                             self.geometry.outside_classes)
         classes = {name: masks[i] for i, name in enumerate(class_names) if name != NO_DEFECT}
         stats = prep.parts.stats(classes)
         parts = tuple(PartRecord(id=p.id, nominal_mm2=p.nominal_mm2,
@@ -215,7 +234,8 @@ class PartMeter:
                                  centroid_shift_mm=p.centroid_shift_mm,
                                  classes=dict(p.classes), width_px=p.width_px)
                       for p in stats)
-        return LayerParts(parts, prep.zone, prep.labels, prep.calibration, masks)
+        return LayerParts(parts, prep.zone, prep.labels, prep.calibration, masks,
+                          self.geometry.outside_classes, prep.near)
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
                 masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:
@@ -233,16 +253,35 @@ def _core(part: BoolArray, tol_px: int) -> BoolArray:
     return cv2.erode(part.view(np.uint8), k).view(bool)
 
 
-def outside_only(masks: BoolArray, class_names: Sequence[str], core: BoolArray,
-                 outside: Sequence[str]) -> BoolArray:
-    """`masks` with the `outside` classes (melt outside the part by definition) cleared in
-    the parts' core; the same array when there is nothing to clear."""
+def _grown(part: BoolArray, r_px: int) -> BoolArray:
+    """The parts grown by r_px (a distance transform: a large disk's dilation is slow)."""
+    if r_px <= 0 or not part.any():
+        return part
+    d = cv2.distanceTransform((~part).view(np.uint8), cv2.DIST_L2, 3)
+    return np.asarray(d <= r_px)
+
+
+def outside_only(masks: BoolArray, class_names: Sequence[str], labels: npt.NDArray[np.integer],
+                 core: BoolArray, outside: Sequence[str]) -> BoolArray:
+    """`masks` with the `outside` classes (melt outside the part by definition) kept only
+    where the slice allows them: never in the parts' core, and only in components that
+    reach beyond the nominal outline. The same array when there is nothing to clear."""
     idx = [i for i, c in enumerate(class_names) if c in outside and masks[i].any()]
     if not idx or not core.any():
         return masks
     out = masks.copy()
     for i in idx:
-        out[i] &= ~core
+        m = out[i]
+        m &= ~core
+        x, y, w, h = cv2.boundingRect(m.view(np.uint8))
+        if w == 0:
+            continue
+        box = m[y:y + h, x:x + w]
+        n, comp = cv2.connectedComponents(box.view(np.uint8), connectivity=8)
+        reaches = np.zeros(n, bool)
+        reaches[np.unique(comp[box & (labels[y:y + h, x:x + w] == 0)])] = True
+        reaches[0] = False
+        box[...] = reaches[comp]
     return out
 
 
