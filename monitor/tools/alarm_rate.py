@@ -1,7 +1,7 @@
 """How often the default alarms fire: per 100 healthy layers (real SLM layers, synthetic
 builds without defects, in the classic look and in varied camera styles) and, on synthetic
-builds with defects, whether each stacking defect and missing part raises its alarm within a
-few layers of its start.
+builds with defects, whether each stacking defect, missing or distorted part and misprint
+episode raises its alarm within a few layers of its start.
 
 The layers go through the daemon's own steps (Segmenter, layer_stats, PartMeter,
 AlarmEngine) in-process, without watch folder or database, with the default [alarms]. Each
@@ -25,11 +25,13 @@ from monitor.alarms.engine import AlarmEngine
 from monitor.config import AlarmsConfig, CameraConfig, GeometryConfig, parse_config
 from monitor.daemon.parts import PartMeter
 from monitor.records import AlarmEvent, BuildKey
+from monitor.training.synth_render import MISPRINT
 from monitor.vision.imaging import to_unit_gray
 from monitor.vision.segmenter import Segmenter
 from monitor.vision.stats import layer_stats
 
 LOOKAHEAD = 3  # a defect must alarm within this many layers of its first layer
+MISPRINT_EPISODE_MM2 = 2.0  # layers with this much misprint drawn make a misprint episode
 
 
 @dataclass
@@ -178,20 +180,35 @@ def synthetic(seg: Segmenter, work: Path, *, seed: int, layers: int = 40, size: 
                               frame_mm=(0.0, 0.0, side, side))
     runner = Runner(seg, camera=camera, geometry=geometry)
 
+    misprint_mm2: list[float] = []  # per layer, the misprint drawn
+
     def items() -> Iterator[tuple[int, np.ndarray, Path]]:
         for lay in gen:
             n = lay.index + 1
+            misprint_mm2.append(float(lay.masks[MISPRINT].sum()) * camera.pixel_size_mm ** 2)
             cv2.imwrite(str(nominal / f"layer_{n:05d}.png"), gen.nominal(lay.index))
             yield n, to_unit_gray(lay.image), nominal / f"layer_{n:05d}.png"
 
     tally = runner.build(f"synth{seed}", items())
     if recall is not None:
-        _score(gen, tally.trusted, recall, seed, runner.alarms.grace_layers)
+        _score(gen, tally.trusted, recall, seed, runner.alarms.grace_layers, misprint_mm2)
     return tally
 
 
+def _episodes(area_mm2: list[float], least: float) -> list[tuple[int, int]]:
+    """(first, last) layer numbers of the runs of layers with at least `least` mm²."""
+    runs, start = [], None
+    for n, a in enumerate([*area_mm2, 0.0], start=1):
+        if a >= least and start is None:
+            start = n
+        elif a < least and start is not None:
+            runs.append((start, n - 1))
+            start = None
+    return runs
+
+
 def _score(gen: Any, opened: list[AlarmEvent], recall: Recall, seed: int,
-           grace: int) -> None:
+           grace: int, misprint_mm2: list[float]) -> None:
     def first(pred: Callable[[AlarmEvent], bool], start: int) -> bool:
         lo = max(start, grace + 1)  # the first layers of a build are not checked
         return any(pred(e) and lo <= e.layer <= lo + LOOKAHEAD for e in opened)
@@ -217,6 +234,14 @@ def _score(gen: Any, opened: list[AlarmEvent], recall: Recall, seed: int,
             recall.caught[kind] += 1
         else:
             recall.late.append(f"seed {seed} {kind} from layer {ev['first_layer']}")
+    # Misprints come often in these builds, and a rule waits cooldown_layers after each
+    # alarm: an episode inside another's cooldown counts as missed here.
+    for a, b in _episodes(misprint_mm2, MISPRINT_EPISODE_MM2):
+        if b <= grace:
+            continue
+        recall.injected["misprint episode"] += 1
+        if first(lambda e: e.class_name == "misprint", a):
+            recall.caught["misprint episode"] += 1
 
 
 def measure(weights: Path, work: Path, *, slm_root: Path | None, device: str = "auto",
@@ -254,7 +279,8 @@ if __name__ == "__main__":
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weights", type=Path, default=Path("weights/default.safetensors"))
-    p.add_argument("--slm", type=Path, default=Path("/work/shared/data/slm"))
+    p.add_argument("--slm", type=Path,
+                   default=Path(__file__).resolve().parents[3] / "shared" / "data" / "slm")
     p.add_argument("--device", default="auto")
     p.add_argument("--healthy-builds", type=int, default=3)
     p.add_argument("--varied-builds", type=int, default=12)
