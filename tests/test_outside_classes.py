@@ -74,3 +74,16 @@ def test_default_is_misprint_and_unknown_keys_are_still_refused() -> None:
     from monitor.errors import ConfigError
     with pytest.raises(ConfigError, match="outside_class"):
         parse_config({"geometry": {"outside_class": ["misprint"]}}, base_dir=Path("."))
+
+
+def test_the_reach_is_a_distance_from_the_outline() -> None:
+    """The coarse-grid distance transform holds the reach to within its cell (r / 8)."""
+    from monitor.daemon.parts import _grown
+
+    part = np.zeros((200, 300), bool)
+    part[80:120, 100:140] = True
+    near = _grown(part, 40)
+    assert near[part].all()
+    assert near[100, 139 + 35] and not near[100, 139 + 46]  # along a row
+    assert near[119 + 35, 120] and not near[119 + 46, 120]  # along a column
+    assert not near[0, 0]
