@@ -17,8 +17,8 @@ from monitor.config import load_config
 from monitor.records import AlarmEvent, LayerRecord
 from monitor.store import writes
 from monitor.store.connect import open_db
-from monitor.training.adapt import AdaptError, AdaptOptions, adapt, split_holdout
-from monitor.training.onsite import Site, SiteLayer, printer_of
+from monitor.training.adapt import AdaptError, AdaptOptions, adapt, calibrated, split_holdout
+from monitor.training.onsite import THRESHOLD_GRID, PastedShares, Site, SiteLayer, printer_of
 from monitor.training.synth import write_dataset
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from monitor.vision.model import read_info
@@ -96,8 +96,11 @@ def test_adapt_writes_better_weights_for_this_camera(printer: Path, tmp_path: Pa
     cfg = load_config(_config(tmp_path, printer, out))
     pc = printer_of(cfg.fleet(), None)
     site = Site(pc)
-    # A large rate: a dozen steps must move the output bias across the threshold.
-    opts = AdaptOptions(steps=12, batch=4, tile=128, lr=0.3, max_recall_drop=1.0)
+    # A large rate: a dozen steps must move the output bias across the threshold. Thresholds
+    # kept: this model has no defect to tell from its parts, and recalibration would follow
+    # its bias down to where it marks everything again (test below).
+    opts = AdaptOptions(steps=12, batch=4, tile=128, lr=0.3, max_recall_drop=1.0,
+                        recalibrate=False)
     res = adapt(cfg, pc, weights=out, out=out, train_items=site.layers(["B1"]),
                 holdout_items=site.layers(["B2"]), opts=opts)
     assert res.before.mean_false == pytest.approx(1.0)
@@ -110,6 +113,51 @@ def test_adapt_writes_better_weights_for_this_camera(printer: Path, tmp_path: Pa
     card = json.loads(res.card.read_text())
     assert card["written"] and card["data"]["good_layers"] == {"B1": [1, 2, 3, 4]}
     assert card["held_out"]["before"]["mean_defect_fraction"] == pytest.approx(1.0)
+
+
+def test_adapt_chooses_thresholds_on_the_good_layers(printer: Path, tmp_path: Path) -> None:
+    """With recalibration, the written weights serve the thresholds the card lists, each
+    from the grid, each finding the good layers' pasted defects as often as before."""
+    out = make_weights(tmp_path / "mine.safetensors", norm="flat",
+                       constant_prob={i: 0.7 for i in DEFECTS})
+    cfg = load_config(_config(tmp_path, printer, out))
+    pc = printer_of(cfg.fleet(), None)
+    site = Site(pc)
+    opts = AdaptOptions(steps=12, batch=4, tile=128, lr=0.3, max_recall_drop=1.0)
+    res = adapt(cfg, pc, weights=out, out=out, train_items=site.layers(["B1"]),
+                holdout_items=site.layers(["B2"]), opts=opts)
+    chosen = json.loads(res.card.read_text())["thresholds"]
+    assert set(chosen) == {"swelling", "spatter", "misprint", "over_melting", "under_melting"}
+    served = read_info(out).thresholds
+    for c, v in chosen.items():
+        assert v["threshold"] in THRESHOLD_GRID and served[c] == pytest.approx(v["threshold"])
+        assert v["recall"] >= v["recall_before"] == 1.0
+        # the bias fell from 0.7: the old threshold (0.5) would find nothing now
+        assert v["threshold"] < 0.5
+
+
+def _shares(own: list[float], grid: list[list[float]], false_own: float,
+            false_grid: list[float]) -> PastedShares:
+    return PastedShares(["spatter"] * len(own), own, grid, {"spatter": false_own},
+                        {"spatter": false_grid})
+
+
+def test_calibrated_keeps_recall_and_never_adds_false_marks() -> None:
+    n = len(THRESHOLD_GRID)
+    k05 = THRESHOLD_GRID.index(0.5)
+    # after adapting, two of the three pasted specks stand out only up to 0.5, one to 0.3
+    grid = [[0.9 if t <= 0.5 else 0.0 for t in THRESHOLD_GRID]] * 2 + \
+        [[0.9 if t <= 0.3 else 0.0 for t in THRESHOLD_GRID]]
+    before = _shares([0.5, 0.5, 0.0], [[0.0] * n] * 3, 0.01, [0.0] * n)  # found 2 of 3
+    after = _shares([0.0] * 3, grid, 0.0, [0.002] * n)
+    got = calibrated(before, after, {"spatter": 0.75})["spatter"]
+    assert got["threshold"] == 0.5 and got["recall"] == pytest.approx(2 / 3)
+    # at 0.5 the adapted weights would mark more of the parts than the old ones: kept
+    worse = _shares([0.0] * 3, grid, 0.0, [0.05 if k <= k05 else 0.0 for k in range(n)])
+    assert calibrated(before, worse, {"spatter": 0.75}) == {}
+    # a class the old weights never found is left alone
+    never = _shares([0.0] * 3, [[0.0] * n] * 3, 0.01, [0.0] * n)
+    assert calibrated(never, after, {"spatter": 0.75}) == {}
 
 
 def test_adapt_refuses_weights_that_got_worse(printer: Path, tmp_path: Path) -> None:

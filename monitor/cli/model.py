@@ -305,12 +305,15 @@ def evaluate_camera(config_path: Path | None, printer: str | None, builds: tuple
                    "own file, else STATE_DIR/weights/adapted-<camera id>.safetensors).")
 @click.option("--steps", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--no-verdicts", is_flag=True, help="Ignore the alarms' verdicts.")
+@click.option("--keep-thresholds", is_flag=True,
+              help="Keep the weights' class thresholds (default: choose them anew on the "
+                   "good layers, so each class finds pasted defects as often as before).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def adapt(config_path: Path | None, printer: str | None, builds: tuple[str, ...],
           holdout: tuple[str, ...], weights: Path | None, out: Path | None, steps: int,
-          no_verdicts: bool, device: str, seed: int) -> None:
+          no_verdicts: bool, keep_thresholds: bool, device: str, seed: int) -> None:
     """Fine-tune the model on this printer's own layers, without labelling.
 
     Learns from builds marked good (pbf-monitor mark-good) and --build: no defect on them,
@@ -347,7 +350,8 @@ def adapt(config_path: Path | None, printer: str | None, builds: tuple[str, ...]
         out = source if own else (cfg.state_dir / "weights"
                                   / f"adapted-{pc.camera.id or 'camera'}.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    opts = AdaptOptions(steps=steps, device=device, seed=seed)
+    opts = AdaptOptions(steps=steps, device=device, seed=seed,
+                        recalibrate=not keep_thresholds)
     with Progress(transient=True) as progress:
         task = progress.add_task("adapt", total=steps)
         result = run_adapt(cfg, pc, weights=source, out=out, train_items=train_items,

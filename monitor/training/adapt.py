@@ -40,7 +40,16 @@ from torch import nn
 from monitor.config import Config, PrinterConfig
 from monitor.errors import MonitorError
 from monitor.records import VerdictAlarm
-from monitor.training.onsite import Site, SiteLayer, SiteScore, score
+from monitor.training.onsite import (
+    FOUND_SHARE,
+    THRESHOLD_GRID,
+    PastedShares,
+    Site,
+    SiteLayer,
+    SiteScore,
+    pasted_shares,
+    score,
+)
 from monitor.training.paste import PASTED, feature_scale, paste_defects
 from monitor.training.synth import CLASS_NAMES, BuildGenerator
 from monitor.vision.classes import NO_DEFECT
@@ -72,6 +81,8 @@ class AdaptOptions:
     band_px: int = 6  # no_defect is not trained this close to a nominal outline
     holdout: float = 0.3  # share of each build's last layers held out (no --holdout-build)
     max_recall_drop: float = 0.05  # a pasted class may lose this much recall, no more
+    recalibrate: bool = True  # choose the thresholds anew on the good layers (calibrated)
+    calibration_layers: int = 12  # good layers (evenly spread) the thresholds are chosen on
     seed: int = 0
     device: str = "auto"
 
@@ -349,12 +360,27 @@ def adapt(
     tmp = out.with_name(f".{out.name}.candidate")
     save_weights(tmp, model, new_info)
     try:
+        chosen: dict[str, Any] = {}
+        if opts.recalibrate:
+            good = [(lay.gray, lay.part) for lay in layers if lay.pasteable]
+            good = [good[i] for i in _spread(len(good), opts.calibration_layers)]
+            chosen = calibrated(pasted_shares(before_seg, good, seed=opts.seed),
+                                pasted_shares(Segmenter(tmp, replace(seg_opts)), good,
+                                              seed=opts.seed),
+                                {c: float(t) for c, t in zip(names, before_seg.thresholds,
+                                                             strict=True)})
+            new_info = replace(new_info, thresholds={
+                **new_info.thresholds, **{c: v["threshold"] for c, v in chosen.items()}})
+            save_weights(tmp, model, new_info)
+            log.info("thresholds chosen on %d good layers: %s", len(good), ", ".join(
+                f"{c} {v['from']:.2f} -> {v['threshold']:.2f}" for c, v in chosen.items()))
         after = score(Segmenter(tmp, replace(seg_opts)), site, holdout_items, seed=opts.seed)
         log.info("after: %s", _summary(after))
         ok, reason = no_worse(before, after, opts)
         card = _card(out, weights, info.sha256, camera_id, opts, train_items, holdout_items,
                      verdict_items, before, after, ok, reason, command,
                      time.perf_counter() - t0)
+        card["thresholds"] = chosen
         if ok:
             if out.is_file():  # the weights being replaced stay beside them
                 shutil.copy2(out, out.with_name(out.stem + ".before-adapt.safetensors"))
@@ -365,6 +391,43 @@ def adapt(
     finally:
         tmp.unlink(missing_ok=True)
     return AdaptResult(out, card_file, ok, reason, before, after, card)
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """At most k of range(n), evenly spread."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if n > k else \
+        list(range(n))
+
+
+def calibrated(before: PastedShares, after: PastedShares, thresholds: dict[str, float]
+               ) -> dict[str, dict[str, float]]:
+    """Per pasted class, the threshold the adapted weights serve: the highest of
+    THRESHOLD_GRID at which they still find the pasted defects of the good layers as often
+    as the weights before did at theirs (`thresholds`), each with twice the pixel share
+    that counts as found (a margin for layers not seen), provided they mark no more of the
+    good layers' parts there than the weights before did.
+
+    Fine-tuning moves a class's probabilities: trained away from a camera's false marks, a
+    class may fall below a threshold chosen for the weights before (pasted spatter found
+    1.00 -> 0.10 on the SLM builds) while its defects still stand out at a lower one; a
+    class the model grew sure of may take a higher one, with fewer false marks. A class
+    the weights before never found, or with nothing pasted, keeps its threshold, and so
+    does one no threshold serves both ways."""
+    out: dict[str, dict[str, float]] = {}
+    for c in dict.fromkeys(before.classes):
+        want = before.recall_own(c)
+        if not want:
+            continue
+        got = [after.recall_at(c, k, 2 * FOUND_SHARE) or 0.0 for k in range(len(THRESHOLD_GRID))]
+        ok = [k for k, r in enumerate(got) if r >= want]
+        if not ok or after.false_grid[c][ok[-1]] > before.false_own[c]:
+            continue
+        k = ok[-1]
+        out[c] = {"threshold": THRESHOLD_GRID[k], "from": thresholds[c],
+                  "recall_before": want, "recall": got[k],
+                  "false_before": before.false_own[c], "false": after.false_grid[c][k],
+                  "pasted": float(before.classes.count(c))}
+    return out
 
 
 def no_worse(before: SiteScore, after: SiteScore, opts: AdaptOptions) -> tuple[bool, str]:

@@ -26,7 +26,7 @@ from monitor.geometry.layer import layer_geometry, nominal_slices
 from monitor.geometry.slices import NominalSlices
 from monitor.training.paste import PASTED, paste_defects
 from monitor.vision.classes import NO_DEFECT
-from monitor.vision.segmenter import Segmenter
+from monitor.vision.segmenter import Segmenter, drop_small_components
 
 # A pasted defect counts as found when the model marks at least this share of its pixels
 # with its class.
@@ -164,3 +164,75 @@ def printer_of(printers: Sequence[PrinterConfig], name: str | None) -> PrinterCo
             return p
     raise SiteError(f"--printer {name}: not in the config "
                     f"({', '.join(p.name or '(unnamed)' for p in printers)})")
+
+
+# Thresholds a camera's calibration may choose (adapt): fine at the top, where a confident
+# model's pasted defects sit.
+THRESHOLD_GRID = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.97, 0.98, 0.99)
+
+
+@dataclass
+class PastedShares:
+    """Synthetic defects pasted into some layers, and how much of each a model marks: `own`
+    at its thresholds (after its small-component filter, as the daemon serves it), `grid`
+    at each of THRESHOLD_GRID in turn (the same filter). Also, per class, the share of the
+    nominal parts (less the pasted defects) it marks: `false_own`, and `false_grid` per
+    threshold."""
+
+    classes: list[str] = field(default_factory=list)
+    own: list[float] = field(default_factory=list)
+    grid: list[list[float]] = field(default_factory=list)
+    false_own: dict[str, float] = field(default_factory=dict)
+    false_grid: dict[str, list[float]] = field(default_factory=dict)
+
+    def recall_own(self, cls: str) -> float | None:
+        v = [s >= FOUND_SHARE for c, s in zip(self.classes, self.own, strict=True) if c == cls]
+        return float(np.mean(v)) if v else None
+
+    def recall_at(self, cls: str, k: int, share: float = FOUND_SHARE) -> float | None:
+        v = [g[k] >= share for c, g in zip(self.classes, self.grid, strict=True) if c == cls]
+        return float(np.mean(v)) if v else None
+
+
+def pasted_shares(seg: Segmenter, layers: Iterable[tuple[npt.NDArray[np.uint8],
+                                                         npt.NDArray[np.bool_]]],
+                  *, seed: int, per_class: int = 2) -> PastedShares:
+    """Paste `per_class` defects of each class into each (image, nominal part mask) layer
+    (the same ones for any model: they depend on the seed and the layer only) and measure
+    the share of each that `seg` marks with its class, and the false marks around them."""
+    out = PastedShares()
+    names = seg.class_names
+    min_px = dict(seg.min_component_px)
+    classes = [c for c in PASTED if c in names]
+    false_px = {c: np.zeros(len(THRESHOLD_GRID) + 1) for c in classes}  # grid..., own
+    clean_px = 0
+    for n, (img, part) in enumerate(layers):
+        rng = np.random.default_rng([seed, 7, n])
+        img2, masks, pasted = paste_defects(img, part, rng,
+                                            counts={c: per_class for c in classes},
+                                            classes=names)
+        res = seg.predict(img2.astype(np.float32) / 255.0, probs=True)
+        assert res.probs is not None
+        clean = part & ~masks.any(axis=0)  # the parts where nothing was pasted
+        clean_px += int(clean.sum())
+        for c in classes:
+            i = names.index(c)
+            mine = [p for p in pasted if p.cls == c]
+            shares = [[0.0] * len(THRESHOLD_GRID) for _ in mine]
+            for k, t in enumerate(THRESHOLD_GRID):
+                m = res.probs[i] >= t
+                if min_px.get(i, 0) > 1:
+                    m = drop_small_components(m, min_px[i])[0]
+                false_px[c][k] += int((m & clean).sum())
+                for j, p in enumerate(mine):
+                    shares[j][k] = float((m & p.mask).sum() / max(1, p.mask.sum()))
+            false_px[c][-1] += int((res.masks[i] & clean).sum())
+            for p, g in zip(mine, shares, strict=True):
+                out.classes.append(c)
+                out.own.append(float((res.masks[i] & p.mask).sum() / max(1, p.mask.sum())))
+                out.grid.append(g)
+    for c, px in false_px.items():
+        f = px / max(1, clean_px)
+        out.false_own[c] = float(f[-1])
+        out.false_grid[c] = [float(v) for v in f[:-1]]
+    return out
