@@ -82,6 +82,10 @@ class AdaptOptions:
     holdout: float = 0.3  # share of each build's last layers held out (no --holdout-build)
     max_recall_drop: float = 0.05  # a pasted class may lose this much recall, no more
     recalibrate: bool = True  # choose the thresholds anew on the good layers (calibrated)
+    # Defects of each class pasted per layer, to measure and calibrate by: one copy of the
+    # layer takes them all, so more cost nothing; with 2, one missed spatter speck of 10
+    # on the SLM held-out layers read as a recall drop of 0.1 (with 5: 0.96, not 0.8).
+    pasted_per_layer: int = 5
     calibration_layers: int = 12  # good layers (evenly spread) the thresholds are chosen on
     seed: int = 0
     device: str = "auto"
@@ -316,7 +320,8 @@ def adapt(
     seg_opts = SegmenterOptions.from_config(cfg, weights)
     before_seg = Segmenter(weights, seg_opts)
     t0 = time.perf_counter()
-    before = score(before_seg, site, holdout_items, seed=opts.seed)
+    before = score(before_seg, site, holdout_items, seed=opts.seed,
+                   per_class=opts.pasted_per_layer)
     log.info("before: %s", _summary(before))
 
     by_layer: dict[tuple[str, int], list[VerdictAlarm]] = {}
@@ -364,9 +369,10 @@ def adapt(
         if opts.recalibrate:
             good = [(lay.gray, lay.part) for lay in layers if lay.pasteable]
             good = [good[i] for i in _spread(len(good), opts.calibration_layers)]
-            chosen = calibrated(pasted_shares(before_seg, good, seed=opts.seed),
+            n = opts.pasted_per_layer
+            chosen = calibrated(pasted_shares(before_seg, good, seed=opts.seed, per_class=n),
                                 pasted_shares(Segmenter(tmp, replace(seg_opts)), good,
-                                              seed=opts.seed),
+                                              seed=opts.seed, per_class=n),
                                 {c: float(t) for c, t in zip(names, before_seg.thresholds,
                                                              strict=True)})
             new_info = replace(new_info, thresholds={
@@ -374,7 +380,8 @@ def adapt(
             save_weights(tmp, model, new_info)
             log.info("thresholds chosen on %d good layers: %s", len(good), ", ".join(
                 f"{c} {v['from']:.2f} -> {v['threshold']:.2f}" for c, v in chosen.items()))
-        after = score(Segmenter(tmp, replace(seg_opts)), site, holdout_items, seed=opts.seed)
+        after = score(Segmenter(tmp, replace(seg_opts)), site, holdout_items, seed=opts.seed,
+                      per_class=opts.pasted_per_layer)
         log.info("after: %s", _summary(after))
         ok, reason = no_worse(before, after, opts)
         card = _card(out, weights, info.sha256, camera_id, opts, train_items, holdout_items,
@@ -399,13 +406,18 @@ def _spread(n: int, k: int) -> list[int]:
         list(range(n))
 
 
+# A class's threshold may move to where it marks this share of the good layers' parts, even
+# if the weights before marked less (0.1%: a tenth of the false area adapt aims under).
+FALSE_ALLOWANCE = 0.001
+
+
 def calibrated(before: PastedShares, after: PastedShares, thresholds: dict[str, float]
                ) -> dict[str, dict[str, float]]:
     """Per pasted class, the threshold the adapted weights serve: the highest of
     THRESHOLD_GRID at which they still find the pasted defects of the good layers as often
     as the weights before did at theirs (`thresholds`), each with twice the pixel share
     that counts as found (a margin for layers not seen), provided they mark no more of the
-    good layers' parts there than the weights before did.
+    good layers' parts there than the weights before did (or FALSE_ALLOWANCE).
 
     Fine-tuning moves a class's probabilities: trained away from a camera's false marks, a
     class may fall below a threshold chosen for the weights before (pasted spatter found
@@ -420,7 +432,7 @@ def calibrated(before: PastedShares, after: PastedShares, thresholds: dict[str, 
             continue
         got = [after.recall_at(c, k, 2 * FOUND_SHARE) or 0.0 for k in range(len(THRESHOLD_GRID))]
         ok = [k for k, r in enumerate(got) if r >= want]
-        if not ok or after.false_grid[c][ok[-1]] > before.false_own[c]:
+        if not ok or after.false_grid[c][ok[-1]] > max(before.false_own[c], FALSE_ALLOWANCE):
             continue
         k = ok[-1]
         out[c] = {"threshold": THRESHOLD_GRID[k], "from": thresholds[c],
