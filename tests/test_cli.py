@@ -36,6 +36,8 @@ def test_validate_config_ok(tmp_path: Path, tiny_weights: Path) -> None:
          "missing.safetensors: weights file not found"),
         ("[[alarms.rules]]\nclass = 'cracks'\nthreshold = 0.1\n",
          "alarms.rules[0].class: unknown class 'cracks'"),
+        ("[geometry]\noutside_classes = ['misprnt']\n",
+         "geometry.outside_classes: unknown class 'misprnt'"),
         ("[[alarms.rules]]\nclass = 'spatter'\nthreshold = 0.1\nmetric = 'volume'\n",
          "alarms.rules.0.metric: Input should be"),
     ],

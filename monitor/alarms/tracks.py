@@ -157,11 +157,6 @@ def usual_look(change: TrackChange, rules: dict[str, RuleState], on: LayerStats,
     return dataclasses.replace(change, alarms=alarms)
 
 
-def track_classes_known(cfg: TracksConfig, class_names: Sequence[str]) -> list[str]:
-    """Configured track classes the model does not have."""
-    return [c for c in cfg.classes if c not in class_names]
-
-
 def _box_centre(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[float, float] | None:
     if not boxes:
         return None

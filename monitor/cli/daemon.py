@@ -85,6 +85,7 @@ def validate_config(file: Path) -> None:
     """Check a config file and what `run` needs: the weights, the watch folders, and a
     writable (or creatable) state folder; nothing is created."""
     from monitor.alarms.engine import AlarmEngine
+    from monitor.daemon.parts import check_outside_classes
     from monitor.daemon.preflight import check_all
     from monitor.errors import ConfigError
     from monitor.vision.model import read_info
@@ -98,6 +99,7 @@ def validate_config(file: Path) -> None:
     try:
         AlarmEngine(cfg.alarms, class_names=info.class_names,
                     part_regions=[r.name for r in cfg.regions if r.kind == "part"])
+        check_outside_classes(cfg, info.class_names)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from e
     try:

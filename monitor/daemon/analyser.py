@@ -27,7 +27,7 @@ from monitor.daemon.committer import Committer, wait
 from monitor.daemon.items import Ack, Analysable, Failed, Mute, Reload, Request, Segmented
 from monitor.daemon.maps import MapMaker
 from monitor.daemon.metrics import Metrics
-from monitor.daemon.parts import GeometryAhead, LayerParts, PartMeter
+from monitor.daemon.parts import GeometryAhead, LayerParts, PartMeter, check_outside_classes
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
@@ -43,6 +43,7 @@ def new_engine(cfg: Config, *, class_names: tuple[str, ...], regions: Regions,
     """The alarm engine with the mutes, and the state of each printer's newest recent
     build, from the database (before the analyser takes it over)."""
     cam = cfg.camera
+    check_outside_classes(cfg, class_names)
     engine = AlarmEngine(cfg.alarms, class_names=class_names, part_regions=regions.part_names,
                          pixel_size_mm=cam.pixel_size_mm,
                          layer_thickness_mm=cam.layer_thickness_mm, cameras=cameras)

@@ -1,6 +1,8 @@
 """The geometry step: a layer against its nominal slice -> per-part statistics, and the
 parts' zone (the nominal parts grown by the tolerance) that `scope = "parts"` rules count
-defects in.
+defects in. Classes that are melt outside the part by definition (`outside_classes`,
+misprint) are counted as the slice allows them: not deep inside a part, and out to
+`outside_reach_mm` around it.
 
 One `PartMeter` per printer, built once from its `[camera]` and `[geometry]`. The step is in
 two halves: `prepare` (the slice, its registration and the printed area: all the image
@@ -26,7 +28,8 @@ import numpy as np
 import numpy.typing as npt
 
 from monitor.alarms.regions import BuildRegions, region_stats
-from monitor.config import CameraConfig, GeometryConfig
+from monitor.config import CameraConfig, Config, GeometryConfig
+from monitor.errors import ConfigError
 from monitor.geometry.calibration import Calibration
 from monitor.geometry.parts import PartZones, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
@@ -240,6 +243,19 @@ class PartMeter:
         """Both halves at once (tools and tests); None when the layer has no usable slice."""
         prep = self.prepare(build, layer, path=path, gray=gray)
         return None if prep is None else self.finish(prep, masks, class_names)
+
+
+def check_outside_classes(cfg: Config, class_names: Sequence[str]) -> None:
+    """geometry.outside_classes written in the config must be classes of the weights (the
+    built-in default names misprint, which weights of other classes may lack: skipped)."""
+    for i, p in enumerate(cfg.fleet()):
+        if "outside_classes" not in p.geometry.model_fields_set:
+            continue
+        for c in p.geometry.outside_classes:
+            if c not in class_names:
+                where = f"printers[{i}]." if cfg.printers else ""
+                raise ConfigError(f"{where}geometry.outside_classes: unknown class {c!r}; "
+                                  f"the weights' classes are {', '.join(class_names)}")
 
 
 def _core(part: BoolArray, tol_px: int) -> BoolArray:
