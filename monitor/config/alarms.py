@@ -95,8 +95,9 @@ def _default_rules() -> tuple[AlarmRule, ...]:
     # the critical rules keep a high absolute floor as well.
     rel: dict[str, Any] = {"relative": True, "window": 20, "learn_layers": 5, "mad_k": 4.0}
     spec: list[dict[str, Any]] = [
-        {"class": "swelling", "metric": "area_mm2", "threshold": 2.0, **rel,
-         "factor": 3.0, "min_delta": 2.0},
+        # at once: a swelling stands up out of the powder, and the next recoat may hit it
+        {"class": "swelling", "metric": "area_mm2", "threshold": 2.0, "consecutive": 1,
+         **rel, "factor": 3.0, "min_delta": 2.0},
         {"class": "swelling", "metric": "largest_component_mm2", "threshold": 5.0,
          "severity": "critical", "consecutive": 3, **rel, "factor": 3.0, "min_delta": 5.0},
         {"class": "spatter", "metric": "components", "threshold": 60, "consecutive": 3, **rel,
