@@ -370,7 +370,8 @@ def adapt(
             good = [(lay.gray, lay.part) for lay in layers if lay.pasteable]
             good = [good[i] for i in _spread(len(good), opts.calibration_layers)]
             n = opts.pasted_per_layer
-            chosen = calibrated(pasted_shares(before_seg, good, seed=opts.seed, per_class=n),
+            chosen = calibrated(pasted_shares(before_seg, good, seed=opts.seed, per_class=n,
+                                              grid=False),
                                 pasted_shares(Segmenter(tmp, replace(seg_opts)), good,
                                               seed=opts.seed, per_class=n),
                                 {c: float(t) for c, t in zip(names, before_seg.thresholds,

@@ -196,10 +196,11 @@ class PastedShares:
 
 def pasted_shares(seg: Segmenter, layers: Iterable[tuple[npt.NDArray[np.uint8],
                                                          npt.NDArray[np.bool_]]],
-                  *, seed: int, per_class: int = 2) -> PastedShares:
+                  *, seed: int, per_class: int = 2, grid: bool = True) -> PastedShares:
     """Paste `per_class` defects of each class into each (image, nominal part mask) layer
     (the same ones for any model: they depend on the seed and the layer only) and measure
-    the share of each that `seg` marks with its class, and the false marks around them."""
+    the share of each that `seg` marks with its class, and the false marks around them;
+    at each threshold of the grid too unless `grid` is False."""
     out = PastedShares()
     names = seg.class_names
     min_px = dict(seg.min_component_px)
@@ -211,16 +212,16 @@ def pasted_shares(seg: Segmenter, layers: Iterable[tuple[npt.NDArray[np.uint8],
         img2, masks, pasted = paste_defects(img, part, rng,
                                             counts={c: per_class for c in classes},
                                             classes=names)
-        res = seg.predict(img2.astype(np.float32) / 255.0, probs=True)
-        assert res.probs is not None
+        res = seg.predict(img2.astype(np.float32) / 255.0, probs=grid)
+        probs = res.probs if res.probs is not None else np.zeros((len(names), 0, 0))
         clean = part & ~masks.any(axis=0)  # the parts where nothing was pasted
         clean_px += int(clean.sum())
         for c in classes:
             i = names.index(c)
             mine = [p for p in pasted if p.cls == c]
             shares = [[0.0] * len(THRESHOLD_GRID) for _ in mine]
-            for k, t in enumerate(THRESHOLD_GRID):
-                m = res.probs[i] >= t
+            for k, t in enumerate(THRESHOLD_GRID if grid else ()):
+                m = probs[i] >= t
                 if min_px.get(i, 0) > 1:
                     m = drop_small_components(m, min_px[i])[0]
                 false_px[c][k] += int((m & clean).sum())
