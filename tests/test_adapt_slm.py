@@ -1,4 +1,4 @@
-"""The README's adapt measurement on real layers (opt-in: about 10 minutes on two cores)."""
+"""The README's adapt measurement on real layers (opt-in: about 6 minutes on two cores)."""
 
 from __future__ import annotations
 
