@@ -66,6 +66,22 @@ def test_export_is_cached_by_weights_sha(tmp_path: Path, tiny_weights: Path) -> 
     assert len(list(tmp_path.glob("*.onnx"))) == 2  # other weights, another export
 
 
+def test_old_exports_are_pruned(tmp_path: Path, tiny_weights: Path) -> None:
+    """Every weights file gets an export (each adapt candidate too): only the newest
+    KEEP_EXPORTS stay."""
+    from monitor.vision.backends import KEEP_EXPORTS
+
+    for i in range(KEEP_EXPORTS + 3):
+        old = tmp_path / f"{i:064x}.onnx"
+        old.write_bytes(b"x")
+        os.utime(old, ns=(10**18 + i, 10**18 + i))  # 2001, one a ns apart: i = newest
+    Segmenter(tiny_weights, device="cpu", backend=OTHERS[0], cache_dir=tmp_path)
+    kept = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert len(kept) == KEEP_EXPORTS
+    newest = {f"{i:064x}.onnx" for i in range(4, KEEP_EXPORTS + 3)}  # the 7 newest old ones
+    assert newest <= set(kept)  # with the new export: 8
+
+
 def test_auto_choice_and_refusals() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose("auto", cuda) == "torch"

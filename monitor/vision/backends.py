@@ -9,6 +9,7 @@ and an unchanged one never again.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -88,6 +89,9 @@ class TorchBackend:
         return result
 
 
+KEEP_EXPORTS = 8  # ONNX exports kept in the cache folder, newest first
+
+
 def export_onnx(model: UNet, info: ModelInfo, cache_dir: Path) -> Path:
     """The model as ONNX (dynamic batch and size), cached by the weights' sha256."""
     key = info.sha256 or "unhashed"
@@ -107,7 +111,25 @@ def export_onnx(model: UNet, info: ModelInfo, cache_dir: Path) -> Path:
                           dynamo=False)
     tmp.replace(path)  # atomic: a concurrent start never reads half a file
     log.info("exported the model to %s", path)
+    _prune(cache_dir, keep=KEEP_EXPORTS)
     return path
+
+
+def _prune(cache_dir: Path, *, keep: int) -> None:
+    """Delete all but the `keep` newest exports: each weights file gets its own (every
+    `adapt` candidate, every evaluated file), and nothing else would ever remove them. A
+    running backend has read its file already; an old model started again is exported
+    again."""
+    def age(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    for old in sorted(cache_dir.glob("*.onnx"), key=age, reverse=True)[keep:]:
+        # another process pruned it, or a read-only folder: harmless
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 class OnnxRuntimeBackend:
