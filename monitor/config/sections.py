@@ -176,8 +176,9 @@ class GeometryConfig(Section):
     )
     outside_classes: tuple[str, ...] = Field(
         ("misprint",), description="Classes that are melt outside the part by definition: "
-        "their marks deeper inside a nominal part than tolerance_mm are not counted on the "
-        "parts (per-part statistics, scope 'parts' rules, tracks)."
+        "their marks deeper inside a nominal part than tolerance_mm, or that reach no powder "
+        "beyond its outline, are not counted on the parts (per-part statistics, scope "
+        "'parts' rules, tracks)."
     )
     outside_reach_mm: float = Field(
         5.0, ge=0, description="How far from the nominal parts scope 'parts' rules and tracks "
