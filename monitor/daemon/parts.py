@@ -31,7 +31,7 @@ from monitor.alarms.regions import BuildRegions, region_stats
 from monitor.config import CameraConfig, Config, GeometryConfig
 from monitor.errors import ConfigError
 from monitor.geometry.calibration import Calibration
-from monitor.geometry.parts import PartZones, tolerance_px
+from monitor.geometry.parts import PartZones, disk, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
 from monitor.geometry.slices import NominalSlices, SliceError
 from monitor.records import PartRecord
@@ -263,8 +263,7 @@ def _core(part: BoolArray, tol_px: int) -> BoolArray:
     the registration's error."""
     if tol_px <= 0 or not part.any():
         return part
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tol_px + 1,) * 2)
-    return cv2.erode(part.view(np.uint8), k).view(bool)
+    return cv2.erode(part.view(np.uint8), disk(tol_px)).view(bool)
 
 
 def _grown(part: BoolArray, r_px: int) -> BoolArray:

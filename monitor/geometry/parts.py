@@ -56,7 +56,8 @@ def tolerance_px(cal: Calibration, nominal: Labels, tolerance_mm: float) -> int:
     return max(1, round(tolerance_mm / math.sqrt(px_mm2)))
 
 
-def _disk(r: int) -> npt.NDArray[np.uint8]:
+def disk(r: int) -> npt.NDArray[np.uint8]:
+    """A round structuring element of radius r px (morphology on part masks)."""
     return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)),
                       np.uint8)
 
@@ -90,7 +91,7 @@ def _gather_zone(nominal: Labels, printed: BoolArray, area_full: npt.NDArray[np.
     # meet, the larger id takes the pixel: a tie-break, not a measurement). The dilation
     # covers every zone pixel; which id a pixel gets is decided on the gathered pixels.
     lab = sub.astype(np.uint16) if n < 65536 else sub.astype(np.float32)
-    grown = cv2.dilate(lab, _disk(tol)) if tol else lab
+    grown = cv2.dilate(lab, disk(tol)) if tol else lab
     zi = np.flatnonzero(grown)
     own = sub.ravel()[zi]
     is_nom = own > 0

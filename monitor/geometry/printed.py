@@ -23,6 +23,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from monitor.geometry.parts import disk
+
 BoolArray = npt.NDArray[np.bool_]
 F32 = npt.NDArray[np.float32]
 
@@ -61,11 +63,6 @@ class Printed:
     mask: BoolArray       # (H, W) True = freshly melted
     polarity: int         # +1 melt brighter than powder, -1 darker, 0 nothing printed seen
     separation: float     # Fisher distance between nominal core and powder ring features
-
-
-def _disk(r: int) -> npt.NDArray[np.uint8]:
-    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)),
-                      np.uint8)
 
 
 def _box(a: F32, r: int) -> F32:
@@ -308,7 +305,7 @@ def _clean(m8: npt.NDArray[np.uint8], nom: BoolArray, p: PrintedParams,
            scale: int) -> npt.NDArray[np.uint8]:
     """Morphological close and open, then the powder-looking holes filled."""
     if p.close_px > 0:
-        k = _disk(_px(p.close_px, scale))
+        k = disk(_px(p.close_px, scale))
         m8 = np.asarray(cv2.morphologyEx(m8, cv2.MORPH_CLOSE, k), np.uint8)
         m8 = np.asarray(cv2.morphologyEx(m8, cv2.MORPH_OPEN, k), np.uint8)
     if p.fill_holes:
@@ -392,7 +389,7 @@ def _attached(m8: npt.NDArray[np.uint8], bands: _Bands, tol: int, bleed: int
         touching[0] = False
         far &= touching[lab]
         if far.any():
-            near = cv2.dilate(far.view(np.uint8), _disk(bleed + 1)) > 0
+            near = cv2.dilate(far.view(np.uint8), disk(bleed + 1)) > 0
             keep = far | (outer & near)
     out = m8.copy()
     out[outer & ~keep] = 0

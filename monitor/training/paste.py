@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from monitor.geometry.parts import disk
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 
 U8 = npt.NDArray[np.uint8]
@@ -43,13 +44,8 @@ class Pasted:
     mask: Bool  # (H, W)
 
 
-def _disk(r: int) -> U8:
-    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)),
-                      dtype=np.uint8)
-
-
 def _dilate(m: Bool, r: int) -> Bool:
-    return cv2.dilate(m.view(np.uint8), _disk(r)).astype(bool) if r > 0 else m
+    return cv2.dilate(m.view(np.uint8), disk(r)).astype(bool) if r > 0 else m
 
 
 def _stats(img: F32, where: Bool) -> tuple[float, float]:
