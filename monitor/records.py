@@ -168,6 +168,8 @@ class Track:
     y1: int
     alarmed: bool = False
     ended: bool = False
+    area_mm2: float = 0.0  # in its last layer
+    growing: int = 0  # layers in a row its area grew by tracks.grow_ratio or more
     # The boxes of its components in its last layer, for linking the next one.
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
 

@@ -8,6 +8,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from monitor.alarms.engine import AlarmEngine
 from monitor.alarms.regions import Regions, apply_ignore, region_stats
@@ -223,6 +224,60 @@ def test_the_usual_area_is_kept_with_the_build_state() -> None:
     assert [e.layer for e in after_restart({})] == [8]
 
 
+GROW = {"classes": ["swelling", "misprint"], "alarm_layers": 50, "alarm_volume_mm3": 100.0,
+        "grow_layers": 2, "grow_ratio": 1.25, "grow_min_area_mm2": 2.5}
+
+
+def _rising(sides: list[int], channel: int = SWELLING, texture: bool = False
+            ) -> dict[int, LayerStats]:
+    """A square defect at one corner, one side (px) per layer from layer 1."""
+    extra = TEXTURE if texture else []
+    return {n: stats(*extra, (60, 60, side, side), channel=channel)
+            for n, side in enumerate(sides, start=1)}
+
+
+def test_a_swelling_that_grows_layer_on_layer_alarms_while_small() -> None:
+    # 1.2, 1.7, 2.6, 3.6 mm²: grown by >= 25% on layers 2 and 3, but under 2.5 mm² on 2
+    rising = _rising([11, 13, 16, 19])
+    events = run(engine(tracks=GROW), rising)
+    assert [(e.action, e.layer, e.rule, e.unit) for e in events] == [
+        ("open", 3, "track.swelling", "mm²")]
+    assert events[0].value == pytest.approx(2.56) and events[0].threshold == 2.5
+    # the same area every layer is not a swelling rising: the volume rules are its business
+    assert run(engine(tracks=GROW), _rising([16] * 6)) == []
+    # growth that stalls for a layer starts counting again
+    assert [e.layer for e in run(engine(tracks=GROW), _rising([11, 13, 13, 16, 19]))] == [5]
+    # switched off, or a class not in grow_classes: no alarm
+    assert run(engine(tracks={**GROW, "grow_layers": 0}), rising) == []
+    misprint = _rising([11, 13, 16, 19], channel=3)
+    assert run(engine(tracks=GROW), misprint) == []
+    assert [e.layer for e in run(engine(tracks={**GROW, "grow_classes": ["misprint"]}),
+                                 misprint)] == [3]
+
+
+def test_a_growing_track_is_never_the_usual_look() -> None:
+    # a build whose model marks 12 mm² of swelling every layer: a track of 1-4 mm² is under
+    # 0.3 x 12 mm² and held back as the usual look, unless it rises layer on layer
+    usual = {**USUAL, **{k: v for k, v in GROW.items() if k.startswith("grow")},
+             "alarm_volume_mm3": 0.05}
+    assert _stack(usual, 5, (60, 60, 16, 16), TEXTURE, layers=12) == []
+    eng = engine(grace_layers=3, tracks=usual)
+    opened = []
+    for n in range(1, 13):
+        side = {5: 11, 6: 13, 7: 16, 8: 19}.get(n)
+        boxes = [*TEXTURE, (60, 60, side, side)] if side else TEXTURE
+        opened += [e.layer for e in eng.evaluate(KEY, n, stats(*boxes)).events
+                   if e.action == "open"]
+    assert opened == [7]
+
+
+def test_grow_classes_must_be_tracked() -> None:
+    with pytest.raises(ValidationError, match="grow_classes: misprint not in classes"):
+        TracksConfig.model_validate({"classes": ["swelling"], "grow_classes": ["misprint"]})
+    # the default lapses quietly when its class is not tracked
+    assert TracksConfig.model_validate({"classes": []}).grow_classes == ("swelling",)
+
+
 def test_one_layer_speck_and_distant_defects_do_not_link() -> None:
     t = BuildTracks(TracksConfig.model_validate(TRACKS), pixel_size_mm=0.1,
                     layer_thickness_mm=0.05)
@@ -409,6 +464,48 @@ def test_baseline_survives_a_restart(tmp_path: Path) -> None:
         never_stopped = run(engine(rules=[REL]), layers)
         assert [(e.action, e.layer) for e in events] == [("open", 10)]
         assert [(e.action, e.layer) for e in never_stopped] == [("open", 10)]
+    finally:
+        db.dispose()
+
+
+def test_a_tracks_growth_survives_a_restart(tmp_path: Path) -> None:
+    """A swelling that grew on layers 2 and 3, then the daemon restarted: its growth is
+    stored with the track, and layer 4 alarms as it would have without the restart."""
+    from sqlalchemy.orm import Session
+
+    from monitor.records import LayerRecord
+    from monitor.store import migrate, queries, writes
+    from monitor.store.connect import open_db
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    db = open_db(url)
+    migrate.upgrade(db, url)
+    cfg = {**GROW, "grow_layers": 3}
+    layers = _rising([10, 12, 14, 17])  # 1.0, 1.44, 1.96, 2.89 mm²: grows 3 layers in a row
+    try:
+        first = engine(tracks=cfg)
+        for n in range(1, 4):
+            out = first.evaluate(KEY, n, layers[n])
+            assert out.events == []
+            with Session(db) as s, s.begin():
+                bid, _ = writes.put_layer(s, LayerRecord(
+                    printer="", build=KEY.build, layer=n, status="ok", error=None,
+                    image_path=f"/w/{n}.png", image_size=1, image_mtime_ns=1,
+                    image_sha256=None, model_sha256="", detected_at=float(n),
+                    processed_at=float(n), stats=layers[n]))
+                writes.set_evaluated(s, bid, first_layer=out.first_layer, layer=n)
+                writes.put_rule_states(s, bid, out.rule_states)
+                assert out.tracks is not None
+                writes.put_tracks(s, bid, [*out.tracks.touched, *out.tracks.ended])
+        with Session(db) as s:
+            state = queries.load_engine_state(s, "", KEY.build)
+        assert state is not None
+        (track,) = state.tracks
+        assert (track.growing, track.area_mm2) == (2, pytest.approx(1.96))
+        second = engine(tracks=cfg)
+        second.restore_build(KEY, state)
+        assert [(e.action, e.layer) for e in run(second, {4: layers[4]})] == [("open", 4)]
+        assert [(e.action, e.layer) for e in run(engine(tracks=cfg), layers)] == [("open", 4)]
     finally:
         db.dispose()
 

@@ -120,6 +120,23 @@ def test_swelling_persists_and_grows(build: list[SynthLayer]) -> None:
         assert areas[run[-1]] > areas[run[0]], f"swelling in layers {run} does not grow"
 
 
+def test_each_layer_lists_the_swelling_episodes_it_draws() -> None:
+    """Scoring alarms against the plan needs the episodes actually drawn: one planned on a
+    part that is not printed on those layers draws nothing (seed 201: the part of 2 of its 6
+    episodes breaks off before they start)."""
+    gen = BuildGenerator(size=128, layers=LAYERS, seed=201, part_events=True)
+    eps = gen._plan.swellings
+    drawn: dict[int, list[int]] = {}
+    for lay in gen:
+        for i in lay.swellings:
+            drawn.setdefault(i, []).append(lay.index)
+            assert eps[i].start <= lay.index < eps[i].stop
+        assert bool(lay.swellings) == bool(lay.masks[SWELLING].any())
+    planned = {i for i, ep in enumerate(eps) if ep.stop > ep.start}
+    assert set(drawn) < planned  # some planned episode was never drawn
+    assert len(drawn) >= 3
+
+
 @pytest.mark.parametrize("size", [128, 512])
 def test_spatter_specks_are_small(build: list[SynthLayer], size: int) -> None:
     layers = (

@@ -6,8 +6,10 @@ overlaps the box of one of the track's components in the track's last layer (at 
 A track's volume is the sum of its components' areas times the layer thickness. A track
 that spans ``alarm_layers`` layers, or whose volume exceeds ``alarm_volume_mm3``, is a
 defect growing through the part: it raises one alarm, which clears when the track stops (no
-continuation within the gap). ``track_events`` turns a layer's track changes into those
-alarms (rule ``track.<class>``).
+continuation within the gap). So does a track of a ``grow_classes`` class whose area grew by
+``grow_ratio`` on each of its last ``grow_layers`` layers, to ``grow_min_area_mm2``: a
+swelling rises layer by layer, and the recoater meets it before its volume is large.
+``track_events`` turns a layer's track changes into those alarms (rule ``track.<class>``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], grow: f
     w = min(a[2] + grow, b[2]) - max(a[0] - grow, b[0])
     h = min(a[3] + grow, b[3]) - max(a[1] - grow, b[1])
     return w * h if w > 0 and h > 0 else 0.0
+
+
+def growing(t: Track, cfg: TracksConfig) -> bool:
+    """The track has grown layer on layer long enough, and is large enough, to alarm."""
+    return (cfg.grow_layers > 0 and t.class_name in cfg.grow_classes
+            and t.growing >= cfg.grow_layers and t.area_mm2 >= cfg.grow_min_area_mm2)
 
 
 class BuildTracks:
@@ -105,11 +113,16 @@ class BuildTracks:
             for number, boxes in new_boxes.items():
                 touched[number].boxes = boxes
         for t in touched.values():
-            t.max_area_mm2 = max(t.max_area_mm2, layer_area[t.number])
+            area = layer_area[t.number]
+            grew = t.layers >= 2 and 0 < t.area_mm2 * cfg.grow_ratio <= area
+            t.growing = t.growing + 1 if grew else 0
+            t.area_mm2 = area
+            t.max_area_mm2 = max(t.max_area_mm2, area)
             # Volume counts only once the defect is seen stacking (two layers or more): a
             # large defect in a single layer is the threshold rules' business.
             if not t.alarmed and (t.layers >= cfg.alarm_layers
-                                  or (t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3)):
+                                  or (t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3)
+                                  or growing(t, cfg)):
                 t.alarmed = True
                 alarms.append(t)
         ended = [t for t in self.live
@@ -149,7 +162,10 @@ def usual_look(change: TrackChange, rules: dict[str, RuleState], on: LayerStats,
     alarms = []
     for t in change.alarms:
         per_layer_mm2 = t.volume_mm3 / thickness / max(t.layers, 1)
-        if (t.volume_mm3 <= cfg.absolute_volume_mm3 and t.class_name in usual
+        # A growing track is not the usual look: the build's usual area of its class is made
+        # of the same defects (a build that swells often), which would hide a new one.
+        if (t.volume_mm3 <= cfg.absolute_volume_mm3 and not growing(t, cfg)
+                and t.class_name in usual
                 and per_layer_mm2 < cfg.baseline_share * usual[t.class_name]):
             t.alarmed = False  # judged again on the next layer it grows in
             continue
@@ -197,14 +213,17 @@ def track_events(key: BuildKey, layer: int, change: TrackChange, live: Iterable[
             continue
         if g is not None:
             busy.add(g)
-        by_layers = t.layers >= cfg.alarm_layers
+        # The limit it crossed, in that limit's unit: layers, volume, or the area it grew to.
+        if t.layers >= cfg.alarm_layers:
+            value, limit, unit = float(t.layers), float(cfg.alarm_layers), "layers"
+        elif t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3:
+            value, limit, unit = t.volume_mm3, cfg.alarm_volume_mm3, "mm³"
+        else:
+            value, limit, unit = t.area_mm2, cfg.grow_min_area_mm2, "mm²"
         events.append(AlarmEvent(
             "open", key.printer, key.build, layer, t.class_name,
-            TRACK_PREFIX + t.class_name, sev,
-            float(t.layers) if by_layers else t.volume_mm3,
-            float(cfg.alarm_layers) if by_layers else cfg.alarm_volume_mm3, track=t.number,
-            model_trusted=not capped, unit="layers" if by_layers else "mm³",
-            position_px=where(t)))
+            TRACK_PREFIX + t.class_name, sev, value, limit, track=t.number,
+            model_trusted=not capped, unit=unit, position_px=where(t)))
     for t in change.ended:
         if t.alarmed:
             events.append(AlarmEvent(

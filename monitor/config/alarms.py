@@ -146,6 +146,22 @@ class TracksConfig(Section):
         5.0, gt=0, description="A track whose volume exceeds this alarms whatever the "
         "build's usual area of its class."
     )
+    grow_classes: tuple[str, ...] = Field(
+        ("swelling",), description="Tracked classes whose growth alone may alarm: a track "
+        "whose area grew by grow_ratio or more on each of its last grow_layers layers, to "
+        "grow_min_area_mm2 or more, is a defect building up, whatever its volume and the "
+        "build's usual area of its class."
+    )
+    grow_layers: int = Field(
+        2, ge=0, description="Layers in a row a track's area must grow (0 = off)."
+    )
+    grow_ratio: float = Field(
+        1.25, gt=1, description="A layer's area over the track's previous layer's that counts "
+        "as growing."
+    )
+    grow_min_area_mm2: float = Field(
+        2.5, ge=0, description="Area (mm²) a growing track must reach in its last layer."
+    )
     severity: Severity = Field("critical", description="Severity of track alarms.")
     scope: Literal["parts", "plate"] = Field(
         "parts", description="With [geometry] nominal slices: \"parts\" tracks components "
@@ -156,6 +172,13 @@ class TracksConfig(Section):
         True, description="While a track alarm of a class is open on a part (or off the "
         "parts), other tracks of that class there open none; they may once it clears."
     )
+
+    @model_validator(mode="after")
+    def _grow_tracked(self) -> TracksConfig:
+        untracked = [c for c in self.grow_classes if c not in self.classes]
+        if untracked and "grow_classes" in self.model_fields_set:  # the default may lapse
+            raise ValueError(f"grow_classes: {', '.join(untracked)} not in classes")
+        return self
 
 
 class PartAlarmsConfig(Section):

@@ -224,7 +224,8 @@ def load_engine_state(s: Session, printer: str, name: str) -> EngineState | None
         Track(number=t.number, class_name=t.class_name, first_layer=t.first_layer,
               last_layer=t.last_layer, layers=t.layers, volume_mm3=t.volume_mm3,
               max_area_mm2=t.max_area_mm2, x0=t.x0, y0=t.y0, x1=t.x1, y1=t.y1,
-              alarmed=t.alarmed, boxes=[tuple(b) for b in json.loads(t.boxes)])
+              alarmed=t.alarmed, area_mm2=t.area_mm2, growing=t.growing,
+              boxes=[tuple(b) for b in json.loads(t.boxes)])
         for t in s.scalars(select(TrackRow).where(TrackRow.build_id == build.id,
                                                   TrackRow.ended.is_(False)))
     ]

@@ -182,6 +182,8 @@ class TrackRow(Base):
     y1: Mapped[int] = mapped_column(Integer)
     alarmed: Mapped[bool] = mapped_column(Boolean, default=False)
     ended: Mapped[bool] = mapped_column(Boolean, default=False)
+    area_mm2: Mapped[float] = mapped_column(Float, default=0.0)  # in its last layer
+    growing: Mapped[int] = mapped_column(Integer, default=0)  # layers in a row it grew
     boxes: Mapped[str] = mapped_column(Text, default="[]")  # last layer's boxes, JSON
 
 

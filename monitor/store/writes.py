@@ -329,6 +329,7 @@ def put_tracks(s: Session, build_id: int, tracks: Iterable[Track]) -> None:
             "volume_mm3": t.volume_mm3, "max_area_mm2": t.max_area_mm2,
             "x0": t.x0, "y0": t.y0, "x1": t.x1, "y1": t.y1,
             "alarmed": t.alarmed, "ended": t.ended, "boxes": json.dumps(t.boxes),
+            "area_mm2": t.area_mm2, "growing": t.growing,
         }
         if t.number in ids:
             changed.append({"id": ids[t.number], **values})

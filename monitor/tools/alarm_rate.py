@@ -181,17 +181,21 @@ def synthetic(seg: Segmenter, work: Path, *, seed: int, layers: int = 40, size: 
     runner = Runner(seg, camera=camera, geometry=geometry)
 
     misprint_mm2: list[float] = []  # per layer, the misprint drawn
+    swelling_layers: dict[int, list[int]] = {}  # per swelling episode, the layers it is drawn on
 
     def items() -> Iterator[tuple[int, np.ndarray, Path]]:
         for lay in gen:
             n = lay.index + 1
             misprint_mm2.append(float(lay.masks[MISPRINT].sum()) * camera.pixel_size_mm ** 2)
+            for i in lay.swellings:
+                swelling_layers.setdefault(i, []).append(n)
             cv2.imwrite(str(nominal / f"layer_{n:05d}.png"), gen.nominal(lay.index))
             yield n, to_unit_gray(lay.image), nominal / f"layer_{n:05d}.png"
 
     tally = runner.build(f"synth{seed}", items())
     if recall is not None:
-        _score(gen, tally.trusted, recall, seed, runner.alarms.grace_layers, misprint_mm2)
+        _score(gen, tally.trusted, recall, seed, runner.alarms.grace_layers, misprint_mm2,
+               swelling_layers)
     return tally
 
 
@@ -208,15 +212,18 @@ def _episodes(area_mm2: list[float], least: float) -> list[tuple[int, int]]:
 
 
 def _score(gen: Any, opened: list[AlarmEvent], recall: Recall, seed: int,
-           grace: int, misprint_mm2: list[float]) -> None:
+           grace: int, misprint_mm2: list[float],
+           swelling_layers: dict[int, list[int]]) -> None:
     def first(pred: Callable[[AlarmEvent], bool], start: int) -> bool:
         lo = max(start, grace + 1)  # the first layers of a build are not checked
         return any(pred(e) and lo <= e.layer <= lo + LOOKAHEAD for e in opened)
 
-    for ep in gen._plan.swellings:  # layer numbers are indices + 1
-        start = ep.start + 1
-        if ep.stop - ep.start < 2:
-            continue  # one layer does not stack
+    # An episode is scored where it is drawn: its part may not be printed on some or all of
+    # its layers (not started, ended, broken off); one drawn layer does not stack.
+    for drawn in swelling_layers.values():
+        if len(drawn) < 2:
+            continue
+        start = drawn[0]
         recall.injected["stacking (swelling episode)"] += 1
         if first(lambda e: e.class_name == "swelling", start):
             recall.caught["stacking (swelling episode)"] += 1

@@ -62,6 +62,9 @@ class SynthLayer:
     index: int  # 0-based layer index
     image: U8  # (H, W) grayscale
     masks: Bool  # (6, H, W), channel order = DEFAULT_CLASS_NAMES
+    # Indices (into the plan's swellings) of the episodes drawn here. An episode on a part
+    # that has not started, has ended or broke off draws nothing on that layer.
+    swellings: tuple[int, ...] = ()
 
 
 class LayerRenderer:
@@ -193,9 +196,11 @@ class LayerRenderer:
         if t in plan.misprint:
             draw_misprint(self, scene, grain)
         swelling_parts = set()
-        for ep in plan.swellings:
+        drawn: list[int] = []
+        for i, ep in enumerate(plan.swellings):
             if ep.start <= t < ep.stop:
-                draw_swelling(self, scene, ep)
+                if draw_swelling(self, scene, ep):
+                    drawn.append(i)
                 swelling_parts.add(ep.part)
         # Over- and under-melting: 1-2 regions each, every one in its own part, parts with a
         # swelling last, so the classes stay apart.
@@ -226,9 +231,9 @@ class LayerRenderer:
         self.masks[NO_DEFECT] = ~(parts | defects)
         if self.camera is not None:
             out, masks = self.camera.style.photograph(self, image, self.camera.seed)
-            return SynthLayer(index=t, image=out, masks=masks)
+            return SynthLayer(index=t, image=out, masks=masks, swellings=tuple(drawn))
         out = np.clip(image + 0.5, 0, 255).astype(np.uint8)
-        return SynthLayer(index=t, image=out, masks=self.masks)
+        return SynthLayer(index=t, image=out, masks=self.masks, swellings=tuple(drawn))
 
 
 def draw_misprint(lay: LayerRenderer, scene: F32, grain: F32) -> None:
@@ -278,8 +283,9 @@ def draw_misprint(lay: LayerRenderer, scene: F32, grain: F32) -> None:
             break
 
 
-def draw_swelling(lay: LayerRenderer, scene: F32, ep: Swelling) -> None:
-    """Bright raised blob at a part's corner/edge with a lit rim and a shadowed rim."""
+def draw_swelling(lay: LayerRenderer, scene: F32, ep: Swelling) -> bool:
+    """Bright raised blob at a part's corner/edge with a lit rim and a shadowed rim; False
+    when the part is not on this layer, so there is nothing to draw."""
     k = ep.part
     sh = lay.shapes[k]
     r = max(2.5, ep.radius * min(sh.a, sh.b)) * (1.0 + ep.growth * (lay.index - ep.start))
@@ -299,7 +305,7 @@ def draw_swelling(lay: LayerRenderer, scene: F32, ep: Swelling) -> None:
     b = (-du * sp + dv * cp) / np.float32(r * ep.aspect)
     region = (a * a + b * b <= 1.0) & dilate(lay.ids[box.sl] == k + 1, bulge)
     if not region.any():
-        return
+        return False
     mottle = smooth_noise(lay.rng, region.shape, max(1.0, r / 6.0))
     # The warped metal keeps its hatch (unlike a glossy over-melt), lifted towards the light.
     hatch = np.where(lay.ids[box.sl] == k + 1, scene[box.sl] - lay.levels[k], 0.0)
@@ -312,6 +318,7 @@ def draw_swelling(lay: LayerRenderer, scene: F32, ep: Swelling) -> None:
     ).astype(np.float32)
     scene[box.sl][region] = tex[region]
     lay.masks[SWELLING][box.sl] |= region
+    return True
 
 
 def draw_under_melting(lay: LayerRenderer, scene: F32, k: int) -> None:
