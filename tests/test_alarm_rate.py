@@ -56,3 +56,7 @@ def test_alarm_rates_of_the_default_model(tmp_path: Path) -> None:
             assert out[key]["as_run"]["hook"] == sum(
                 n for rule, n in out[key]["as_run"]["by_rule"].items()
                 if rule.startswith("part_missing"))
+    # the other goal: every stacking defect and every missing part alarms in time
+    recall = out["synthetic_defects"]["recall_if_trusted"]
+    for kind in ("stacking (swelling episode)", "part_missing"):
+        assert recall[kind]["injected"] >= 10 and recall[kind]["recall"] == 1.0, recall
