@@ -3,6 +3,9 @@ masks are exactly the pixels changed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 
@@ -87,3 +90,58 @@ def test_misprint_beside_thin_parts() -> None:
             assert np.median(out[p.mask]) < 110  # the parts' dark melt, on bright powder
         found += len(pasted)
     assert found >= 4
+
+
+def test_paste_a_dataset_through_the_cli(tmp_path: Path) -> None:
+    """`dataset paste` copies a healthy synthetic build with defects pasted into every layer:
+    its masks are the pasted pixels, the slices come along, and the model card's regenerate
+    command makes the same dataset again."""
+    from click.testing import CliRunner
+
+    from monitor.cli import main
+    from monitor.training.dataset import open_dataset
+    from monitor.training.synth import write_dataset
+
+    write_dataset(tmp_path / "h", layers=3, size=256, seed=7, defects=False, camera="varied")
+    runner = CliRunner()
+    res = runner.invoke(main, ["dataset", "paste", str(tmp_path / "h"), str(tmp_path / "p"),
+                               "--per-class", "2", "--seed", "4"])
+    assert res.exit_code == 0, res.output
+    src, out = open_dataset(tmp_path / "h"), open_dataset(tmp_path / "p")
+    assert out.names == src.names and out.classes == src.classes
+    pasted = 0
+    for name in out.names:
+        (g0, m0), (g1, m1) = src.sample(name), out.sample(name)
+        changed = np.abs(g1 - g0) > 1.5 / 255
+        defects = m1[1:].any(axis=0)
+        assert not m0[1:].any() and defects.any()  # healthy before, defects after
+        assert not (changed & ~defects).any()  # only the pasted pixels changed
+        assert not (m1[0] & defects).any()  # no_defect gives way to them
+        assert (tmp_path / "p" / "nominal" / f"{name}.png").is_file()
+        pasted += int(m1[NAMES.index("misprint")].any())
+    assert pasted >= 2
+    cmd = out.regenerate() or ""
+    assert cmd == ("pbf-monitor synth h --layers 3 --size 256 --seed 7 --no-defects "
+                   "--camera varied && pbf-monitor dataset paste h p --per-class 2 --seed 4")
+    again = tmp_path / "again"
+    again.mkdir()
+    for part in cmd.split(" && "):
+        args = [a if a not in ("h", "p") else str(again / a) for a in part.split()[1:]]
+        res = runner.invoke(main, args)
+        assert res.exit_code == 0, res.output
+    twin = open_dataset(again / "p")
+    for name in out.names:
+        np.testing.assert_array_equal(twin.sample(name)[0], out.sample(name)[0])
+        np.testing.assert_array_equal(twin.sample(name)[1], out.sample(name)[1])
+    # an occupied output, or a dataset without slices, is refused with its reason
+    res = runner.invoke(main, ["dataset", "paste", str(tmp_path / "h"), str(tmp_path / "p")])
+    assert res.exit_code != 0 and "already exists" in res.output
+    frame = tmp_path / "frame.png"
+    cv2.imwrite(str(frame), np.full((64, 64), 120, np.uint8))
+    res = runner.invoke(main, ["dataset", "clean-frames", str(frame), "--out",
+                               str(tmp_path / "clean")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["dataset", "paste", str(tmp_path / "clean"),
+                               str(tmp_path / "q")])
+    assert res.exit_code != 0 and "names no nominal slices" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "q").exists()

@@ -231,6 +231,25 @@ def clean_frames_cmd(sources: tuple[Path, ...], out: Path) -> None:
     click.echo(f"wrote {import_clean_frames(list(sources), out)}")
 
 
+@dataset.command("paste")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--per-class", type=click.IntRange(1, 20), default=2, show_default=True,
+              help="Defects of each class to paste into every layer (fewer where no room).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def paste_cmd(src: Path, out: Path, per_class: int, seed: int) -> None:
+    """A copy of dataset SRC (with nominal slices) with synthetic defects pasted into every
+    layer, each defined against its own part or powder (monitor.training.paste)."""
+    from rich.progress import Progress
+
+    from monitor.training.paste import paste_dataset
+
+    with Progress(transient=True) as progress:
+        progress.add_task(f"paste into {src.name}", total=None)
+        manifest = paste_dataset(src, out, per_class=per_class, seed=seed)
+    click.echo(f"wrote {manifest}")
+
+
 # Registered on the `pbf-monitor` group by monitor.cli.
 def _score_lines(title: str, sc: Any) -> list[str]:
     mean, worst = sc.mean_false, sc.max_false

@@ -45,6 +45,7 @@ DATASET_FORMAT = "pbf-monitor-dataset/1"
 MANIFEST = "manifest.json"
 CLEAN_FRAMES = "pbf-monitor dataset clean-frames"  # source.generator of real clean frames
 SYNTH_GENERATOR = "pbf-monitor synth"  # the manifest's source.generator of synthetic builds
+PASTE_GENERATOR = "pbf-monitor dataset paste"  # ... of a dataset with defects pasted in
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 class DatasetError(MonitorError):
@@ -103,6 +104,20 @@ class Dataset:
 
     def layer_number(self, name: str) -> int:
         return layer_number(name)
+
+    def regenerate(self) -> str | None:
+        """The commands that make this dataset again, with folders by name (for a model
+        card): `pbf-monitor synth`, and `dataset paste` after it for a pasted one."""
+        s = self.source
+        if s.get("generator") == PASTE_GENERATOR and isinstance(s.get("from_source"), dict):
+            parent = Dataset(self.root.parent / str(s.get("from")), self.classes, (),
+                             s["from_source"])
+            first = parent.regenerate()
+            return first and (f"{first} && pbf-monitor dataset paste {parent.root.name} "
+                              f"{self.root.name} --per-class {s.get('per_class')} "
+                              f"--seed {s.get('seed')}")
+        cmd = self.synth_command()
+        return cmd and cmd.replace(str(self.root), self.root.name, 1)
 
     def synth_command(self) -> str | None:
         """The `pbf-monitor synth` command that regenerates this dataset, if it was generated."""

@@ -21,13 +21,22 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
 from monitor.geometry.parts import disk
-from monitor.vision.classes import DEFAULT_CLASS_NAMES
+from monitor.training.dataset import (
+    PASTE_GENERATOR,
+    DatasetError,
+    DatasetWriter,
+    open_dataset,
+    staged_folder,
+    write_png,
+)
+from monitor.vision.classes import DEFAULT_CLASS_NAMES, NO_DEFECT
 
 U8 = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
@@ -287,3 +296,45 @@ def paste_defects(image: U8, part: Bool, rng: np.random.Generator, *,
                     break
     img, masks = paster.result(classes)
     return img, masks, paster.out
+
+
+def paste_dataset(src: Path, out: Path, *, per_class: int = 2, seed: int = 0) -> Path:
+    """A copy of dataset `src` with defects pasted into every layer: training examples of
+    defects defined against their own surroundings, on any camera look (healthy builds of
+    varied synthetic cameras are the usual source). `src` needs its nominal slices (the
+    part masks the defects are placed by); its own masks are kept, and the pasted classes
+    are added to them. Returns the manifest path."""
+    ds = open_dataset(src)
+    template = ds.source.get("nominal")
+    if not isinstance(template, str):
+        raise DatasetError(f"{src}: its manifest names no nominal slices (source.nominal); "
+                           f"defects are placed by the parts")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(f"{out}: already exists and is not an empty folder")
+    counts = {c: per_class for c in PASTED if c in ds.classes}
+    with staged_folder(out) as tmp:
+        writer = DatasetWriter(tmp, ds.classes)
+        for i, name in enumerate(ds.names):
+            nominal = ds.root / template.format(layer=ds.layer_number(name))
+            part = cv2.imread(str(nominal), cv2.IMREAD_GRAYSCALE)
+            if part is None:
+                raise DatasetError(f"{nominal}: missing or not a readable image")
+            gray, own = ds.sample(name)
+            if part.shape != gray.shape:
+                raise DatasetError(f"{nominal}: slice is {part.shape[1]}x{part.shape[0]} but "
+                                   f"its image is {gray.shape[1]}x{gray.shape[0]}")
+            img = np.round(gray * 255.0).astype(np.uint8)
+            img, masks, _ = paste_defects(img, part > 0, np.random.default_rng([seed, i]),
+                                          counts=counts, classes=ds.classes)
+            masks |= own
+            if NO_DEFECT in ds.classes:
+                k = ds.classes.index(NO_DEFECT)
+                masks[k] = own[k] & ~np.delete(masks, k, axis=0).any(axis=0)
+            writer.add(name, img, masks)
+            target = tmp / template.format(layer=ds.layer_number(name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_png(target, part)
+        writer.finish({"generator": PASTE_GENERATOR, "from": ds.root.name,
+                       "from_source": ds.source, "per_class": per_class, "seed": seed,
+                       "nominal": template})
+    return out / "manifest.json"

@@ -466,8 +466,7 @@ def write_card(out: Path, opts: TrainOptions, datasets: Sequence[Dataset],
             # names relative to the dataset root: a card must not carry this machine's paths
             "path": d.root.name, "classes": list(d.classes), "layers": len(d.names),
             "source": d.source,
-            "regenerate": (c.replace(str(d.root), d.root.name, 1)
-                           if (c := d.synth_command()) else None),
+            "regenerate": d.regenerate(),
         } for d in datasets],
         "split": {"train_layers": len(train_refs), "validation_layers": len(val_refs),
                   "validation": [r.label for r in val_refs]},
