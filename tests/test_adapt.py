@@ -145,19 +145,34 @@ def _shares(own: list[float], grid: list[list[float]], false_own: float,
 def test_calibrated_keeps_recall_and_never_adds_false_marks() -> None:
     n = len(THRESHOLD_GRID)
     k05 = THRESHOLD_GRID.index(0.5)
-    # after adapting, two of the three pasted specks stand out only up to 0.5, one to 0.3
-    grid = [[0.9 if t <= 0.5 else 0.0 for t in THRESHOLD_GRID]] * 2 + \
+    # after adapting, three of the four pasted specks stand out only up to 0.5, one to 0.3
+    grid = [[0.9 if t <= 0.5 else 0.0 for t in THRESHOLD_GRID]] * 3 + \
         [[0.9 if t <= 0.3 else 0.0 for t in THRESHOLD_GRID]]
-    before = _shares([0.5, 0.5, 0.0], [[0.0] * n] * 3, 0.01, [0.0] * n)  # found 2 of 3
-    after = _shares([0.0] * 3, grid, 0.0, [0.002] * n)
+    before = _shares([0.5, 0.5, 0.5, 0.0], [[0.0] * n] * 4, 0.01, [0.0] * n)  # found 3 of 4
+    after = _shares([0.0] * 4, grid, 0.0, [0.002] * n)
     got = calibrated(before, after, {"spatter": 0.75})["spatter"]
-    assert got["threshold"] == 0.5 and got["recall"] == pytest.approx(2 / 3)
+    assert got["threshold"] == 0.5 and got["recall"] == pytest.approx(3 / 4)
     # at 0.5 the adapted weights would mark more of the parts than the old ones: kept
-    worse = _shares([0.0] * 3, grid, 0.0, [0.05 if k <= k05 else 0.0 for k in range(n)])
+    worse = _shares([0.0] * 4, grid, 0.0, [0.05 if k <= k05 else 0.0 for k in range(n)])
     assert calibrated(before, worse, {"spatter": 0.75}) == {}
-    # a class the old weights never found is left alone
-    never = _shares([0.0] * 3, [[0.0] * n] * 3, 0.01, [0.0] * n)
-    assert calibrated(never, after, {"spatter": 0.75}) == {}
+    # a class the old weights never found takes the highest threshold at which the adapted
+    # ones find RECALL_FLOOR (0.7) of it (0.5, where 3 of 4 are)...
+    never = _shares([0.0] * 4, [[0.0] * n] * 4, 0.01, [0.0] * n)
+    got = calibrated(never, after, {"spatter": 0.75})["spatter"]
+    assert got["threshold"] == 0.5 and got["recall"] == 0.75 and got["recall_before"] == 0.0
+    # ... unless that adds false marks, or they find it no better: left alone
+    assert calibrated(never, worse, {"spatter": 0.75}) == {}
+    assert calibrated(never, _shares([0.0] * 4, [[0.0] * n] * 4, 0.0, [0.0] * n),
+                      {"spatter": 0.75}) == {}
+    # found 1 of 4 before: 0.7 is aimed at first (0.3, where 2 + 2 are found); 1 of 4
+    # only if nothing finds 0.7
+    once = _shares([0.5, 0.0, 0.0, 0.0], [[0.0] * n] * 4, 0.01, [0.0] * n)
+    half = grid[:2] + grid[3:] * 2
+    assert calibrated(once, _shares([0.0] * 4, half, 0.0, [0.002] * n),
+                      {"spatter": 0.75})["spatter"]["threshold"] == 0.3
+    one = [[0.9 if t <= 0.5 else 0.0 for t in THRESHOLD_GRID]] + [[0.0] * n] * 3
+    assert calibrated(once, _shares([0.0] * 4, one, 0.0, [0.002] * n),
+                      {"spatter": 0.75})["spatter"]["threshold"] == 0.5
 
 
 def test_adapt_refuses_weights_that_got_worse(printer: Path, tmp_path: Path) -> None:

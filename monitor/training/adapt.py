@@ -410,6 +410,9 @@ def _spread(n: int, k: int) -> list[int]:
 # A class's threshold may move to where it marks this share of the good layers' parts, even
 # if the weights before marked less (0.1%: a tenth of the false area adapt aims under).
 FALSE_ALLOWANCE = 0.001
+# A class the weights before found less often than this is served where the adapted ones
+# find at least this much, when some threshold does so without more false marks.
+RECALL_FLOOR = 0.7
 
 
 def calibrated(before: PastedShares, after: PastedShares, thresholds: dict[str, float]
@@ -424,20 +427,27 @@ def calibrated(before: PastedShares, after: PastedShares, thresholds: dict[str, 
     class may fall below a threshold chosen for the weights before (pasted spatter found
     1.00 -> 0.10 on the SLM builds) while its defects still stand out at a lower one; a
     class the model grew sure of may take a higher one, with fewer false marks. A class
-    the weights before never found, or with nothing pasted, keeps its threshold, and so
-    does one no threshold serves both ways."""
+    the weights before found less than RECALL_FLOOR of the time aims at that first (the
+    adapted weights may have learnt it from the pasted defects). A class with nothing
+    pasted keeps its threshold, and so does one no threshold serves both ways."""
     out: dict[str, dict[str, float]] = {}
     for c in dict.fromkeys(before.classes):
-        want = before.recall_own(c)
-        if not want:
+        had = before.recall_own(c)
+        if had is None:
             continue
         got = [after.recall_at(c, k, 2 * FOUND_SHARE) or 0.0 for k in range(len(THRESHOLD_GRID))]
-        ok = [k for k, r in enumerate(got) if r >= want]
-        if not ok or after.false_grid[c][ok[-1]] > max(before.false_own[c], FALSE_ALLOWANCE):
+        limit = max(before.false_own[c], FALSE_ALLOWANCE)
+        k = None
+        for want in (max(had, RECALL_FLOOR), had):
+            # the highest threshold finding as often as wanted, if it adds no false marks
+            ok = [i for i, r in enumerate(got) if r >= want]
+            if want > 0 and ok and after.false_grid[c][ok[-1]] <= limit:
+                k = ok[-1]
+                break
+        if k is None:
             continue
-        k = ok[-1]
         out[c] = {"threshold": THRESHOLD_GRID[k], "from": thresholds[c],
-                  "recall_before": want, "recall": got[k],
+                  "recall_before": had, "recall": got[k],
                   "false_before": before.false_own[c], "false": after.false_grid[c][k],
                   "pasted": float(before.classes.count(c))}
     return out
