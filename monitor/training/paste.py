@@ -222,11 +222,6 @@ class Paster:
     def misprint(self) -> bool:
         gap = max(4, round(8 * self.scale))
         r = self.rng.uniform(14, 36) * self.scale
-        # The texture is cut from a part at least 1.6 r deep. Thin parts (coupons, rings,
-        # walls) give a smaller patch rather than none: 1 in 2 SLM layers had no room.
-        r = min(r, (float(self.d_in.max()) - 3.0) / 1.6)
-        if r < 9 * self.scale:
-            return False
         p = self._pick((self.d_out > gap + r + 1) & (self.d_out < gap + 2 * r))
         src = self._pick(self.d_in > 1.6 * r + 2)
         if p is None or src is None:
