@@ -428,13 +428,30 @@ def test_absolute_rules_need_a_threshold(tmp_path: Path) -> None:
             load_config(path)
 
 
+def _store(db: Any, n: int, stats: LayerStats, out: Any) -> None:
+    """Write layer n and what the engine made of it, as the committer does."""
+    from sqlalchemy.orm import Session
+
+    from monitor.records import LayerRecord
+    from monitor.store import writes
+
+    with Session(db) as s, s.begin():
+        bid, _ = writes.put_layer(s, LayerRecord(
+            printer="", build=KEY.build, layer=n, status="ok", error=None,
+            image_path=f"/w/{n}.png", image_size=1, image_mtime_ns=1, image_sha256=None,
+            model_sha256="", detected_at=float(n), processed_at=float(n), stats=stats))
+        writes.set_evaluated(s, bid, first_layer=out.first_layer, layer=n)
+        writes.put_rule_states(s, bid, out.rule_states)
+        if out.tracks is not None:
+            writes.put_tracks(s, bid, [*out.tracks.touched, *out.tracks.ended])
+
+
 def test_baseline_survives_a_restart(tmp_path: Path) -> None:
     """The baseline is stored with the rule states of each layer: an engine restored from
     the database goes on where the other stopped (same alarms as one that never stopped)."""
     from sqlalchemy.orm import Session
 
-    from monitor.records import LayerRecord
-    from monitor.store import migrate, queries, writes
+    from monitor.store import migrate, queries
     from monitor.store.connect import open_db
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -445,15 +462,7 @@ def test_baseline_survives_a_restart(tmp_path: Path) -> None:
     try:
         first = engine(rules=[REL])
         for n in range(1, 8):
-            out = first.evaluate(KEY, n, layers[n])
-            with Session(db) as s, s.begin():
-                bid, _ = writes.put_layer(s, LayerRecord(
-                    printer="", build=KEY.build, layer=n, status="ok", error=None,
-                    image_path=f"/w/{n}.png", image_size=1, image_mtime_ns=1,
-                    image_sha256=None, model_sha256="", detected_at=float(n),
-                    processed_at=float(n), stats=layers[n]))
-                writes.set_evaluated(s, bid, first_layer=out.first_layer, layer=n)
-                writes.put_rule_states(s, bid, out.rule_states)
+            _store(db, n, layers[n], first.evaluate(KEY, n, layers[n]))
         with Session(db) as s:
             state = queries.load_engine_state(s, "", KEY.build)
         assert state is not None
@@ -473,8 +482,7 @@ def test_a_tracks_growth_survives_a_restart(tmp_path: Path) -> None:
     stored with the track, and layer 4 alarms as it would have without the restart."""
     from sqlalchemy.orm import Session
 
-    from monitor.records import LayerRecord
-    from monitor.store import migrate, queries, writes
+    from monitor.store import migrate, queries
     from monitor.store.connect import open_db
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -486,17 +494,8 @@ def test_a_tracks_growth_survives_a_restart(tmp_path: Path) -> None:
         first = engine(tracks=cfg)
         for n in range(1, 4):
             out = first.evaluate(KEY, n, layers[n])
-            assert out.events == []
-            with Session(db) as s, s.begin():
-                bid, _ = writes.put_layer(s, LayerRecord(
-                    printer="", build=KEY.build, layer=n, status="ok", error=None,
-                    image_path=f"/w/{n}.png", image_size=1, image_mtime_ns=1,
-                    image_sha256=None, model_sha256="", detected_at=float(n),
-                    processed_at=float(n), stats=layers[n]))
-                writes.set_evaluated(s, bid, first_layer=out.first_layer, layer=n)
-                writes.put_rule_states(s, bid, out.rule_states)
-                assert out.tracks is not None
-                writes.put_tracks(s, bid, [*out.tracks.touched, *out.tracks.ended])
+            assert out.events == [] and out.tracks is not None
+            _store(db, n, layers[n], out)
         with Session(db) as s:
             state = queries.load_engine_state(s, "", KEY.build)
         assert state is not None
