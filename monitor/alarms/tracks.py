@@ -42,6 +42,20 @@ def growing(t: Track, cfg: TracksConfig) -> bool:
             and t.growing >= cfg.grow_layers and t.area_mm2 >= cfg.grow_min_area_mm2)
 
 
+def crossed(t: Track, cfg: TracksConfig) -> tuple[float, float, str] | None:
+    """The alarm limit the track has crossed, as (value, limit, unit): its length in layers,
+    its volume, or the area it grew to; None while under all three. Volume counts only once
+    the defect is seen stacking (two layers or more): a large defect in a single layer is
+    the threshold rules' business."""
+    if t.layers >= cfg.alarm_layers:
+        return float(t.layers), float(cfg.alarm_layers), "layers"
+    if t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3:
+        return t.volume_mm3, cfg.alarm_volume_mm3, "mm³"
+    if growing(t, cfg):
+        return t.area_mm2, cfg.grow_min_area_mm2, "mm²"
+    return None
+
+
 class BuildTracks:
     """The live tracks of one build."""
 
@@ -118,11 +132,7 @@ class BuildTracks:
             t.growing = t.growing + 1 if grew else 0
             t.area_mm2 = area
             t.max_area_mm2 = max(t.max_area_mm2, area)
-            # Volume counts only once the defect is seen stacking (two layers or more): a
-            # large defect in a single layer is the threshold rules' business.
-            if not t.alarmed and (t.layers >= cfg.alarm_layers
-                                  or (t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3)
-                                  or growing(t, cfg)):
+            if not t.alarmed and crossed(t, cfg) is not None:
                 t.alarmed = True
                 alarms.append(t)
         ended = [t for t in self.live
@@ -213,13 +223,9 @@ def track_events(key: BuildKey, layer: int, change: TrackChange, live: Iterable[
             continue
         if g is not None:
             busy.add(g)
-        # The limit it crossed, in that limit's unit: layers, volume, or the area it grew to.
-        if t.layers >= cfg.alarm_layers:
-            value, limit, unit = float(t.layers), float(cfg.alarm_layers), "layers"
-        elif t.layers >= 2 and t.volume_mm3 > cfg.alarm_volume_mm3:
-            value, limit, unit = t.volume_mm3, cfg.alarm_volume_mm3, "mm³"
-        else:
-            value, limit, unit = t.area_mm2, cfg.grow_min_area_mm2, "mm²"
+        past = crossed(t, cfg)
+        assert past is not None  # update() put it in change.alarms for crossing one
+        value, limit, unit = past
         events.append(AlarmEvent(
             "open", key.printer, key.build, layer, t.class_name,
             TRACK_PREFIX + t.class_name, sev, value, limit, track=t.number,
