@@ -88,10 +88,12 @@ def test_holdout_is_the_last_layers_of_each_build() -> None:
     assert ("C", 1) in {(i.build, i.layer) for i in train}
 
 
-def test_adapt_writes_better_weights_for_this_camera(printer: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("norm", ["flat", "flat-soft"])
+def test_adapt_writes_better_weights_for_this_camera(printer: Path, tmp_path: Path,
+                                                     norm: str) -> None:
     """Weights that mark every part as a defect: adapting on a good build lowers the false
     area on held-out layers; the result says which camera it fits, the old file is kept."""
-    out = make_weights(tmp_path / "mine.safetensors", norm="flat",
+    out = make_weights(tmp_path / "mine.safetensors", norm=norm,
                        constant_prob={i: 0.7 for i in DEFECTS})
     cfg = load_config(_config(tmp_path, printer, out))
     pc = printer_of(cfg.fleet(), None)
@@ -107,7 +109,7 @@ def test_adapt_writes_better_weights_for_this_camera(printer: Path, tmp_path: Pa
     assert res.after.mean_false is not None and res.after.mean_false < 0.5
     assert res.written, res.reason
     info = read_info(out)
-    assert info.adapted_cameras == ("cam-a",) and info.norm == "flat"
+    assert info.adapted_cameras == ("cam-a",) and info.norm == norm
     assert info.training["adapted"]["camera"] == "cam-a"
     assert (tmp_path / "mine.before-adapt.safetensors").is_file()
     card = json.loads(res.card.read_text())
@@ -202,7 +204,7 @@ def test_adapt_needs_a_camera_id_flat_weights_and_slices(printer: Path, tmp_path
     plain = make_weights(tmp_path / "g.safetensors")
     r = runner.invoke(main, ["adapt", "--config", str(_config(tmp_path, printer, plain)),
                              "--build", "B1"])
-    assert r.exit_code != 0 and "--norm flat" in r.output
+    assert r.exit_code != 0 and "--norm flat or flat-soft" in r.output
     r = runner.invoke(main, ["adapt", "--config", str(_config(tmp_path, printer, flat))])
     assert r.exit_code != 0 and "mark-good" in r.output
     cfg = load_config(_config(tmp_path, printer, flat))

@@ -158,7 +158,7 @@ def test_cli_train_then_evaluate(spots: Path, tmp_path: Path) -> None:
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "--tile 40" in r.output
 
 
-@pytest.mark.parametrize("norm", ["flat", "global"])
+@pytest.mark.parametrize("norm", ["flat", "flat-soft", "global"])
 def test_validation_scores_what_the_daemon_serves(spots: Path, tmp_path: Path,
                                                   norm: str) -> None:
     """The validation numbers in the card are those of the written weights served by a

@@ -41,10 +41,12 @@ from monitor.cli.options import CONFIG_OPTION, find_config, setup_logging
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint.")
 @click.option("--val-block", type=click.IntRange(1), default=5, show_default=True,
               help="Validation holds out whole blocks of this many consecutive layers.")
-@click.option("--norm", type=click.Choice(["flat", "global"]), default="flat",
+@click.option("--norm", type=click.Choice(["flat", "flat-soft", "global"]), default="flat",
               show_default=True,
               help="Input normalisation: flat = divided by the bed's own background and "
-                   "spread (camera-independent); global = one fixed mean and spread.")
+                   "spread (camera-independent), extremes clipped; flat-soft = the same, "
+                   "extremes compressed (a glint and a glossy over-melt stay apart); global = "
+                   "one fixed mean and spread.")
 @click.option("--init", "init", type=click.Path(path_type=Path, dir_okay=False),
               help="Start from these weights (same --width and classes).")
 def train(datasets: tuple[Path, ...], out: Path, width: int, epochs: int,

@@ -53,7 +53,7 @@ from monitor.training.onsite import (
 from monitor.training.paste import PASTED, feature_scale, paste_defects
 from monitor.training.synth import CLASS_NAMES, BuildGenerator
 from monitor.vision.classes import NO_DEFECT
-from monitor.vision.imaging import apply_flat, flat_terms
+from monitor.vision.imaging import FLAT_NORMS, apply_flat, flat_terms
 from monitor.vision.model import file_sha256, load_weights, save_weights
 from monitor.vision.segmenter import Segmenter, SegmenterOptions, resolve_device
 
@@ -155,8 +155,9 @@ class _Batches:
     """Tiles for each step: real layers (some with pasted defects) and synthetic ones."""
 
     def __init__(self, layers: list[_Layer], synth: list[tuple[F32, Bool]],
-                 names: Sequence[str], opts: AdaptOptions) -> None:
+                 names: Sequence[str], opts: AdaptOptions, *, soft: bool) -> None:
         self.layers, self.synth, self.names, self.opts = layers, synth, tuple(names), opts
+        self.soft = soft  # the weights' "flat-soft" normalisation
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.opts.seed, 5, step])
@@ -215,7 +216,8 @@ class _Batches:
                     else:
                         target[i][masks.any(axis=0)] = 0.0
                 focus = pasted[int(rng.integers(len(pasted)))].mask
-        x = apply_flat(gray.astype(np.float32) / np.float32(255.0), lay.bg[big], lay.spread)
+        x = apply_flat(gray.astype(np.float32) / np.float32(255.0), lay.bg[big], lay.spread,
+                       soft=self.soft)
         if paste:  # the tile inside the big window, on a pasted defect when there is one
             box = self._window(rng, gray.shape[0], gray.shape[1], focus, t)
             x, target, weight = x[box], target[:, box[0], box[1]], weight[:, box[0], box[1]]
@@ -239,7 +241,7 @@ def _pad(x: F32, y: F32, w: F32, t: int) -> tuple[F32, F32, F32]:
     return x, y, w
 
 
-def _synthetic(names: Sequence[str], seed: int) -> list[tuple[F32, Bool]]:
+def _synthetic(names: Sequence[str], seed: int, *, soft: bool) -> list[tuple[F32, Bool]]:
     """Two small varied synthetic builds, flattened, with masks in the model's order."""
     if set(names) != set(CLASS_NAMES):
         return []  # a model of other classes: the generator cannot keep them
@@ -250,7 +252,7 @@ def _synthetic(names: Sequence[str], seed: int) -> list[tuple[F32, Bool]]:
         for lay in gen:
             g = lay.image.astype(np.float32) / 255.0
             bg, spread = flat_terms(g)
-            out.append((apply_flat(g, bg, spread), lay.masks[order]))
+            out.append((apply_flat(g, bg, spread, soft=soft), lay.masks[order]))
     return out
 
 
@@ -313,9 +315,9 @@ def adapt(
         raise AdaptError("geometry.nominal is empty: adapt needs the builds' nominal "
                          "slices to know where metal is")
     model, info = load_weights(weights)
-    if info.norm != "flat":
+    if info.norm not in FLAT_NORMS:
         raise AdaptError(f"{weights}: its input normalisation is {info.norm!r}; adapt needs "
-                         "weights trained with --norm flat")
+                         "weights trained with --norm flat or flat-soft")
     names = info.class_names
     seg_opts = SegmenterOptions.from_config(cfg, weights)
     before_seg = Segmenter(weights, seg_opts)
@@ -334,7 +336,8 @@ def adapt(
     extra = list({(i.build, i.layer): i for i in extra}.values())
     layers += _load_layers(site, extra, names, opts, good=False, verdicts=by_layer,
                            before=before_seg)
-    batches = _Batches(layers, _synthetic(names, opts.seed), names, opts)
+    soft = info.norm == "flat-soft"
+    batches = _Batches(layers, _synthetic(names, opts.seed, soft=soft), names, opts, soft=soft)
 
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)

@@ -13,7 +13,7 @@ import torch
 
 from monitor.training.dataset import CLEAN_FRAMES, Dataset
 from monitor.vision.classes import NO_DEFECT
-from monitor.vision.imaging import FLAT_CLIP, flatten, normalize
+from monitor.vision.imaging import FLAT_NORMS, flat_bound, flatten, normalize
 from monitor.vision.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -36,9 +36,10 @@ class LayerCache:
     so tiles never see a different background estimate; validation, which goes through the
     Segmenter and so normalises by itself, uses a cache without."""
 
-    def __init__(self, classes: Sequence[str], budget_mb: int, *, flat: bool = False) -> None:
+    def __init__(self, classes: Sequence[str], budget_mb: int, *, flat: bool = False,
+                 soft: bool = False) -> None:
         self.classes = tuple(classes)
-        self.flat = flat
+        self.flat, self.soft = flat, soft
         self.budget = budget_mb * 2**20
         self.used = 0
         self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
@@ -52,7 +53,7 @@ class LayerCache:
             return hit
         gray, masks = ref.dataset.sample(ref.name)
         if self.flat:
-            gray = flatten(gray)
+            gray = flatten(gray, soft=self.soft)
         order = [ref.dataset.classes.index(c) for c in self.classes]
         masks = masks[order]
         where = [np.flatnonzero(m) for m in masks]
@@ -87,8 +88,8 @@ def augment(gray: np.ndarray, masks: np.ndarray, rng: np.random.Generator
     return np.clip(out, 0.0, 1.0).astype(np.float32), np.ascontiguousarray(masks)
 
 
-def augment_flat(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def augment_flat(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator,
+                 bound: float) -> tuple[np.ndarray, np.ndarray]:
     """Rotation/flip, and in the flattened space a contrast and offset change, sensor noise
     and a little blur: what is left of a camera's difference after flat-field normalisation."""
     x, masks = rotate_flip(x, masks, rng)
@@ -99,7 +100,7 @@ def augment_flat(x: np.ndarray, masks: np.ndarray, rng: np.random.Generator
                          dtype=np.float32)
     if rng.random() < 0.5:
         out += rng.normal(0.0, rng.uniform(0.05, 0.4), out.shape).astype(np.float32)
-    return np.clip(out, -FLAT_CLIP, FLAT_CLIP), np.ascontiguousarray(masks)
+    return np.clip(out, -bound, bound), np.ascontiguousarray(masks)
 
 
 class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -112,7 +113,8 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
         self.info = info
         self.opts = opts
-        self.cache = LayerCache(classes, opts.cache_mb, flat=info.norm == "flat")
+        self.cache = LayerCache(classes, opts.cache_mb, flat=info.norm in FLAT_NORMS,
+                                soft=info.norm == "flat-soft")
         self.epoch = 0
         # Real clean frames, when given: one tile of every batch is drawn from them, so
         # every step sees a bed that must stay quiet.
@@ -125,7 +127,7 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.opts.seed, self.epoch, index))
         slot = index % self.opts.batch
-        is_flat = self.info.norm == "flat"
+        is_flat = self.info.norm in FLAT_NORMS
         if is_flat and slot == 0 and self.clean:
             pool = self.clean
         else:
@@ -156,7 +158,7 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
             g = np.pad(g, ((0, ph), (0, pw)), mode="reflect")
             m = np.pad(m, ((0, 0), (0, ph), (0, pw)), mode="reflect")
         if is_flat:
-            x, m = augment_flat(g, m, rng)
+            x, m = augment_flat(g, m, rng, flat_bound(self.info.norm))
             x = x[None]
         else:
             g, m = augment(g, m, rng)

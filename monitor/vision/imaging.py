@@ -144,6 +144,11 @@ _BG_SIDE = 64  # the background is estimated on a copy whose long side is this m
 _BG_MEDIAN = 9  # median window on that copy: ~1/7 of the bed, larger than most defects
 _SPREAD_FLOOR = 0.05  # relative units: an almost uniform bed is not blown up into noise
 FLAT_CLIP = 8.0  # saturated glints and black holes end at +-8 spreads
+# "flat-soft" compresses instead of clipping: y = 2 C tanh(x / 2C), C = FLAT_CLIP, the same
+# as "flat" near the powder and bounded by 2 C. Clipped at C, a glossy over-melt (20 spreads
+# over the powder on a classic synthetic bed) and a swelling's lit top (13) were the same 8.
+FLAT_SOFT_BOUND = 2 * FLAT_CLIP
+FLAT_NORMS = ("flat", "flat-soft")  # the weights' norm methods that flatten the layer
 
 
 def background(gray: np.ndarray) -> np.ndarray:
@@ -172,27 +177,39 @@ def flat_terms(gray: np.ndarray) -> tuple[np.ndarray, float]:
     return bg, max(1.4826 * float(np.median(np.abs(sample - med))), _SPREAD_FLOOR)
 
 
-def apply_flat(gray: np.ndarray, bg: np.ndarray, spread: float) -> np.ndarray:
-    """(gray / bg - 1) / spread, clipped to +-FLAT_CLIP; gray and bg of the same shape (a
-    crop of both is fine: training crops a layer and pastes defects into it)."""
+def apply_flat(gray: np.ndarray, bg: np.ndarray, spread: float, *,
+               soft: bool = False) -> np.ndarray:
+    """(gray / bg - 1) / spread, clipped to +-FLAT_CLIP (`soft`: compressed into
+    +-FLAT_SOFT_BOUND); gray and bg of the same shape (a crop of both is fine: training
+    crops a layer and pastes defects into it)."""
     out = gray.astype(np.float32) / bg
     out -= np.float32(1.0)
     out *= np.float32(1.0 / spread)
-    return np.asarray(np.clip(out, -FLAT_CLIP, FLAT_CLIP, out=out))
+    if not soft:
+        return np.asarray(np.clip(out, -FLAT_CLIP, FLAT_CLIP, out=out))
+    out *= np.float32(1.0 / FLAT_SOFT_BOUND)
+    np.tanh(out, out=out)
+    out *= np.float32(FLAT_SOFT_BOUND)
+    return np.asarray(out)
 
 
-def flatten(gray: np.ndarray) -> np.ndarray:
+def flat_bound(method: str) -> float:
+    """The largest magnitude a flat-normalised pixel takes by `method`."""
+    return FLAT_SOFT_BOUND if method == "flat-soft" else FLAT_CLIP
+
+
+def flatten(gray: np.ndarray, *, soft: bool = False) -> np.ndarray:
     """Flat-field normalised layer: (gray / background - 1) / spread, clipped to
-    +-FLAT_CLIP. The spread is the robust standard deviation (1.4826 MAD) of the ratio over
-    a subsample of the layer, at least _SPREAD_FLOOR."""
+    +-FLAT_CLIP (or compressed, `soft`). The spread is the robust standard deviation (1.4826
+    MAD) of the ratio over a subsample of the layer, at least _SPREAD_FLOOR."""
     bg, spread = flat_terms(gray)
-    return apply_flat(gray, bg, spread)
+    return apply_flat(gray, bg, spread, soft=soft)
 
 
 def model_input(gray: np.ndarray, method: str, mean: float, std: float) -> np.ndarray:
     """A whole layer as the model sees it, by the weights' normalisation method."""
-    if method == "flat":
-        return flatten(gray)
+    if method in FLAT_NORMS:
+        return flatten(gray, soft=method == "flat-soft")
     return normalize(gray.astype(np.float32, copy=False), mean, std)
 
 

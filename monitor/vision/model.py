@@ -20,9 +20,10 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from monitor.errors import WeightsError
+from monitor.vision.imaging import FLAT_NORMS
 
 FORMAT = "pbf-monitor-unet/1"
-NORM_METHODS = ("global", "flat")
+NORM_METHODS = ("global", *FLAT_NORMS)
 DEPTH = 4  # down-sampling steps: inputs are padded to a multiple of 2**DEPTH
 
 
@@ -86,7 +87,8 @@ class ModelInfo:
     in_channels: int = 1
     mean: float = 0.5  # input normalisation on the [0, 1] scale
     std: float = 0.25
-    # "global": (x - mean) / std; "flat": flat-field normalised (monitor.vision.imaging).
+    # "global": (x - mean) / std; "flat", "flat-soft": flat-field normalised, bright and
+    # dark extremes clipped or compressed (monitor.vision.imaging).
     norm: str = "global"
     training: dict[str, Any] = field(default_factory=dict)
     # Per-class probability thresholds calibrated on validation data; config overrides them.
