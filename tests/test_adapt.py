@@ -249,22 +249,26 @@ def test_adapt_reads_marked_builds_and_verdicts_from_the_database(printer: Path,
     assert (r.exit_code == 0) == card["written"] == out.is_file(), r.output
 
 
-def test_real_tiles_are_what_the_served_model_sees(printer: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("norm", ["flat", "flat-soft"])
+def test_real_tiles_are_what_the_served_model_sees(printer: Path, tmp_path: Path,
+                                                   norm: str) -> None:
     """Real tiles are flattened like the Segmenter flattens a layer (an 8-bit layer once
     went in unscaled: every pixel clipped at +8), and a good layer has no defect target."""
     from monitor.training.adapt import _Batches, _load_layers
     from monitor.vision.imaging import flatten
     from monitor.vision.segmenter import Segmenter
 
-    flat = make_weights(tmp_path / "f.safetensors", norm="flat")
+    flat = make_weights(tmp_path / "f.safetensors", norm=norm)
     cfg = load_config(_config(tmp_path, printer, flat))
     site = Site(printer_of(cfg.fleet(), None))
     layers = _load_layers(site, site.layers(["B1"])[:1], DEFAULT_CLASS_NAMES, AdaptOptions(),
                           good=True, verdicts={}, before=Segmenter.from_config(cfg))
+    soft = norm == "flat-soft"
     batches = _Batches(layers, [], DEFAULT_CLASS_NAMES,
-                       AdaptOptions(tile=64, batch=6, paste_share=0.0, synth_share=0.0))
+                       AdaptOptions(tile=64, batch=6, paste_share=0.0, synth_share=0.0),
+                       soft=soft)
     x, y, _ = batches.batch(0)
-    whole = flatten(layers[0].gray.astype(np.float32) / 255.0)
+    whole = flatten(layers[0].gray.astype(np.float32) / 255.0, soft=soft)
     lo, hi = float(whole.min()), float(whole.max())
     assert float(x.min()) >= lo - 1e-4 and float(x.max()) <= hi + 1e-4
     assert float((x.abs() > 7.9).float().mean()) < 0.05
