@@ -31,15 +31,15 @@ class LayerRef:
 
 
 class LayerCache:
-    """Decoded layers kept in memory up to a budget, loaded again when evicted. With `flat`
-    the cache holds the layer as a "flat" model sees it (flattened whole, as serving does),
-    so tiles never see a different background estimate; validation, which goes through the
-    Segmenter and so normalises by itself, uses a cache without."""
+    """Decoded layers kept in memory up to a budget, loaded again when evicted. With a flat
+    `norm` the cache holds the layer as such a model sees it (flattened whole, as serving
+    does), so tiles never see a different background estimate; validation, which goes
+    through the Segmenter and so normalises by itself, uses a cache of raw layers."""
 
-    def __init__(self, classes: Sequence[str], budget_mb: int, *, flat: bool = False,
-                 soft: bool = False) -> None:
+    def __init__(self, classes: Sequence[str], budget_mb: int, *, norm: str = "global"
+                 ) -> None:
         self.classes = tuple(classes)
-        self.flat, self.soft = flat, soft
+        self.norm = norm
         self.budget = budget_mb * 2**20
         self.used = 0
         self._items: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = {}
@@ -52,8 +52,8 @@ class LayerCache:
         if hit is not None:
             return hit
         gray, masks = ref.dataset.sample(ref.name)
-        if self.flat:
-            gray = flatten(gray, soft=self.soft)
+        if self.norm in FLAT_NORMS:
+            gray = flatten(gray, soft=self.norm == "flat-soft")
         order = [ref.dataset.classes.index(c) for c in self.classes]
         masks = masks[order]
         where = [np.flatnonzero(m) for m in masks]
@@ -113,8 +113,7 @@ class TileSampler(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
         self.defect_ids = [i for i, c in enumerate(self.classes) if c != NO_DEFECT]
         self.info = info
         self.opts = opts
-        self.cache = LayerCache(classes, opts.cache_mb, flat=info.norm in FLAT_NORMS,
-                                soft=info.norm == "flat-soft")
+        self.cache = LayerCache(classes, opts.cache_mb, norm=info.norm)
         self.epoch = 0
         # Real clean frames, when given: one tile of every batch is drawn from them, so
         # every step sees a bed that must stay quiet.
