@@ -95,7 +95,9 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
              sweep: bool) -> None:
     """Per-class IoU, Dice, precision, recall and per-layer detection on a dataset.
 
-    Uses the daemon's tiling and thresholds from the config.
+    Uses the daemon's tiling and thresholds from the config; where the dataset has nominal
+    slices, swelling and over-melting are read against them as the daemon reads a layer
+    (geometry.swelling_reach_px).
     """
     from rich.progress import Progress
 
@@ -111,7 +113,8 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
     with Progress(transient=True, disable=as_json) as progress:
         task = progress.add_task(f"evaluate {dataset}", total=len(ds.names))
         counts = run_eval(ds, seg, sweep=sw,
-                          progress=lambda n: progress.update(task, completed=n))
+                          progress=lambda n: progress.update(task, completed=n),
+                          swelling_reach_px=cfg.geometry.swelling_reach_px)
     if as_json:
         out = metrics_json(counts)
         out.update({"dataset": str(dataset), "weights": str(weights or cfg.model.weights),

@@ -184,6 +184,11 @@ class GeometryConfig(Section):
         5.0, ge=0, description="How far from the nominal parts scope 'parts' rules and tracks "
         "count the outside_classes (they lie beyond the tolerance zone by definition)."
     )
+    swelling_reach_px: int = Field(
+        2, ge=0, description="A swelling or over_melting mark reaching this many image pixels "
+        "beyond a part's nominal outline is swelling, one within it over_melting; 0 = the "
+        "model's classes as they are."
+    )
 
     @model_validator(mode="after")
     def _vector_needs_frame(self) -> GeometryConfig:

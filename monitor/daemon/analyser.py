@@ -31,9 +31,10 @@ from monitor.daemon.parts import GeometryAhead, LayerParts, PartMeter, check_out
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
+from monitor.geometry.bright import BRIGHT
 from monitor.records import AlarmEvent, BuildKey, LayerAlarms, LayerRecord
 from monitor.store import queries, writes
-from monitor.vision.stats import layer_stats
+from monitor.vision.stats import Found, layer_stats
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +138,22 @@ class Analyser(Stage):
         x, seg, names = item.loaded, item.seg, item.class_names
         cand = x.cand
         masks, regions = seg.masks, None
+        found: dict[int, Found] | None = seg.found
         px = self.pixel_size_mm[cand.printer]
-        if self.regions:
-            br = self.regions.for_build(cand.key.build, masks.shape[1:])
+        br = self.regions.for_build(cand.key.build, masks.shape[1:]) if self.regions else None
+        if br is not None:
             masks = apply_ignore(masks, br)
+            found = None  # the filter's components no longer apply
+        measured = self._measure_parts(item, masks)
+        if measured is not None and measured.masks is not None:
+            # swelling and over-melting told apart by the slice: their components changed
+            masks = measured.masks
+            found = found and {i: f for i, f in found.items() if names[i] not in BRIGHT}
+        if br is not None:
             regions = region_stats(masks, names, br, pixel_size_mm=px,
                                    max_components=self.max_components)
-        # Ignore regions change the masks: then the filter's components no longer apply.
         stats = layer_stats(masks, names, pixel_size_mm=px, max_components=self.max_components,
-                            found=None if self.regions else seg.found)
-        measured = self._measure_parts(item, masks)
+                            found=found)
         zone_stats = None
         if measured is not None and self.engine.wants_parts_zone:
             zone_stats = measured.zone_stats(masks, names, pixel_size_mm=px,

@@ -30,6 +30,7 @@ import numpy.typing as npt
 from monitor.alarms.regions import BuildRegions, region_stats
 from monitor.config import CameraConfig, Config, GeometryConfig
 from monitor.errors import ConfigError
+from monitor.geometry.bright import split_bright
 from monitor.geometry.calibration import Calibration
 from monitor.geometry.parts import PartZones, disk, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
@@ -56,6 +57,9 @@ class LayerParts:
     # outside_only), and where: the parts grown by geometry.outside_reach_mm
     outside: Mapping[str, BoolArray] = field(default_factory=dict)
     near: BoolArray | None = None
+    # the model's masks with swelling and over-melting told apart by the outline
+    # (geometry.swelling_reach_px); None when that changed nothing
+    masks: BoolArray | None = None
 
     def zone_stats(self, masks: BoolArray, class_names: Sequence[str], *,
                    pixel_size_mm: float, max_components: int) -> LayerStats:
@@ -223,7 +227,12 @@ class PartMeter:
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]
                ) -> LayerParts:
         """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
-        `class_names` order, after ignore regions)."""
+        `class_names` order, after ignore regions), swelling and over-melting first told
+        apart by the outline (the result's `masks`)."""
+        split = split_bright(masks, class_names, prep.labels > 0,
+                             reach_px=self.geometry.swelling_reach_px)
+        if split is not None:
+            masks = split
         outside = outside_only(masks, class_names, prep.labels, prep.core,
                                self.geometry.outside_classes)
         classes = {name: outside.get(name, masks[i]) for i, name in enumerate(class_names)
@@ -236,7 +245,7 @@ class PartMeter:
                                  classes=dict(p.classes), width_px=p.width_px)
                       for p in stats)
         return LayerParts(parts, prep.zone, prep.labels, prep.calibration, outside,
-                          prep.near)
+                          prep.near, split)
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
                 masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:

@@ -28,7 +28,7 @@ from monitor.records import AlarmEvent, BuildKey
 from monitor.training.synth_render import MISPRINT
 from monitor.vision.imaging import to_unit_gray
 from monitor.vision.segmenter import Segmenter
-from monitor.vision.stats import layer_stats
+from monitor.vision.stats import Found, layer_stats
 
 LOOKAHEAD = 3  # a defect must alarm within this many layers of its first layer
 MISPRINT_EPISODE_MM2 = 2.0  # layers with this much misprint drawn make a misprint episode
@@ -91,13 +91,17 @@ class Runner:
             seg = self.seg.predict(gray, probs=False)
             names = self.seg.class_names
             px = self.camera.pixel_size_mm
-            stats = layer_stats(seg.masks, names, pixel_size_mm=px,
-                                max_components=self.max_components, found=seg.found)
-            measured = (self.meter.measure(name, n, path=path, gray=gray, masks=seg.masks,
+            masks = seg.masks
+            found: dict[int, Found] | None = seg.found
+            measured = (self.meter.measure(name, n, path=path, gray=gray, masks=masks,
                                            class_names=names) if self.meter else None)
+            if measured is not None and measured.masks is not None:
+                masks, found = measured.masks, None  # as the analyser: read against the slice
+            stats = layer_stats(masks, names, pixel_size_mm=px,
+                                max_components=self.max_components, found=found)
             zone = None
             if measured is not None and self.engine.wants_parts_zone:
-                zone = measured.zone_stats(seg.masks, names, pixel_size_mm=px,
+                zone = measured.zone_stats(masks, names, pixel_size_mm=px,
                                            max_components=self.max_components)
             parts = measured.parts if measured is not None else None
             for eng, out in ((self.engine, tally.opened), (self.trusting, tally.trusted)):

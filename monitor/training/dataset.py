@@ -105,6 +105,22 @@ class Dataset:
     def layer_number(self, name: str) -> int:
         return layer_number(name)
 
+    def nominal(self, name: str, shape: tuple[int, int]) -> np.ndarray | None:
+        """(H, W) bool nominal parts of one layer in its image's pixels, for a dataset that
+        has them (source.nominal, as synthetic builds do); None otherwise."""
+        template = self.source.get("nominal")
+        if not isinstance(template, str):
+            return None
+        path = self.root / template.format(layer=self.layer_number(name))
+        m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if m is None:
+            raise DatasetError(f"{path}: missing or not a readable image (the manifest's "
+                               f"source.nominal names one slice per layer)")
+        if m.shape != shape:
+            raise DatasetError(f"{path}: slice is {m.shape[1]}x{m.shape[0]} but its image "
+                               f"is {shape[1]}x{shape[0]}")
+        return np.asarray(m > 0)
+
     def regenerate(self) -> str | None:
         """The commands that make this dataset again, with folders by name (for a model
         card): `pbf-monitor synth`, and `dataset paste` after it for a pasted one."""

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from monitor.config import DEFAULT_TILE_SIZE
+from monitor.geometry.bright import split_bright
 from monitor.training.dataset import Dataset, DatasetError
 from monitor.vision.model import ModelInfo, load_weights, save_weights
 from monitor.vision.segmenter import Segmenter
@@ -181,6 +182,7 @@ def evaluate(
     names: Sequence[str] | None = None,
     sweep: ThresholdSweep | None = None,
     progress: Callable[[int], None] | None = None,
+    swelling_reach_px: int = 0,
 ) -> Counts:
     """Segment each layer with `segmenter` and count against the dataset's masks.
 
@@ -188,8 +190,10 @@ def evaluate(
         dataset: the opened dataset.
         segmenter: the daemon's Segmenter (its tiling and thresholds are used).
         names: image names to use (default: all).
-        sweep: also accumulate counts at other thresholds here.
+        sweep: also accumulate counts at other thresholds here (the model's own classes).
         progress: called with the number of layers done.
+        swelling_reach_px: as geometry.swelling_reach_px, where the dataset has nominal
+            slices: the masks read against them as the daemon reads a layer (0 = off).
     """
     chans = channel_map(dataset.classes, segmenter.class_names)
     counts = Counts(segmenter.class_names)
@@ -197,7 +201,13 @@ def evaluate(
         gray, true = dataset.sample(name)
         true = true[chans]
         result = segmenter.predict(gray, probs=sweep is not None)
-        counts.add(result.masks, true)
+        masks = result.masks
+        part = dataset.nominal(name, gray.shape) if swelling_reach_px else None
+        if part is not None:
+            split = split_bright(masks, segmenter.class_names, part,
+                                 reach_px=swelling_reach_px)
+            masks = masks if split is None else split
+        counts.add(masks, true)
         if sweep is not None:
             assert result.probs is not None
             sweep.add(result.probs, true)

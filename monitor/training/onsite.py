@@ -22,6 +22,7 @@ import numpy.typing as npt
 from monitor.config import IMAGE_EXTENSIONS, PrinterConfig
 from monitor.daemon.watcher import parse_layer_path
 from monitor.errors import MonitorError
+from monitor.geometry.bright import split_bright
 from monitor.geometry.layer import layer_geometry, nominal_slices
 from monitor.geometry.slices import NominalSlices
 from monitor.training.paste import PASTED, paste_defects
@@ -124,7 +125,8 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
           seed: int = 0, per_class: int = 2) -> SiteScore:
     """Run the model on each layer that has a nominal slice, as the daemon would: the share
     of the nominal part area marked with any defect class, per layer; then, on a copy with
-    `per_class` defects of each class pasted in, which of them it finds."""
+    `per_class` defects of each class pasted in, which of them it finds (swelling and
+    over-melting read against the slice, as the daemon reads them)."""
     out = SiteScore()
     names = seg.class_names
     defect_ids = [i for i, c in enumerate(names) if c != NO_DEFECT]
@@ -145,6 +147,9 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
         counts = {c: per_class for c in PASTED if c in names}
         img2, _, pasted = paste_defects(img, part, rng, counts=counts)
         masks2 = seg.predict(img2.astype(np.float32) / 255.0, probs=False).masks
+        split = split_bright(masks2, names, part,
+                             reach_px=site.printer.geometry.swelling_reach_px)
+        masks2 = masks2 if split is None else split
         for p in pasted:
             hit = int((masks2[names.index(p.cls)] & p.mask).sum())
             out.pasted[p.cls] += 1

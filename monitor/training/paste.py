@@ -310,16 +310,11 @@ def paste_dataset(src: Path, out: Path, *, per_class: int = 2, seed: int = 0) ->
     with staged_folder(out) as tmp:
         writer = DatasetWriter(tmp, ds.classes)
         for i, name in enumerate(ds.names):
-            nominal = ds.root / template.format(layer=ds.layer_number(name))
-            part = cv2.imread(str(nominal), cv2.IMREAD_GRAYSCALE)
-            if part is None:
-                raise DatasetError(f"{nominal}: missing or not a readable image")
             gray, own = ds.sample(name)
-            if part.shape != gray.shape:
-                raise DatasetError(f"{nominal}: slice is {part.shape[1]}x{part.shape[0]} but "
-                                   f"its image is {gray.shape[1]}x{gray.shape[0]}")
+            part = ds.nominal(name, gray.shape)
+            assert part is not None  # the template was checked above
             img = np.round(gray * 255.0).astype(np.uint8)
-            img, masks, _ = paste_defects(img, part > 0, np.random.default_rng([seed, i]),
+            img, masks, _ = paste_defects(img, part, np.random.default_rng([seed, i]),
                                           counts=counts, classes=ds.classes)
             masks |= own
             if NO_DEFECT in ds.classes:
@@ -328,7 +323,7 @@ def paste_dataset(src: Path, out: Path, *, per_class: int = 2, seed: int = 0) ->
             writer.add(name, img, masks)
             target = tmp / template.format(layer=ds.layer_number(name))
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_png(target, part)
+            write_png(target, np.where(part, 255, 0).astype(np.uint8))
         writer.finish({"generator": PASTE_GENERATOR, "from": ds.root.name,
                        "from_source": ds.source, "per_class": per_class, "seed": seed,
                        "nominal": template})

@@ -1,0 +1,139 @@
+"""geometry.swelling_reach_px: swelling and over-melting, told apart by the layer's slice.
+A mark of either class that reaches beyond the part's outline is swelling, one inside the
+part over-melting; through the function, the evaluate command and the real daemon."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from monitor.cli import main
+from monitor.geometry.bright import split_bright
+from monitor.vision.classes import DEFAULT_CLASS_NAMES
+from tests.conftest import make_threshold_weights
+from tests.test_alarm_daemon import Rig
+
+NAMES = DEFAULT_CLASS_NAMES
+S, O, U = (NAMES.index(c) for c in ("swelling", "over_melting", "under_melting"))
+
+
+def _part() -> np.ndarray:
+    part = np.zeros((96, 96), bool)
+    part[20:70, 20:70] = True
+    return part
+
+
+def test_a_mark_over_the_outline_is_swelling_one_inside_over_melting() -> None:
+    masks = np.zeros((len(NAMES), 96, 96), bool)
+    masks[O, 40:50, 62:75] = True  # over-melting by the model, 5 px over the outline
+    masks[S, 35:45, 30:40] = True  # swelling by the model, wholly inside the part
+    masks[S, 52:58, 40:50] = True  # one mark marked half and half ...
+    masks[O, 58:64, 40:50] = True  # ... inside: over-melting as a whole
+    masks[U, 25:30, 25:30] = True  # other classes are left alone
+    before = masks.copy()
+    out = split_bright(masks, NAMES, _part(), reach_px=2)
+    assert out is not None
+    np.testing.assert_array_equal(masks, before)  # the input is not modified
+    assert out[S].sum() == 130 and out[S, 40:50, 62:75].all()
+    assert out[O].sum() == 100 + 120 and out[O, 35:45, 30:40].all() and out[O, 52:64, 40:50].all()
+    np.testing.assert_array_equal(out[U], masks[U])
+    assert not (out[S] & out[O]).any()
+
+
+def test_the_reach_is_measured_from_the_outline() -> None:
+    for beyond, expect in ((1, "over_melting"), (2, "swelling"), (3, "swelling")):
+        masks = np.zeros((len(NAMES), 96, 96), bool)
+        masks[O, 40:50, 60:70 + beyond] = True
+        out = split_bright(masks, NAMES, _part(), reach_px=2)
+        got = masks if out is None else out
+        assert got[NAMES.index(expect)].sum() == 10 * (10 + beyond), beyond
+    # a mark on the bare powder, far from any part, is not inside one
+    masks = np.zeros((len(NAMES), 96, 96), bool)
+    masks[O, 80:90, 80:90] = True
+    out = split_bright(masks, NAMES, _part(), reach_px=2)
+    assert out is not None and out[S].sum() == 100
+
+
+def test_nothing_to_do_is_none() -> None:
+    masks = np.zeros((len(NAMES), 96, 96), bool)
+    assert split_bright(masks, NAMES, _part(), reach_px=2) is None  # no mark
+    masks[S, 40:50, 65:75] = True
+    assert split_bright(masks, NAMES, _part(), reach_px=2) is None  # already swelling
+    masks[O, 40:50, 65:75] = True
+    assert split_bright(masks, NAMES, _part(), reach_px=0) is None  # switched off
+    names = ("no_defect", "swelling", "spatter")  # weights without over-melting
+    assert split_bright(masks[:3], names, _part(), reach_px=2) is None
+
+
+def _synth_like(root: Path) -> None:
+    """A one-layer dataset with its nominal slice: a bright spot inside the part (over-
+    melting) and one across its outline (swelling)."""
+    img = np.full((96, 96), 100, np.uint8)
+    img[35:45, 30:40] = 240
+    img[40:50, 62:78] = 240
+    truth = {c: np.zeros((96, 96), np.uint8) for c in NAMES}
+    truth["over_melting"][35:45, 30:40] = 255
+    truth["swelling"][40:50, 62:78] = 255
+    truth["no_defect"][:] = 255
+    truth["no_defect"][_part() | (img > 200)] = 0
+    for d in ("images", "nominal", *(f"masks/{c}" for c in NAMES)):
+        (root / d).mkdir(parents=True)
+    cv2.imwrite(str(root / "images" / "layer_00001.png"), img)
+    cv2.imwrite(str(root / "nominal" / "layer_00001.png"), _part().astype(np.uint8) * 255)
+    for c, m in truth.items():
+        cv2.imwrite(str(root / "masks" / c / "layer_00001.png"), m)
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "pbf-monitor-dataset/1", "classes": list(NAMES), "images": ["layer_00001"],
+        "source": {"generator": "test", "nominal": "nominal/layer_{layer:05d}.png"}}))
+
+
+@pytest.mark.parametrize("reach", [2, 0])
+def test_evaluate_reads_the_dataset_slices(tmp_path: Path, reach: int) -> None:
+    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=O)
+    _synth_like(tmp_path / "ds")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"[model]\ndevice = \"cpu\"\n[geometry]\nswelling_reach_px = {reach}\n")
+    res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "ds"), "--config", str(cfg),
+                                    "--weights", str(weights), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)["classes"]
+    if reach:  # both found, each as its own class
+        assert got["swelling"]["iou"] == pytest.approx(1.0)
+        assert got["over_melting"]["iou"] == pytest.approx(1.0)
+    else:  # the model's classes: everything bright is over-melting
+        assert got["swelling"]["recall"] == 0.0
+        assert got["over_melting"]["precision"] == pytest.approx(100 / 260)
+
+
+@pytest.mark.parametrize("reach", [2, 0])
+def test_the_daemon_stores_and_publishes_the_split(tmp_path: Path, reach: int) -> None:
+    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=O)
+    nominal = tmp_path / "nominal" / "B1"
+    nominal.mkdir(parents=True)
+    cv2.imwrite(str(nominal / "layer_00001.png"), _part().astype(np.uint8) * 255)
+    rig = Rig(tmp_path, weights, extra=f"""
+[geometry]
+nominal = "{tmp_path}/nominal/{{build}}/layer_{{layer:05d}}.png"
+swelling_reach_px = {reach}
+""")
+    try:
+        rig.start()
+        # inside the part (10x10) and across its outline at x = 70 (16x10)
+        rig.write(1, (30, 35, 10, 10), (62, 40, 16, 10))
+        assert rig.listener is not None
+        msg = rig.listener.layers()[1][0]
+        assert msg["status"] == "ok", msg
+        cls = msg["classes"]
+        if reach:
+            assert cls["swelling"]["pixel_count"] == 160
+            assert cls["over_melting"]["pixel_count"] == 100
+        else:
+            assert cls["swelling"]["pixel_count"] == 0
+            assert cls["over_melting"]["pixel_count"] == 260
+    finally:
+        rig.stop()
