@@ -184,3 +184,33 @@ def test_dropping_small_components_matches_labelling_the_whole_mask() -> None:
             (c.x, c.y, c.w, c.h, c.area_px) for c in fresh.component_list]
         assert [v for c in reused.component_list for v in (c.cx, c.cy)] == pytest.approx(
             [v for c in fresh.component_list for v in (c.cx, c.cy)])
+
+
+def test_outside_thresholds_give_loose_masks(tmp_path: Path) -> None:
+    """A class with an outside threshold below its own also comes as a `loose` mask at that
+    threshold, tiled and filtered like the others; none when the outside threshold is not
+    lower, and an unknown class is refused."""
+    from monitor.config import parse_config
+    from tests.conftest import make_threshold_weights
+
+    w = make_weights(tmp_path / "c.safetensors", constant_prob={3: 0.7})  # misprint 0.7
+    seg = Segmenter(w, device="cpu", thresholds={"misprint": 0.9}, tile_size=64,
+                    tile_overlap=16, outside_thresholds={"misprint": 0.5, "spatter": 0.99})
+    out = seg.predict(np.zeros((100, 90), np.float32), probs=False)
+    assert not out.masks[3].any()
+    assert set(out.loose) == {3} and out.loose[3].shape == (100, 90) and out.loose[3].all()
+    seg.set_thresholds(0.5, {"misprint": 0.9}, None, {"misprint": 0.95})
+    assert seg.predict(np.zeros((32, 32), np.float32)).loose == {}
+    with pytest.raises(ConfigError, match=r"model\.outside_thresholds\.cracks"):
+        Segmenter(w, device="cpu", outside_thresholds={"cracks": 0.5})
+    # the component filter holds for the loose mask too (swelling where bright)
+    w2 = make_threshold_weights(tmp_path / "w.safetensors")
+    gray = np.full((64, 64), 0.4, np.float32)
+    gray[5:7, 5:7] = 0.9
+    gray[30:40, 30:40] = 0.9
+    cfg = parse_config({"model": {"weights": str(w2), "device": "cpu",
+                                  "thresholds": {"swelling": 1.0},
+                                  "min_component_mm2": {"swelling": 0.1},
+                                  "outside_thresholds": {"swelling": 0.5}}}, base_dir=tmp_path)
+    out = Segmenter.from_config(cfg).predict(gray, probs=False)
+    assert not out.masks[1].any() and out.loose[1].sum() == 100

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
 from monitor.cli.options import CONFIG_OPTION, find_config, setup_logging
+
+if TYPE_CHECKING:
+    from monitor.config import Config
 
 
 @click.command()
@@ -96,8 +99,8 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
     """Per-class IoU, Dice, precision, recall and per-layer detection on a dataset.
 
     Uses the daemon's tiling and thresholds from the config; where the dataset has nominal
-    slices, swelling and over-melting are read against them as the daemon reads a layer
-    (geometry.swelling_reach_px).
+    slices, the masks are read against them as the daemon reads a layer (swelling and
+    over-melting told apart, model.outside_thresholds beyond the parts).
     """
     from rich.progress import Progress
 
@@ -114,7 +117,8 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
         task = progress.add_task(f"evaluate {dataset}", total=len(ds.names))
         counts = run_eval(ds, seg, sweep=sw,
                           progress=lambda n: progress.update(task, completed=n),
-                          swelling_reach_px=cfg.geometry.swelling_reach_px)
+                          swelling_reach_px=cfg.geometry.swelling_reach_px,
+                          outside_px=outside_px(cfg))
     if as_json:
         out = metrics_json(counts)
         out.update({"dataset": str(dataset), "weights": str(weights or cfg.model.weights),
@@ -128,6 +132,14 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
     if sw is not None:
         for name, b in sw.best().items():
             console.print(f"{name}: threshold {b['threshold']:.2f} gives IoU {b['iou']:.3f}")
+
+
+def outside_px(cfg: Config) -> tuple[int, int]:
+    """geometry.tolerance_mm and outside_reach_mm in pixels of camera.pixel_size_mm (a
+    dataset's slices are in its images' pixels)."""
+    g, px = cfg.geometry, cfg.camera.pixel_size_mm
+    tol = round(g.tolerance_mm / px)
+    return tol, max(tol, round(g.outside_reach_mm / px))
 
 
 @click.command()

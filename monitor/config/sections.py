@@ -15,6 +15,7 @@ from pydantic import (
 
 from monitor.config.base import (
     DEFAULT_MIN_COMPONENT_MM2,
+    DEFAULT_OUTSIDE_THRESHOLDS,
     DEFAULT_WEIGHTS,
     IMAGE_EXTENSIONS,
     PositiveFloat,
@@ -109,6 +110,11 @@ class ModelConfig(Section):
     min_component_mm2: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: dict(DEFAULT_MIN_COMPONENT_MM2),
         description="Per class: smaller connected components are dropped from the mask.",
+    )
+    outside_thresholds: dict[str, Probability] = Field(
+        default_factory=lambda: dict(DEFAULT_OUTSIDE_THRESHOLDS),
+        description="Per class: its threshold beyond the nominal parts' tolerance zone, out "
+        "to geometry.outside_reach_mm (with slices only; melt outside the part by definition).",
     )
 
     @field_validator("tile_size")

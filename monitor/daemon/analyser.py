@@ -31,7 +31,7 @@ from monitor.daemon.parts import GeometryAhead, LayerParts, PartMeter, check_out
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
-from monitor.geometry.bright import BRIGHT
+from monitor.geometry.reading import BRIGHT
 from monitor.records import AlarmEvent, BuildKey, LayerAlarms, LayerRecord
 from monitor.store import queries, writes
 from monitor.vision.stats import Found, layer_stats
@@ -137,18 +137,21 @@ class Analyser(Stage):
         """Statistics, alarms, then store and publish, for one segmented layer."""
         x, seg, names = item.loaded, item.seg, item.class_names
         cand = x.cand
-        masks, regions = seg.masks, None
+        masks, regions, loose = seg.masks, None, seg.loose
         found: dict[int, Found] | None = seg.found
         px = self.pixel_size_mm[cand.printer]
         br = self.regions.for_build(cand.key.build, masks.shape[1:]) if self.regions else None
         if br is not None:
             masks = apply_ignore(masks, br)
+            if br.ignore is not None:
+                loose = {i: m & ~br.ignore for i, m in loose.items()}
             found = None  # the filter's components no longer apply
-        measured = self._measure_parts(item, masks)
+        measured = self._measure_parts(item, masks, loose)
         if measured is not None and measured.masks is not None:
-            # swelling and over-melting told apart by the slice: their components changed
+            # read against the slice (monitor.geometry.reading): components changed
             masks = measured.masks
-            found = found and {i: f for i, f in found.items() if names[i] not in BRIGHT}
+            found = found and {i: f for i, f in found.items()
+                               if names[i] not in BRIGHT and i not in seg.loose}
         if br is not None:
             regions = region_stats(masks, names, br, pixel_size_mm=px,
                                    max_components=self.max_components)
@@ -201,7 +204,8 @@ class Analyser(Stage):
         return dataclasses.replace(ev, position_mm=pos_mm, part=part,
                                    url=overlay_url(self.dashboard_url, ev))
 
-    def _measure_parts(self, item: Segmented, masks: np.ndarray) -> LayerParts | None:
+    def _measure_parts(self, item: Segmented, masks: np.ndarray,
+                       loose: Mapping[int, np.ndarray]) -> LayerParts | None:
         """The layer against its nominal slice; None without one (analysed as before)."""
         cand = item.loaded.cand
         meter = self.parts.get(cand.printer)
@@ -212,9 +216,9 @@ class Analyser(Stage):
             if ahead is None:
                 return meter.measure(cand.key.build, cand.key.layer, path=cand.path,
                                      gray=item.loaded.gray, masks=masks,
-                                     class_names=item.class_names)
+                                     class_names=item.class_names, loose=loose)
             prep = ahead.result()  # prepared while the model ran
-            return None if prep is None else meter.finish(prep, masks, item.class_names)
+            return None if prep is None else meter.finish(prep, masks, item.class_names, loose)
         except Exception:  # a geometry failure must not cost the layer its statistics
             log.exception("layer %s/%d: part statistics failed; analysed without them",
                           cand.key.build, cand.key.layer)

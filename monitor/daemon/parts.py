@@ -30,10 +30,10 @@ import numpy.typing as npt
 from monitor.alarms.regions import BuildRegions, region_stats
 from monitor.config import CameraConfig, Config, GeometryConfig
 from monitor.errors import ConfigError
-from monitor.geometry.bright import split_bright
 from monitor.geometry.calibration import Calibration
 from monitor.geometry.parts import PartZones, disk, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
+from monitor.geometry.reading import read_layer
 from monitor.geometry.slices import NominalSlices, SliceError
 from monitor.records import PartRecord
 from monitor.vision.stats import NO_DEFECT, LayerStats
@@ -224,13 +224,16 @@ class PartMeter:
         return Prepared(labels, cal, printed, parts, parts.zone_mask(), placed.core,
                         placed.near)
 
-    def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str]
-               ) -> LayerParts:
+    def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str],
+               loose: Mapping[int, BoolArray] | None = None) -> LayerParts:
         """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
-        `class_names` order, after ignore regions), swelling and over-melting first told
-        apart by the outline (the result's `masks`)."""
-        split = split_bright(masks, class_names, prep.labels > 0,
-                             reach_px=self.geometry.swelling_reach_px)
+        `class_names` order, after ignore regions) read against the slice first (the
+        result's `masks`; monitor.geometry.reading): swelling and over-melting told apart by
+        the outline, and the Segmenter's `loose` marks kept beyond the tolerance zone."""
+        zone = None if prep.near is None or not loose else prep.near & ~prep.zone
+        split = read_layer(masks, class_names, prep.labels > 0,
+                           swelling_reach_px=self.geometry.swelling_reach_px, loose=loose,
+                           zone=zone)
         if split is not None:
             masks = split
         outside = outside_only(masks, class_names, prep.labels, prep.core,
@@ -248,10 +251,11 @@ class PartMeter:
                           prep.near, split)
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
-                masks: BoolArray, class_names: Sequence[str]) -> LayerParts | None:
+                masks: BoolArray, class_names: Sequence[str],
+                loose: Mapping[int, BoolArray] | None = None) -> LayerParts | None:
         """Both halves at once (tools and tests); None when the layer has no usable slice."""
         prep = self.prepare(build, layer, path=path, gray=gray)
-        return None if prep is None else self.finish(prep, masks, class_names)
+        return None if prep is None else self.finish(prep, masks, class_names, loose)
 
 
 def check_outside_classes(cfg: Config, class_names: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ from monitor.daemon.items import Reload
 from monitor.daemon.worker import Worker
 from monitor.errors import WeightsError
 from monitor.vision.model import file_sha256, file_signature
-from monitor.vision.segmenter import Segmenter, min_component_px
+from monitor.vision.segmenter import Segmenter, min_component_px, outside_thresholds
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class Reloader:
         running = self.worker.model
         seg = self._new_segmenter(cfg, running) or running
         self.analyser.ask(Reload(cfg.alarms))  # ConfigError before anything changes
-        seg.set_thresholds(m.threshold, m.thresholds, min_component_px(cfg, None))
+        seg.set_thresholds(m.threshold, m.thresholds, min_component_px(cfg, None),
+                           outside_thresholds(cfg, None))
         if seg is not running:
             log.info("now serving model %s (was %s)", seg.info.sha256[:12],
                      running.info.sha256[:12])

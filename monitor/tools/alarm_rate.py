@@ -94,7 +94,8 @@ class Runner:
             masks = seg.masks
             found: dict[int, Found] | None = seg.found
             measured = (self.meter.measure(name, n, path=path, gray=gray, masks=masks,
-                                           class_names=names) if self.meter else None)
+                                           class_names=names, loose=seg.loose)
+                        if self.meter else None)
             if measured is not None and measured.masks is not None:
                 masks, found = measured.masks, None  # as the analyser: read against the slice
             stats = layer_stats(masks, names, pixel_size_mm=px,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from monitor.config import DEFAULT_TILE_SIZE
-from monitor.geometry.bright import split_bright
+from monitor.geometry.reading import outside_zone, read_layer
 from monitor.training.dataset import Dataset, DatasetError
 from monitor.vision.model import ModelInfo, load_weights, save_weights
 from monitor.vision.segmenter import Segmenter
@@ -183,6 +183,7 @@ def evaluate(
     sweep: ThresholdSweep | None = None,
     progress: Callable[[int], None] | None = None,
     swelling_reach_px: int = 0,
+    outside_px: tuple[int, int] | None = None,
 ) -> Counts:
     """Segment each layer with `segmenter` and count against the dataset's masks.
 
@@ -194,6 +195,8 @@ def evaluate(
         progress: called with the number of layers done.
         swelling_reach_px: as geometry.swelling_reach_px, where the dataset has nominal
             slices: the masks read against them as the daemon reads a layer (0 = off).
+        outside_px: (tolerance, reach) in pixels, where the dataset has nominal slices:
+            the Segmenter's outside thresholds hold between the two (None = off).
     """
     chans = channel_map(dataset.classes, segmenter.class_names)
     counts = Counts(segmenter.class_names)
@@ -202,11 +205,13 @@ def evaluate(
         true = true[chans]
         result = segmenter.predict(gray, probs=sweep is not None)
         masks = result.masks
-        part = dataset.nominal(name, gray.shape) if swelling_reach_px else None
+        wanted = swelling_reach_px or (outside_px and result.loose)
+        part = dataset.nominal(name, gray.shape) if wanted else None
         if part is not None:
-            split = split_bright(masks, segmenter.class_names, part,
-                                 reach_px=swelling_reach_px)
-            masks = masks if split is None else split
+            zone = outside_zone(part, *outside_px) if outside_px else None
+            read = read_layer(masks, segmenter.class_names, part, loose=result.loose,
+                              zone=zone, swelling_reach_px=swelling_reach_px)
+            masks = masks if read is None else read
         counts.add(masks, true)
         if sweep is not None:
             assert result.probs is not None

@@ -22,8 +22,9 @@ import numpy.typing as npt
 from monitor.config import IMAGE_EXTENSIONS, PrinterConfig
 from monitor.daemon.watcher import parse_layer_path
 from monitor.errors import MonitorError
-from monitor.geometry.bright import split_bright
 from monitor.geometry.layer import layer_geometry, nominal_slices
+from monitor.geometry.parts import tolerance_px
+from monitor.geometry.reading import outside_zone, read_layer
 from monitor.geometry.slices import NominalSlices
 from monitor.training.paste import PASTED, paste_defects
 from monitor.vision.classes import NO_DEFECT
@@ -78,14 +79,27 @@ class Site:
 
     def load(self, item: SiteLayer) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
         """The layer as 8-bit gray, and its nominal parts in its pixels (None: no slice)."""
+        img, part, _ = self.load_zones(item)
+        return img, part
+
+    def load_zones(self, item: SiteLayer) -> tuple[npt.NDArray[np.uint8],
+                                                   npt.NDArray[np.bool_] | None,
+                                                   npt.NDArray[np.bool_] | None]:
+        """load(), and where the parts' outside thresholds apply: beyond the tolerance zone,
+        within geometry.outside_reach_mm (None without a slice)."""
         img = cv2.imread(str(item.path), cv2.IMREAD_GRAYSCALE)
         if img is None:
             raise SiteError(f"{item.path}: cannot decode the image")
-        geo = layer_geometry(self.printer.camera, self.printer.geometry, self.slices,
+        g = self.printer.geometry
+        geo = layer_geometry(self.printer.camera, g, self.slices,
                              build=item.build, layer=item.layer, stem=item.path.stem,
                              image_shape=img.shape)
-        part = None if geo.labels is None else geo.labels > 0
-        return np.asarray(img, dtype=np.uint8), part
+        if geo.labels is None:
+            return np.asarray(img, dtype=np.uint8), None, None
+        tol = tolerance_px(geo.cal, geo.labels, g.tolerance_mm)
+        reach = max(tol, tolerance_px(geo.cal, geo.labels, g.outside_reach_mm))
+        part = geo.labels > 0
+        return np.asarray(img, dtype=np.uint8), part, outside_zone(part, tol, reach)
 
 
 @dataclass
@@ -125,14 +139,14 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
           seed: int = 0, per_class: int = 2) -> SiteScore:
     """Run the model on each layer that has a nominal slice, as the daemon would: the share
     of the nominal part area marked with any defect class, per layer; then, on a copy with
-    `per_class` defects of each class pasted in, which of them it finds (swelling and
-    over-melting read against the slice, as the daemon reads them)."""
+    `per_class` defects of each class pasted in, which of them it finds (read against the
+    slice as the daemon reads a layer: monitor.geometry.reading)."""
     out = SiteScore()
     names = seg.class_names
     defect_ids = [i for i, c in enumerate(names) if c != NO_DEFECT]
     for n, item in enumerate(items):
-        img, part = site.load(item)
-        if part is None or not part.any():
+        img, part, zone = site.load_zones(item)
+        if part is None or zone is None or not part.any():
             continue
         masks = seg.predict(img.astype(np.float32) / 255.0, probs=False).masks
         marked = masks[defect_ids].any(axis=0) & part
@@ -146,10 +160,10 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
         rng = np.random.default_rng([seed, n])
         counts = {c: per_class for c in PASTED if c in names}
         img2, _, pasted = paste_defects(img, part, rng, counts=counts)
-        masks2 = seg.predict(img2.astype(np.float32) / 255.0, probs=False).masks
-        split = split_bright(masks2, names, part,
-                             reach_px=site.printer.geometry.swelling_reach_px)
-        masks2 = masks2 if split is None else split
+        res = seg.predict(img2.astype(np.float32) / 255.0, probs=False)
+        read = read_layer(res.masks, names, part, loose=res.loose, zone=zone,
+                          swelling_reach_px=site.printer.geometry.swelling_reach_px)
+        masks2 = res.masks if read is None else read
         for p in pasted:
             hit = int((masks2[names.index(p.cls)] & p.mask).sum())
             out.pasted[p.cls] += 1

@@ -68,6 +68,9 @@ class Segmentation:
     infer_ms: float
     # Per filtered class index, the components the filter kept (statistics reuse them).
     found: dict[int, Found] = field(default_factory=dict)
+    # Per class index with an outside threshold (model.outside_thresholds): its mask at that
+    # lower threshold, filtered alike; the geometry keeps it beyond the parts only.
+    loose: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +83,7 @@ class SegmenterOptions:
     threshold: float = 0.5  # for classes without their own (below) or a calibrated one
     thresholds: Mapping[str, float] = field(default_factory=dict)
     min_component_px: Mapping[str, int] = field(default_factory=dict)  # per class
+    outside_thresholds: Mapping[str, float] = field(default_factory=dict)  # beyond the parts
     backend: str = "torch"
     cache_dir: Path | None = None  # where the backends' exports are kept
     precision: str = "f32"  # the CPU engines' precision
@@ -91,7 +95,8 @@ class SegmenterOptions:
         m = cfg.model
         return cls(device=m.device, tile_size=m.tile_size, tile_overlap=m.tile_overlap,
                    threshold=m.threshold, thresholds=m.thresholds,
-                   min_component_px=min_component_px(cfg, weights), backend=m.backend,
+                   min_component_px=min_component_px(cfg, weights),
+                   outside_thresholds=outside_thresholds(cfg, weights), backend=m.backend,
                    cache_dir=cfg.state_dir / "cache", precision=m.cpu_precision,
                    batch_size=m.batch_size)
 
@@ -133,7 +138,8 @@ class Segmenter:
             raise ConfigError(f"model.tile_overlap ({opts.tile_overlap}) must be less than "
                               f"half of model.tile_size ({opts.tile_size})")
         self.info = info
-        self.set_thresholds(opts.threshold, opts.thresholds, opts.min_component_px)
+        self.set_thresholds(opts.threshold, opts.thresholds, opts.min_component_px,
+                            opts.outside_thresholds)
         self.tile_size = opts.tile_size
         self.tile_overlap = opts.tile_overlap
         self.cuda = self.device.type == "cuda"
@@ -144,16 +150,15 @@ class Segmenter:
                                              cache_dir=opts.cache_dir, precision=opts.precision)
 
     def set_thresholds(self, threshold: float, thresholds: Mapping[str, float] | None,
-                       min_component_px: Mapping[str, int] | None = None) -> None:
+                       min_component_px: Mapping[str, int] | None = None,
+                       outside_thresholds: Mapping[str, float] | None = None) -> None:
         """Thresholds and component filters, checked, then swapped in at once (SIGHUP)."""
-        unknown = set(thresholds or {}) - set(self.info.class_names)
-        if unknown:
-            raise ConfigError(f"model.thresholds.{sorted(unknown)[0]}: unknown class; the "
-                              f"weights' classes are {', '.join(self.info.class_names)}")
-        unknown = set(min_component_px or {}) - set(self.info.class_names)
-        if unknown:
-            raise ConfigError(f"model.min_component_mm2.{sorted(unknown)[0]}: unknown class; "
-                              f"the weights' classes are {', '.join(self.info.class_names)}")
+        for key, given in (("thresholds", thresholds), ("min_component_mm2", min_component_px),
+                           ("outside_thresholds", outside_thresholds)):
+            unknown = set(given or {}) - set(self.info.class_names)
+            if unknown:
+                raise ConfigError(f"model.{key}.{sorted(unknown)[0]}: unknown class; the "
+                                  f"weights' classes are {', '.join(self.info.class_names)}")
         # Per class: the config's value, else the one calibrated into the weights, else the
         # config's default threshold.
         chosen = {**self.info.thresholds, **(thresholds or {})}
@@ -162,9 +167,15 @@ class Segmenter:
         filters = [(i, int((min_component_px or {})[c])) for i, c in enumerate(self.class_names)
                    if (min_component_px or {}).get(c, 0) > 1]
         # The same cut on the logits (sigmoid is monotonic): 0 -> -inf, 1 -> +inf.
+        # Outside thresholds only where they are lower than the class's own (else the loose
+        # mask would add nothing).
+        loose = [(i, float(v)) for i, c in enumerate(self.class_names)
+                 if (v := (outside_thresholds or {}).get(c)) is not None and v < values[i]]
         with np.errstate(divide="ignore"):
             logits = (np.log(values) - np.log1p(-values)).astype(np.float32)
+            loose_cut = [(i, float(np.log(v) - np.log1p(-v))) for i, v in loose]
         self.thresholds, self.logit_thresholds, self.min_component_px = values, logits, filters
+        self.loose_cuts = loose_cut
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -198,6 +209,8 @@ class Segmenter:
         masks, prob_maps = [], []
         # Read once: a reload (SIGHUP) swaps them from another thread.
         cut, filters = self.logit_thresholds[:, None, None], self.min_component_px
+        loose_cuts = self.loose_cuts
+        loose_masks: list[np.ndarray] = []
         for n, gray in enumerate(grays):
             h, w = gray.shape
             x = model_input(gray, self.info.norm, self.info.mean, self.info.std)
@@ -208,6 +221,7 @@ class Segmenter:
             if (ph, pw) != (h, w):
                 x = np.pad(x, ((0, ph - h), (0, pw - w)), mode="reflect")
             masks.append(np.empty((n_classes, h, w), dtype=bool))
+            loose_masks.append(np.empty((len(loose_cuts), h, w), dtype=bool))
             if probs:
                 prob_maps.append(np.empty((n_classes, h, w), dtype=np.float32))
             for y0, y1, ky0, ky1 in ys:
@@ -227,6 +241,9 @@ class Segmenter:
                         n, (y0, x0, ky0, ky1, kx0, kx1), _ = work[i]
                         kept = z[:, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
                         np.greater_equal(kept, cut, out=masks[n][:, ky0:ky1, kx0:kx1])
+                        for j, (c, lc) in enumerate(loose_cuts):
+                            np.greater_equal(kept[c], lc,
+                                             out=loose_masks[n][j, ky0:ky1, kx0:kx1])
                         if probs:
                             prob_maps[n][:, ky0:ky1, kx0:kx1] = torch.sigmoid(
                                 torch.from_numpy(kept)).numpy()
@@ -241,8 +258,11 @@ class Segmenter:
                 return i, found
 
             found = {i: f for i, f in per_class(drop, len(filters), gray.size) if f is not None}
+            min_px = dict(filters)
+            loose = {c: (drop_small_components(m, min_px[c])[0] if min_px.get(c, 0) > 1 else m)
+                     for (c, _), m in zip(loose_cuts, loose_masks[k], strict=True)}
             results.append(Segmentation(prob_maps[k] if probs else None, mask,
-                                        elapsed_ms * gray.size / total_px, found))
+                                        elapsed_ms * gray.size / total_px, found, loose))
         return results
 
 
@@ -257,6 +277,17 @@ def min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:
         names = set(read_info(override or m.weights).class_names)
         wanted = {c: a for c, a in wanted.items() if c in names}
     return {c: math.ceil(a / px_mm2) for c, a in wanted.items()}
+
+
+def outside_thresholds(cfg: Config, override: Path | None) -> dict[str, float]:
+    """model.outside_thresholds, its built-in default's classes kept only where the weights
+    have them (as min_component_px)."""
+    m = cfg.model
+    wanted = dict(m.outside_thresholds)
+    if override is not None or "outside_thresholds" not in m.model_fields_set:
+        names = set(read_info(override or m.weights).class_names)
+        wanted = {c: v for c, v in wanted.items() if c in names}
+    return wanted
 
 
 def drop_small_components(mask: np.ndarray, min_px: int) -> tuple[np.ndarray, Found | None]:

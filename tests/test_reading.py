@@ -1,6 +1,9 @@
-"""geometry.swelling_reach_px: swelling and over-melting, told apart by the layer's slice.
-A mark of either class that reaches beyond the part's outline is swelling, one inside the
-part over-melting; through the function, the evaluate command and the real daemon."""
+"""The model's marks read against the layer's slice (monitor.geometry.reading), through the
+functions, the evaluate command and the real daemon:
+- geometry.swelling_reach_px: a swelling or over-melting mark that reaches beyond the part's
+  outline is swelling, one inside the part over-melting;
+- model.outside_thresholds: beyond the parts' tolerance zone and within outside_reach_mm, a
+  class is marked from its lower outside threshold."""
 
 from __future__ import annotations
 
@@ -13,13 +16,13 @@ import pytest
 from click.testing import CliRunner
 
 from monitor.cli import main
-from monitor.geometry.bright import split_bright
+from monitor.geometry.reading import add_outside, outside_zone, read_layer, split_bright
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 from tests.conftest import make_threshold_weights
 from tests.test_alarm_daemon import Rig
 
 NAMES = DEFAULT_CLASS_NAMES
-S, O, U = (NAMES.index(c) for c in ("swelling", "over_melting", "under_melting"))
+S, OVER, U = (NAMES.index(c) for c in ("swelling", "over_melting", "under_melting"))
 
 
 def _part() -> np.ndarray:
@@ -30,31 +33,32 @@ def _part() -> np.ndarray:
 
 def test_a_mark_over_the_outline_is_swelling_one_inside_over_melting() -> None:
     masks = np.zeros((len(NAMES), 96, 96), bool)
-    masks[O, 40:50, 62:75] = True  # over-melting by the model, 5 px over the outline
+    masks[OVER, 40:50, 62:75] = True  # over-melting by the model, 5 px over the outline
     masks[S, 35:45, 30:40] = True  # swelling by the model, wholly inside the part
     masks[S, 52:58, 40:50] = True  # one mark marked half and half ...
-    masks[O, 58:64, 40:50] = True  # ... inside: over-melting as a whole
+    masks[OVER, 58:64, 40:50] = True  # ... inside: over-melting as a whole
     masks[U, 25:30, 25:30] = True  # other classes are left alone
     before = masks.copy()
     out = split_bright(masks, NAMES, _part(), reach_px=2)
     assert out is not None
     np.testing.assert_array_equal(masks, before)  # the input is not modified
     assert out[S].sum() == 130 and out[S, 40:50, 62:75].all()
-    assert out[O].sum() == 100 + 120 and out[O, 35:45, 30:40].all() and out[O, 52:64, 40:50].all()
+    assert out[OVER].sum() == 100 + 120
+    assert out[OVER, 35:45, 30:40].all() and out[OVER, 52:64, 40:50].all()
     np.testing.assert_array_equal(out[U], masks[U])
-    assert not (out[S] & out[O]).any()
+    assert not (out[S] & out[OVER]).any()
 
 
 def test_the_reach_is_measured_from_the_outline() -> None:
     for beyond, expect in ((1, "over_melting"), (2, "swelling"), (3, "swelling")):
         masks = np.zeros((len(NAMES), 96, 96), bool)
-        masks[O, 40:50, 60:70 + beyond] = True
+        masks[OVER, 40:50, 60:70 + beyond] = True
         out = split_bright(masks, NAMES, _part(), reach_px=2)
         got = masks if out is None else out
         assert got[NAMES.index(expect)].sum() == 10 * (10 + beyond), beyond
     # a mark on the bare powder, far from any part, is not inside one
     masks = np.zeros((len(NAMES), 96, 96), bool)
-    masks[O, 80:90, 80:90] = True
+    masks[OVER, 80:90, 80:90] = True
     out = split_bright(masks, NAMES, _part(), reach_px=2)
     assert out is not None and out[S].sum() == 100
 
@@ -64,7 +68,7 @@ def test_nothing_to_do_is_none() -> None:
     assert split_bright(masks, NAMES, _part(), reach_px=2) is None  # no mark
     masks[S, 40:50, 65:75] = True
     assert split_bright(masks, NAMES, _part(), reach_px=2) is None  # already swelling
-    masks[O, 40:50, 65:75] = True
+    masks[OVER, 40:50, 65:75] = True
     assert split_bright(masks, NAMES, _part(), reach_px=0) is None  # switched off
     names = ("no_defect", "swelling", "spatter")  # weights without over-melting
     assert split_bright(masks[:3], names, _part(), reach_px=2) is None
@@ -94,7 +98,7 @@ def _synth_like(root: Path) -> None:
 
 @pytest.mark.parametrize("reach", [2, 0])
 def test_evaluate_reads_the_dataset_slices(tmp_path: Path, reach: int) -> None:
-    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=O)
+    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=OVER)
     _synth_like(tmp_path / "ds")
     cfg = tmp_path / "config.toml"
     cfg.write_text(f"[model]\ndevice = \"cpu\"\n[geometry]\nswelling_reach_px = {reach}\n")
@@ -112,7 +116,7 @@ def test_evaluate_reads_the_dataset_slices(tmp_path: Path, reach: int) -> None:
 
 @pytest.mark.parametrize("reach", [2, 0])
 def test_the_daemon_stores_and_publishes_the_split(tmp_path: Path, reach: int) -> None:
-    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=O)
+    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=OVER)
     nominal = tmp_path / "nominal" / "B1"
     nominal.mkdir(parents=True)
     cv2.imwrite(str(nominal / "layer_00001.png"), _part().astype(np.uint8) * 255)
@@ -135,5 +139,63 @@ swelling_reach_px = {reach}
         else:
             assert cls["swelling"]["pixel_count"] == 0
             assert cls["over_melting"]["pixel_count"] == 260
+    finally:
+        rig.stop()
+
+
+def test_loose_marks_count_only_between_the_tolerance_and_the_reach() -> None:
+    part = _part()
+    zone = outside_zone(part, 5, 20)
+    assert not zone[part].any()
+    assert not zone[45, 70:75].any() and zone[45, 76:90].all() and not zone[45, 91:].any()
+    masks = np.zeros((len(NAMES), 96, 96), bool)
+    loose = np.ones((96, 96), bool)
+    M = NAMES.index("misprint")
+    out = add_outside(masks, {M: loose}, zone)
+    assert out is not None and np.array_equal(out[M], zone) and not masks.any()
+    assert add_outside(out, {M: loose}, zone) is None  # nothing new
+    both = read_layer(masks, NAMES, part, swelling_reach_px=2, loose={M: loose}, zone=zone)
+    assert both is not None and np.array_equal(both[M], zone)
+    assert read_layer(masks, NAMES, part, swelling_reach_px=2, loose={M: loose}) is None
+
+
+@pytest.mark.parametrize("outside", ["{ misprint = 0.5 }", "{}"])
+def test_the_daemon_marks_misprint_beyond_the_parts_from_the_outside_threshold(
+        tmp_path: Path, outside: str) -> None:
+    """Weights that give misprint 0.7 everywhere, its threshold 0.9: nothing inside the
+    part or near it; with the outside threshold 0.5, the ring beyond the 0.5 mm tolerance
+    and within 2 mm (0.1 mm pixels: 5 to 20 px from the part) is misprint."""
+    from tests.conftest import make_weights
+
+    weights = make_weights(tmp_path / "w.safetensors", constant_prob={3: 0.7})
+    nominal = tmp_path / "nominal" / "B1"
+    nominal.mkdir(parents=True)
+    cv2.imwrite(str(nominal / "layer_00001.png"), _part().astype(np.uint8) * 255)
+    rig = Rig(tmp_path, weights, extra=f"""
+[geometry]
+nominal = "{tmp_path}/nominal/{{build}}/layer_{{layer:05d}}.png"
+outside_reach_mm = 2.0
+""")
+    text = rig.config.read_text().replace(
+        'device = "cpu"', f'device = "cpu"\nthresholds = {{ misprint = 0.9 }}\n'
+        f'outside_thresholds = {outside}')
+    rig.config.write_text(text)
+    from monitor.config import load_config
+    from monitor.daemon.daemon import Daemon
+    rig.cfg = load_config(rig.config)
+    rig.daemon = Daemon(rig.cfg)
+    try:
+        rig.start()
+        rig.write(1)
+        assert rig.listener is not None
+        msg = rig.listener.layers()[1][0]
+        assert msg["status"] == "ok", msg
+        got = msg["classes"]["misprint"]["pixel_count"]
+        if outside == "{}":
+            assert got == 0
+        else:
+            # the part is 50x50 px; its ring from 5 to 20 px out, clipped by the 96 px frame
+            ring = outside_zone(_part(), 5, 20)
+            assert abs(got - int(ring.sum())) <= 0.05 * ring.sum(), (got, int(ring.sum()))
     finally:
         rig.stop()

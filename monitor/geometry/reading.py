@@ -1,0 +1,100 @@
+"""The model's marks read against the layer's nominal slice.
+
+The model sees one gray image; the daemon also knows where metal was meant to be. Two
+classes are defined by that place, and the slice settles them:
+
+- Swelling or over-melting. Both are brighter than their part, and a model that has seen
+  many camera looks marks both classes on both (on the README's synthetic seed 999, 44% of
+  what the default weights marked swelling lay on over-melting, and 54% of their
+  over-melting on swelling). Swelling is part metal warped up over the part's outline, so it
+  reaches out over the powder; an over-melted spot lies inside its part. Each bright mark
+  (a connected component of the two classes together) takes the class its place gives it:
+  swelling when it reaches `reach_px` or more beyond the outline, over-melting otherwise.
+- Misplaced melt (misprint). Loose scan tracks on the powder look like the part's own melt,
+  which the model must not mark inside a part, so its misprint threshold is high. Beyond the
+  part's tolerance zone there is no part to mistake, and the model's marks are taken from a
+  lower probability there (`model.outside_thresholds`: the Segmenter's `loose` masks).
+
+See docs/cameras.md for what each measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+BoolArray = npt.NDArray[np.bool_]
+
+SWELLING, OVER_MELTING = "swelling", "over_melting"
+BRIGHT = (SWELLING, OVER_MELTING)  # the classes split_bright may change
+
+
+def split_bright(masks: BoolArray, class_names: Sequence[str], part: BoolArray, *,
+                 reach_px: int) -> BoolArray | None:
+    """`masks` (C, H, W) with every swelling/over-melting mark given the class its place
+    says, against `part` (H, W, the nominal parts in image pixels); None when nothing
+    changes (either class missing from `class_names`, `reach_px` 0, no mark, or every mark
+    already one class and in its place). The input is never modified."""
+    if reach_px <= 0 or SWELLING not in class_names or OVER_MELTING not in class_names:
+        return None
+    s, o = class_names.index(SWELLING), class_names.index(OVER_MELTING)
+    bright = masks[s] | masks[o]
+    if not bright.any():
+        return None
+    n, lab, boxes, _ = cv2.connectedComponentsWithStats(bright.view(np.uint8), connectivity=8)
+    h, w = bright.shape
+    pad = reach_px + 1
+    out_s = np.zeros_like(bright)
+    for k in range(1, n):
+        x, y, bw, bh = (int(v) for v in boxes[k, :4])
+        y0, y1 = max(0, y - pad), min(h, y + bh + pad)
+        x0, x1 = max(0, x - pad), min(w, x + bw + pad)
+        comp = lab[y0:y1, x0:x1] == k
+        # Distance of each pixel to the nearest part pixel (the box holds every part pixel
+        # within reach of the mark, which is all the test needs).
+        outside = (~part[y0:y1, x0:x1]).view(np.uint8)
+        d_out = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        if bool((d_out[comp] >= reach_px).any()):
+            out_s[y0:y1, x0:x1] |= comp
+    new = masks.copy()
+    new[s] = out_s
+    new[o] = bright & ~out_s
+    if np.array_equal(new[s], masks[s]) and np.array_equal(new[o], masks[o]):
+        return None
+    return new
+
+
+def add_outside(masks: BoolArray, loose: Mapping[int, BoolArray], zone: BoolArray
+                ) -> BoolArray | None:
+    """`masks` (C, H, W) with each class's `loose` marks (class index -> (H, W) mask at its
+    outside threshold) added within `zone` (beyond the parts' tolerance, within reach);
+    None when that adds nothing. The input is never modified."""
+    new: BoolArray | None = None
+    for i, m in loose.items():
+        extra = m & zone & ~masks[i]
+        if extra.any():
+            if new is None:
+                new = masks.copy()
+            new[i] |= extra
+    return new
+
+
+def outside_zone(part: BoolArray, tolerance_px: int, reach_px: int) -> BoolArray:
+    """(H, W): beyond `tolerance_px` of the nominal parts and within `reach_px` of them."""
+    d_out = cv2.distanceTransform((~part).view(np.uint8), cv2.DIST_L2, 3)
+    return np.asarray((d_out > tolerance_px) & (d_out <= reach_px))
+
+
+def read_layer(masks: BoolArray, class_names: Sequence[str], part: BoolArray, *,
+               swelling_reach_px: int, loose: Mapping[int, BoolArray] | None = None,
+               zone: BoolArray | None = None) -> BoolArray | None:
+    """Both readings (split_bright, then add_outside where `zone` is given); None when
+    neither changes anything."""
+    out = split_bright(masks, class_names, part, reach_px=swelling_reach_px)
+    if loose and zone is not None:
+        more = add_outside(masks if out is None else out, loose, zone)
+        out = more if more is not None else out
+    return out
