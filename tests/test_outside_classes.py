@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from monitor.config import CameraConfig, GeometryConfig, parse_config
-from monitor.daemon.parts import PartMeter
+from monitor.daemon.parts import PartMeter, check_outside_classes
+from monitor.errors import ConfigError
 from monitor.vision.classes import DEFAULT_CLASS_NAMES
 
 NAMES = DEFAULT_CLASS_NAMES
@@ -87,3 +88,30 @@ def test_the_reach_is_a_distance_from_the_outline() -> None:
     assert near[100, 139 + 35] and not near[100, 139 + 46]  # along a row
     assert near[119 + 35, 120] and not near[119 + 46, 120]  # along a column
     assert not near[0, 0]
+
+
+@pytest.mark.parametrize("reach_classes", [("swelling",), ()])
+def test_reach_classes_count_out_to_the_reach_every_mark_kept(
+        tmp_path: Path, reach_classes: tuple[str, ...]) -> None:
+    """A swelling 2 mm off its part's slice (a distorted part's) counts on the parts' zone
+    with reach_classes = ["swelling"]; one across the outline counts either way, whole."""
+    nominal = np.zeros((80, 100), np.uint8)
+    nominal[20:60, 20:70] = 255
+    (tmp_path / "n").mkdir()
+    cv2.imwrite(str(tmp_path / "n" / "layer_00001.png"), nominal)
+    meter = PartMeter(CameraConfig(), GeometryConfig(
+        nominal=str(tmp_path / "n" / "layer_{layer:05d}.png"), reach_classes=reach_classes))
+    gray = np.full((80, 100), 0.3, np.float32)
+    gray[20:60, 20:70] = 0.8
+    prep = meter.prepare("B", 1, path=tmp_path / "layer_00001.png", gray=gray)
+    assert prep is not None
+    masks = np.zeros((len(NAMES), 80, 100), bool)
+    sw = NAMES.index("swelling")
+    masks[sw, 35:45, 62:72] = True  # 100 px across the outline (x = 70)
+    masks[sw, 30:40, 90:96] = True  # 60 px 2 mm beyond its outline
+    measured = meter.finish(prep, masks, NAMES)
+    zone = measured.zone_stats(masks, NAMES, pixel_size_mm=0.1, max_components=10)
+    assert zone.classes["swelling"].area_mm2 == pytest.approx(1.6 if reach_classes else 1.0)
+    with pytest.raises(ConfigError, match=r"geometry\.reach_classes: unknown class 'crack'"):
+        check_outside_classes(parse_config({"geometry": {"reach_classes": ["crack"]}},
+                                           base_dir=tmp_path), NAMES)

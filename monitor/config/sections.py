@@ -187,8 +187,13 @@ class GeometryConfig(Section):
         "'parts' rules, tracks)."
     )
     outside_reach_mm: float = Field(
-        5.0, ge=0, description="How far from the nominal parts scope 'parts' rules and tracks "
+        10.0, ge=0, description="How far from the nominal parts scope 'parts' rules and tracks "
         "count the outside_classes (they lie beyond the tolerance zone by definition)."
+    )
+    reach_classes: tuple[str, ...] = Field(
+        ("swelling",), description="Classes that scope 'parts' rules and tracks count out to "
+        "outside_reach_mm as well, every mark kept (metal over the outline: a distorted "
+        "part's swelling)."
     )
     swelling_reach_px: int = Field(
         2, ge=0, description="A swelling or over_melting mark reaching this many image pixels "

@@ -167,7 +167,8 @@ class PartMeter:
         tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
         part = labels > 0
         near = None
-        if self.geometry.outside_classes:  # never less than the zone the others count in
+        if self.geometry.outside_classes or self.geometry.reach_classes:
+            # never less than the zone the others count in
             near = _grown(part, max(tol, tolerance_px(cal, labels,
                                                       self.geometry.outside_reach_mm)))
         return _Placed(labels, cal, tol, stamp, _core(part, tol), near)
@@ -238,6 +239,9 @@ class PartMeter:
             masks = split
         outside = outside_only(masks, class_names, prep.labels, prep.core,
                                self.geometry.outside_classes)
+        # counted out to the reach too, every mark kept (a distorted part's swelling)
+        outside.update({c: masks[class_names.index(c)] for c in self.geometry.reach_classes
+                        if c in class_names and c not in outside})
         classes = {name: outside.get(name, masks[i]) for i, name in enumerate(class_names)
                    if name != NO_DEFECT}
         stats = prep.parts.stats(classes)
@@ -259,16 +263,18 @@ class PartMeter:
 
 
 def check_outside_classes(cfg: Config, class_names: Sequence[str]) -> None:
-    """geometry.outside_classes written in the config must be classes of the weights (the
-    built-in default names misprint, which weights of other classes may lack: skipped)."""
+    """geometry.outside_classes and reach_classes written in the config must be classes of
+    the weights (the built-in defaults name misprint and swelling, which weights of other
+    classes may lack: skipped)."""
     for i, p in enumerate(cfg.fleet()):
-        if "outside_classes" not in p.geometry.model_fields_set:
-            continue
-        for c in p.geometry.outside_classes:
-            if c not in class_names:
-                where = f"printers[{i}]." if cfg.printers else ""
-                raise ConfigError(f"{where}geometry.outside_classes: unknown class {c!r}; "
-                                  f"the weights' classes are {', '.join(class_names)}")
+        for key in ("outside_classes", "reach_classes"):
+            if key not in p.geometry.model_fields_set:
+                continue
+            for c in getattr(p.geometry, key):
+                if c not in class_names:
+                    where = f"printers[{i}]." if cfg.printers else ""
+                    raise ConfigError(f"{where}geometry.{key}: unknown class {c!r}; the "
+                                      f"weights' classes are {', '.join(class_names)}")
 
 
 def _core(part: BoolArray, tol_px: int) -> BoolArray:

@@ -25,12 +25,15 @@ from monitor.alarms.engine import AlarmEngine
 from monitor.config import AlarmsConfig, CameraConfig, GeometryConfig, parse_config
 from monitor.daemon.parts import PartMeter
 from monitor.records import AlarmEvent, BuildKey
-from monitor.training.synth_render import MISPRINT
+from monitor.training.synth_render import MISPRINT, SWELLING
 from monitor.vision.imaging import to_unit_gray
 from monitor.vision.segmenter import Segmenter
 from monitor.vision.stats import Found, layer_stats
 
 LOOKAHEAD = 3  # a defect must alarm within this many layers of its first layer
+# A swelling alarm is the episode's when it lies within this of a swelling drawn on its layer
+# (an alarm on another part in the same layers does not catch it).
+NEAR_MM = 3.0
 MISPRINT_EPISODE_MM2 = 2.0  # layers with this much misprint drawn make a misprint episode
 
 
@@ -187,6 +190,7 @@ def synthetic(seg: Segmenter, work: Path, *, seed: int, layers: int = 40, size: 
 
     misprint_mm2: list[float] = []  # per layer, the misprint drawn
     swelling_layers: dict[int, list[int]] = {}  # per swelling episode, the layers it is drawn on
+    swelling_drawn: dict[int, np.ndarray] = {}  # per layer, where swelling is drawn
 
     def items() -> Iterator[tuple[int, np.ndarray, Path]]:
         for lay in gen:
@@ -194,13 +198,16 @@ def synthetic(seg: Segmenter, work: Path, *, seed: int, layers: int = 40, size: 
             misprint_mm2.append(float(lay.masks[MISPRINT].sum()) * camera.pixel_size_mm ** 2)
             for i in lay.swellings:
                 swelling_layers.setdefault(i, []).append(n)
+            if lay.swellings:
+                swelling_drawn[n] = lay.masks[SWELLING].copy()
             cv2.imwrite(str(nominal / f"layer_{n:05d}.png"), gen.nominal(lay.index))
             yield n, to_unit_gray(lay.image), nominal / f"layer_{n:05d}.png"
 
     tally = runner.build(f"synth{seed}", items())
     if recall is not None:
+        near_px = NEAR_MM / camera.pixel_size_mm
         _score(gen, tally.trusted, recall, seed, runner.alarms.grace_layers, misprint_mm2,
-               swelling_layers)
+               swelling_layers, lambda e: _near(e, swelling_drawn.get(e.layer), near_px))
     return tally
 
 
@@ -216,9 +223,19 @@ def _episodes(area_mm2: list[float], least: float) -> list[tuple[int, int]]:
     return runs
 
 
+def _near(e: AlarmEvent, drawn: np.ndarray | None, near_px: float) -> bool:
+    """Whether alarm `e` lies within `near_px` of a swelling drawn on its layer."""
+    if drawn is None or e.position_px is None:
+        return False
+    ys, xs = np.nonzero(drawn)
+    x, y = e.position_px
+    return bool(len(ys)) and float(np.min(np.hypot(xs - x, ys - y))) <= near_px
+
+
 def _score(gen: Any, opened: list[AlarmEvent], recall: Recall, seed: int,
            grace: int, misprint_mm2: list[float],
-           swelling_layers: dict[int, list[int]]) -> None:
+           swelling_layers: dict[int, list[int]],
+           on_swelling: Callable[[AlarmEvent], bool]) -> None:
     def first(pred: Callable[[AlarmEvent], bool], start: int) -> bool:
         lo = max(start, grace + 1)  # the first layers of a build are not checked
         return any(pred(e) and lo <= e.layer <= lo + LOOKAHEAD for e in opened)
@@ -230,7 +247,7 @@ def _score(gen: Any, opened: list[AlarmEvent], recall: Recall, seed: int,
             continue
         start = drawn[0]
         recall.injected["stacking (swelling episode)"] += 1
-        if first(lambda e: e.class_name == "swelling", start):
+        if first(lambda e: e.class_name == "swelling" and on_swelling(e), start):
             recall.caught["stacking (swelling episode)"] += 1
         else:
             recall.late.append(f"seed {seed} swelling from layer {start}")
