@@ -32,7 +32,7 @@ def test_adapting_on_b0_clears_the_other_builds(tmp_path: Path) -> None:
                 train_items=site.layers(["B0"]),
                 holdout_items=site.layers(["B20220819", "B20220824"]),
                 opts=AdaptOptions(device="cpu"))
-    print(res.reason, res.after.as_json())
+    print(res.reason, "BEFORE", res.before.as_json(), "AFTER", res.after.as_json())
     assert res.written, res.reason
     assert res.after.mean_false is not None and res.after.mean_false <= 0.01
     recall = res.after.recall()

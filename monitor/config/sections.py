@@ -196,7 +196,7 @@ class GeometryConfig(Section):
         "part's swelling)."
     )
     swelling_reach_px: int = Field(
-        2, ge=0, description="A swelling or over_melting mark reaching this many image pixels "
+        1, ge=0, description="A swelling or over_melting mark reaching this many image pixels "
         "beyond a part's nominal outline is swelling, one within it over_melting; 0 = the "
         "model's classes as they are."
     )
