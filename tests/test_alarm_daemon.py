@@ -33,7 +33,8 @@ def bright_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Rig:
     """A daemon on a temp folder, a subscriber, and helpers to write layers one by one."""
 
-    def __init__(self, tmp: Path, weights: Path, extra: str = "", store_url: str = "") -> None:
+    def __init__(self, tmp: Path, weights: Path, extra: str = "", store_url: str = "",
+                 model_extra: str = "") -> None:
         self.pub, self.state = free_endpoint(), free_endpoint()
         self.config = write_config(tmp / "config.toml", f"""
 [watch]
@@ -44,6 +45,7 @@ rescan_interval_s = 0
 [model]
 weights = "{weights}"
 device = "cpu"
+{model_extra}
 [store]
 state_dir = "state"
 url = "{store_url}"

@@ -114,17 +114,22 @@ def test_evaluate_reads_the_dataset_slices(tmp_path: Path, reach: int) -> None:
         assert got["over_melting"]["precision"] == pytest.approx(100 / 260)
 
 
-@pytest.mark.parametrize("reach", [2, 0])
-def test_the_daemon_stores_and_publishes_the_split(tmp_path: Path, reach: int) -> None:
-    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=OVER)
+def _rig(tmp_path: Path, weights: Path, geometry: str, model: str = "") -> Rig:
+    """A daemon whose layers of build B1 have _part() as their nominal slice."""
     nominal = tmp_path / "nominal" / "B1"
     nominal.mkdir(parents=True)
     cv2.imwrite(str(nominal / "layer_00001.png"), _part().astype(np.uint8) * 255)
-    rig = Rig(tmp_path, weights, extra=f"""
+    return Rig(tmp_path, weights, model_extra=model, extra=f"""
 [geometry]
 nominal = "{tmp_path}/nominal/{{build}}/layer_{{layer:05d}}.png"
-swelling_reach_px = {reach}
+{geometry}
 """)
+
+
+@pytest.mark.parametrize("reach", [2, 0])
+def test_the_daemon_stores_and_publishes_the_split(tmp_path: Path, reach: int) -> None:
+    weights = make_threshold_weights(tmp_path / "w.safetensors", channel=OVER)
+    rig = _rig(tmp_path, weights, f"swelling_reach_px = {reach}")
     try:
         rig.start()
         # inside the part (10x10) and across its outline at x = 70 (16x10)
@@ -168,22 +173,8 @@ def test_the_daemon_marks_misprint_beyond_the_parts_from_the_outside_threshold(
     from tests.conftest import make_weights
 
     weights = make_weights(tmp_path / "w.safetensors", constant_prob={3: 0.7})
-    nominal = tmp_path / "nominal" / "B1"
-    nominal.mkdir(parents=True)
-    cv2.imwrite(str(nominal / "layer_00001.png"), _part().astype(np.uint8) * 255)
-    rig = Rig(tmp_path, weights, extra=f"""
-[geometry]
-nominal = "{tmp_path}/nominal/{{build}}/layer_{{layer:05d}}.png"
-outside_reach_mm = 2.0
-""")
-    text = rig.config.read_text().replace(
-        'device = "cpu"', f'device = "cpu"\nthresholds = {{ misprint = 0.9 }}\n'
-        f'outside_thresholds = {outside}')
-    rig.config.write_text(text)
-    from monitor.config import load_config
-    from monitor.daemon.daemon import Daemon
-    rig.cfg = load_config(rig.config)
-    rig.daemon = Daemon(rig.cfg)
+    rig = _rig(tmp_path, weights, "outside_reach_mm = 2.0",
+               model=f"thresholds = {{ misprint = 0.9 }}\noutside_thresholds = {outside}")
     try:
         rig.start()
         rig.write(1)
