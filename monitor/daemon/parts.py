@@ -57,8 +57,9 @@ class LayerParts:
     # outside_only), and where: the parts grown by geometry.outside_reach_mm
     outside: Mapping[str, BoolArray] = field(default_factory=dict)
     near: BoolArray | None = None
-    # the model's masks with swelling and over-melting told apart by the outline
-    # (geometry.swelling_reach_px); None when that changed nothing
+    # the model's masks read against the slice (monitor.geometry.reading: swelling or
+    # over-melting by the outline, outside thresholds beyond the parts); None when that
+    # changed nothing
     masks: BoolArray | None = None
 
     def zone_stats(self, masks: BoolArray, class_names: Sequence[str], *,
@@ -232,11 +233,11 @@ class PartMeter:
         result's `masks`; monitor.geometry.reading): swelling and over-melting told apart by
         the outline, and the Segmenter's `loose` marks kept beyond the tolerance zone."""
         zone = None if prep.near is None or not loose else prep.near & ~prep.zone
-        split = read_layer(masks, class_names, prep.labels > 0,
-                           swelling_reach_px=self.geometry.swelling_reach_px, loose=loose,
-                           zone=zone)
-        if split is not None:
-            masks = split
+        read = read_layer(masks, class_names, prep.labels > 0,
+                          swelling_reach_px=self.geometry.swelling_reach_px, loose=loose,
+                          zone=zone)
+        if read is not None:
+            masks = read
         outside = outside_only(masks, class_names, prep.labels, prep.core,
                                self.geometry.outside_classes)
         # counted out to the reach too, every mark kept (a distorted part's swelling)
@@ -252,7 +253,7 @@ class PartMeter:
                                  classes=dict(p.classes), width_px=p.width_px)
                       for p in stats)
         return LayerParts(parts, prep.zone, prep.labels, prep.calibration, outside,
-                          prep.near, split)
+                          prep.near, read)
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
                 masks: BoolArray, class_names: Sequence[str],

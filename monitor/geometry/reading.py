@@ -5,11 +5,12 @@ classes are defined by that place, and the slice settles them:
 
 - Swelling or over-melting. Both are brighter than their part, and a model that has seen
   many camera looks marks both classes on both (on the README's synthetic seed 999, 44% of
-  what the default weights marked swelling lay on over-melting, and 54% of their
-  over-melting on swelling). Swelling is part metal warped up over the part's outline, so it
-  reaches out over the powder; an over-melted spot lies inside its part. Each bright mark
-  (a connected component of the two classes together) takes the class its place gives it:
-  swelling when it reaches `reach_px` or more beyond the outline, over-melting otherwise.
+  what the weights before the current default marked swelling lay on over-melting, and 54%
+  of their over-melting on swelling). Swelling is part metal warped up over the part's
+  outline, so it reaches out over the powder; an over-melted spot lies inside its part.
+  Each bright mark (a connected component of the two classes together) takes the class its
+  place gives it: swelling when it reaches `reach_px` or more beyond the outline,
+  over-melting otherwise.
 - Misplaced melt (misprint). Loose scan tracks on the powder look like the part's own melt,
   which the model must not mark inside a part, so its misprint threshold is high. Beyond the
   part's tolerance zone there is no part to mistake, and the model's marks are taken from a
