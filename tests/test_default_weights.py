@@ -32,18 +32,20 @@ def test_finds_defects_on_an_unseen_synthetic_build(segmenter: Segmenter,
     write_dataset(tmp_path / "b", layers=12, size=512, seed=4242)  # seed not used in training
     ds = open_dataset(tmp_path / "b")
     j = metrics_json(evaluate(ds, segmenter))
-    # 0.70 here by the model's own classes; the classic-only weights of long ago had 0.86
-    # over 40 layers: the price of many cameras at width 8 (README).
+    # 0.66 over 40 layers of this seed (weights/default.json); the classic-only weights
+    # before them had 0.86: the price of many cameras at width 8 (README).
     assert j["mean_iou_defects"] >= 0.6, j
     # Read against the build's slices as the daemon reads it (swelling or over-melting by
-    # the outline, misprint from 0.6 beyond the parts): 0.71 here (0.70 by the model's own
-    # classes; these first 12 layers hold small swellings the model marks weakly), 0.85
-    # over 40 layers (README).
+    # the outline, misprint from 0.6 beyond the parts): 0.77 here (the model's own classes:
+    # 0.65), 0.81 over 40 layers. Swelling 0.34 -> 0.72, over-melting 0.57 -> 0.86.
     read = metrics_json(evaluate(ds, segmenter, swelling_reach_px=1, outside_px=(5, 100)))
-    assert read["mean_iou_defects"] >= max(0.68, j["mean_iou_defects"] - 0.01), (read, j)
+    assert read["mean_iou_defects"] >= 0.75, read
+    for cls in ("swelling", "over_melting"):
+        assert read["classes"][cls]["iou"] >= 0.65, (cls, read)
     for name, m in j["classes"].items():
         if m["true_fraction"]:
-            # the lowest on these 12 layers: swelling 0.64, under_melting 0.89
+            # the lowest on these 12 layers: under_melting 0.71 (0.78 over 40), swelling
+            # 0.75 (0.87 over 40)
             assert m["recall"] >= (0.5 if name == "swelling" else 0.7), (name, m)
 
 
