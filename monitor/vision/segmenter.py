@@ -174,8 +174,9 @@ class Segmenter:
         with np.errstate(divide="ignore"):
             logits = (np.log(values) - np.log1p(-values)).astype(np.float32)
             loose_cut = [(i, float(np.log(v) - np.log1p(-v))) for i, v in loose]
-        self.thresholds, self.logit_thresholds, self.min_component_px = values, logits, filters
-        self.loose_cuts = loose_cut
+        # one assignment: a reload swaps them from another thread
+        self.thresholds, self.logit_thresholds, self.min_component_px, self.loose_cuts = (
+            values, logits, filters, loose_cut)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -208,8 +209,9 @@ class Segmenter:
         n_classes = len(self.class_names)
         masks, prob_maps = [], []
         # Read once: a reload (SIGHUP) swaps them from another thread.
-        cut, filters = self.logit_thresholds[:, None, None], self.min_component_px
-        loose_cuts = self.loose_cuts
+        logit_cut, filters, loose_cuts = (self.logit_thresholds, self.min_component_px,
+                                          self.loose_cuts)
+        cut = logit_cut[:, None, None]
         loose_masks: list[np.ndarray] = []
         for n, gray in enumerate(grays):
             h, w = gray.shape
@@ -270,21 +272,23 @@ def min_component_px(cfg: Config, override: Path | None) -> dict[str, int]:
     """model.min_component_mm2 in pixels. The built-in defaults, and a config's values when
     other weights are given on the command line, name classes those weights may not have:
     such entries are skipped rather than refused."""
-    m = cfg.model
     px_mm2 = cfg.camera.pixel_size_mm ** 2
-    wanted = m.min_component_mm2
-    if override is not None or "min_component_mm2" not in m.model_fields_set:
-        names = set(read_info(override or m.weights).class_names)
-        wanted = {c: a for c, a in wanted.items() if c in names}
+    wanted = _for_weights(cfg, override, "min_component_mm2")
     return {c: math.ceil(a / px_mm2) for c, a in wanted.items()}
 
 
 def outside_thresholds(cfg: Config, override: Path | None) -> dict[str, float]:
-    """model.outside_thresholds, its built-in default's classes kept only where the weights
-    have them (as min_component_px)."""
+    """model.outside_thresholds, skipping classes the weights lack as min_component_px
+    does."""
+    return _for_weights(cfg, override, "outside_thresholds")
+
+
+def _for_weights(cfg: Config, override: Path | None, key: str) -> dict[str, float]:
+    """A per-class [model] table; where it was not written in the config, or other weights
+    are given, only the classes the weights have."""
     m = cfg.model
-    wanted = dict(m.outside_thresholds)
-    if override is not None or "outside_thresholds" not in m.model_fields_set:
+    wanted: dict[str, float] = dict(getattr(m, key))
+    if override is not None or key not in m.model_fields_set:
         names = set(read_info(override or m.weights).class_names)
         wanted = {c: v for c, v in wanted.items() if c in names}
     return wanted
