@@ -72,7 +72,11 @@ def test_evaluate_camera_counts_what_the_model_marks(printer: Path, tmp_path: Pa
     assert len(out["loud"]["layers"]) == 6
     assert out["loud"]["mean_defect_fraction"] == pytest.approx(1.0)
     assert out["quiet"]["max_defect_fraction"] == 0.0
-    assert all(v == 1.0 for v in out["loud"]["recall"].values())
+    # read against the slices: the loud marks are one component over the whole layer, which
+    # reaches over every outline, so it is all swelling and no over-melting
+    loud_recall = out["loud"]["recall"]
+    assert loud_recall.pop("over_melting") == 0.0
+    assert all(v == 1.0 for v in loud_recall.values()), out["loud"]["recall"]
     assert all(v == 0.0 for v in out["quiet"]["recall"].values())
     assert sum(out["loud"]["pasted"].values()) >= 30  # 2 per class and layer, nearly all fit
     r = runner.invoke(main, ["evaluate-camera", "--config", str(cfg), "--build", "B2"])
