@@ -22,7 +22,7 @@ import numpy.typing as npt
 from monitor.config import IMAGE_EXTENSIONS, PrinterConfig
 from monitor.daemon.watcher import parse_layer_path
 from monitor.errors import MonitorError
-from monitor.geometry.layer import layer_geometry, nominal_slices
+from monitor.geometry.layer import LayerGeometry, layer_geometry, nominal_slices
 from monitor.geometry.parts import tolerance_px
 from monitor.geometry.reading import outside_zone, read_layer
 from monitor.geometry.slices import NominalSlices
@@ -79,27 +79,31 @@ class Site:
 
     def load(self, item: SiteLayer) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
         """The layer as 8-bit gray, and its nominal parts in its pixels (None: no slice)."""
-        img, part, _ = self.load_zones(item)
-        return img, part
+        img, geo = self._read(item)
+        return img, None if geo.labels is None else geo.labels > 0
 
     def load_zones(self, item: SiteLayer) -> tuple[npt.NDArray[np.uint8],
                                                    npt.NDArray[np.bool_] | None,
                                                    npt.NDArray[np.bool_] | None]:
         """load(), and where the parts' outside thresholds apply: beyond the tolerance zone,
         within geometry.outside_reach_mm (None without a slice)."""
-        img = cv2.imread(str(item.path), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise SiteError(f"{item.path}: cannot decode the image")
-        g = self.printer.geometry
-        geo = layer_geometry(self.printer.camera, g, self.slices,
-                             build=item.build, layer=item.layer, stem=item.path.stem,
-                             image_shape=img.shape)
+        img, geo = self._read(item)
         if geo.labels is None:
-            return np.asarray(img, dtype=np.uint8), None, None
+            return img, None, None
+        g = self.printer.geometry
         tol = tolerance_px(geo.cal, geo.labels, g.tolerance_mm)
         reach = max(tol, tolerance_px(geo.cal, geo.labels, g.outside_reach_mm))
         part = geo.labels > 0
-        return np.asarray(img, dtype=np.uint8), part, outside_zone(part, tol, reach)
+        return img, part, outside_zone(part, tol, reach)
+
+    def _read(self, item: SiteLayer) -> tuple[npt.NDArray[np.uint8], LayerGeometry]:
+        img = cv2.imread(str(item.path), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise SiteError(f"{item.path}: cannot decode the image")
+        geo = layer_geometry(self.printer.camera, self.printer.geometry, self.slices,
+                             build=item.build, layer=item.layer, stem=item.path.stem,
+                             image_shape=img.shape)
+        return np.asarray(img, dtype=np.uint8), geo
 
 
 @dataclass
