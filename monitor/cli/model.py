@@ -100,7 +100,8 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
 
     Uses the daemon's tiling and thresholds from the config; where the dataset has nominal
     slices, the masks are read against them as the daemon reads a layer (swelling and
-    over-melting told apart, model.outside_thresholds beyond the parts).
+    over-melting told apart, model.outside_thresholds and stray scan tracks beyond the
+    parts).
     """
     from rich.progress import Progress
 
@@ -118,7 +119,8 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
         counts = run_eval(ds, seg, sweep=sw,
                           progress=lambda n: progress.update(task, completed=n),
                           swelling_reach_px=cfg.geometry.swelling_reach_px,
-                          outside_px=outside_px(cfg))
+                          outside_px=outside_px(cfg),
+                          stray_track_z=cfg.geometry.stray_track_z)
     if as_json:
         out = metrics_json(counts)
         out.update({"dataset": str(dataset), "weights": str(weights or cfg.model.weights),

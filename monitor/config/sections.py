@@ -201,6 +201,12 @@ class GeometryConfig(Section):
         "model's classes as they are."
     )
 
+    stray_track_z: float = Field(
+        10.0, ge=0, description="Patches of scan-track texture beyond the tolerance zone and "
+        "within outside_reach_mm are misprint when their oriented gradient energy lies this "
+        "many robust standard deviations above that zone's own; 0 = off."
+    )
+
     @model_validator(mode="after")
     def _vector_needs_frame(self) -> GeometryConfig:
         if Path(self.nominal).suffix.lower() in GEOMETRY_VECTOR_SUFFIXES and \

@@ -31,7 +31,7 @@ from monitor.daemon.parts import GeometryAhead, LayerParts, PartMeter, check_out
 from monitor.daemon.stage import Stage
 from monitor.daemon.watcher import Candidate, Settler
 from monitor.errors import MonitorError
-from monitor.geometry.reading import BRIGHT
+from monitor.geometry.reading import BRIGHT, MISPRINT
 from monitor.records import AlarmEvent, BuildKey, LayerAlarms, LayerRecord
 from monitor.store import queries, writes
 from monitor.vision.stats import Found, layer_stats
@@ -146,12 +146,14 @@ class Analyser(Stage):
             if br.ignore is not None:
                 loose = {i: m & ~br.ignore for i, m in loose.items()}
             found = None  # the filter's components no longer apply
-        measured = self._measure_parts(item, masks, loose)
+        measured = self._measure_parts(item, masks, loose,
+                                       br.ignore if br is not None else None)
         if measured is not None and measured.masks is not None:
             # read against the slice (monitor.geometry.reading): components changed
             masks = measured.masks
             found = found and {i: f for i, f in found.items()
-                               if names[i] not in BRIGHT and i not in seg.loose}
+                               if names[i] not in BRIGHT and names[i] != MISPRINT
+                               and i not in seg.loose}
         if br is not None:
             regions = region_stats(masks, names, br, pixel_size_mm=px,
                                    max_components=self.max_components)
@@ -205,7 +207,8 @@ class Analyser(Stage):
                                    url=overlay_url(self.dashboard_url, ev))
 
     def _measure_parts(self, item: Segmented, masks: np.ndarray,
-                       loose: Mapping[int, np.ndarray]) -> LayerParts | None:
+                       loose: Mapping[int, np.ndarray], ignore: np.ndarray | None
+                       ) -> LayerParts | None:
         """The layer against its nominal slice; None without one (analysed as before)."""
         cand = item.loaded.cand
         meter = self.parts.get(cand.printer)
@@ -216,9 +219,11 @@ class Analyser(Stage):
             if ahead is None:
                 return meter.measure(cand.key.build, cand.key.layer, path=cand.path,
                                      gray=item.loaded.gray, masks=masks,
-                                     class_names=item.class_names, loose=loose)
+                                     class_names=item.class_names, loose=loose,
+                                     ignore=ignore)
             prep = ahead.result()  # prepared while the model ran
-            return None if prep is None else meter.finish(prep, masks, item.class_names, loose)
+            return None if prep is None else meter.finish(prep, masks, item.class_names, loose,
+                                                          ignore=ignore)
         except Exception:  # a geometry failure must not cost the layer its statistics
             log.exception("layer %s/%d: part statistics failed; analysed without them",
                           cand.key.build, cand.key.layer)

@@ -35,6 +35,7 @@ from monitor.geometry.parts import PartZones, disk, tolerance_px
 from monitor.geometry.printed import PrintedParams, printed_area
 from monitor.geometry.reading import read_layer
 from monitor.geometry.slices import NominalSlices, SliceError
+from monitor.geometry.stray import stray_tracks
 from monitor.records import PartRecord
 from monitor.vision.stats import NO_DEFECT, LayerStats
 
@@ -104,6 +105,7 @@ class Prepared:
     zone: BoolArray  # (H, W) the nominal parts grown by tolerance_mm
     core: BoolArray  # (H, W) the nominal parts shrunk by tolerance_mm
     near: BoolArray | None  # (H, W) the nominal parts grown by outside_reach_mm
+    tracks: BoolArray | None = None  # (H, W) stray scan tracks beyond the tolerance zone
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class _Placed:
     stamp: tuple[int, int] | None  # the slice file's (mtime_ns, size) when it was read
     core: BoolArray  # (H, W) the nominal parts shrunk by the tolerance
     near: BoolArray | None  # (H, W) the nominal parts grown by outside_reach_mm
+    tracks: BoolArray | None = None  # (H, W) stray scan tracks beyond the tolerance zone
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -168,7 +171,8 @@ class PartMeter:
         tol = tolerance_px(cal, labels, self.geometry.tolerance_mm)
         part = labels > 0
         near = None
-        if self.geometry.outside_classes or self.geometry.reach_classes:
+        if self.geometry.outside_classes or self.geometry.reach_classes or \
+                self.geometry.stray_track_z > 0:
             # never less than the zone the others count in
             near = _grown(part, max(tol, tolerance_px(cal, labels,
                                                       self.geometry.outside_reach_mm)))
@@ -223,19 +227,27 @@ class PartMeter:
                                tolerance_px=tol, params=self.params).mask
         parts = PartZones.measure(labels, printed, cal, tol_px=tol,
                                   excess_margin_px=self.params.bleed_px)
-        return Prepared(labels, cal, printed, parts, parts.zone_mask(), placed.core,
-                        placed.near)
+        zone = parts.zone_mask()
+        tracks = None
+        if placed.near is not None and self.geometry.stray_track_z > 0:
+            tracks = stray_tracks(gray, placed.near & ~zone, z_min=self.geometry.stray_track_z)
+        return Prepared(labels, cal, printed, parts, zone, placed.core, placed.near, tracks)
 
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str],
-               loose: Mapping[int, BoolArray] | None = None) -> LayerParts:
+               loose: Mapping[int, BoolArray] | None = None, *,
+               ignore: BoolArray | None = None) -> LayerParts:
         """Per-part statistics from a prepared layer and the model's masks ((C, H, W) in
         `class_names` order, after ignore regions) read against the slice first (the
         result's `masks`; monitor.geometry.reading): swelling and over-melting told apart by
-        the outline, and the Segmenter's `loose` marks kept beyond the tolerance zone."""
+        the outline, the Segmenter's `loose` marks kept beyond the tolerance zone, and stray
+        scan tracks there marked misprint (outside the `ignore` region)."""
         zone = None if prep.near is None or not loose else prep.near & ~prep.zone
+        tracks = prep.tracks
+        if tracks is not None and ignore is not None:
+            tracks = tracks & ~ignore
         read = read_layer(masks, class_names, prep.labels > 0,
                           swelling_reach_px=self.geometry.swelling_reach_px, loose=loose,
-                          zone=zone)
+                          zone=zone, tracks=tracks)
         if read is not None:
             masks = read
         outside = outside_only(masks, class_names, prep.labels, prep.core,
@@ -257,10 +269,12 @@ class PartMeter:
 
     def measure(self, build: str, layer: int, *, path: Path, gray: npt.NDArray[np.generic],
                 masks: BoolArray, class_names: Sequence[str],
-                loose: Mapping[int, BoolArray] | None = None) -> LayerParts | None:
+                loose: Mapping[int, BoolArray] | None = None,
+                ignore: BoolArray | None = None) -> LayerParts | None:
         """Both halves at once (tools and tests); None when the layer has no usable slice."""
         prep = self.prepare(build, layer, path=path, gray=gray)
-        return None if prep is None else self.finish(prep, masks, class_names, loose)
+        return None if prep is None else self.finish(prep, masks, class_names, loose,
+                                                     ignore=ignore)
 
 
 def check_outside_classes(cfg: Config, class_names: Sequence[str]) -> None:

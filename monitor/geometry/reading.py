@@ -15,6 +15,8 @@ classes are defined by that place, and the slice settles them:
   which the model must not mark inside a part, so its misprint threshold is high. Beyond the
   part's tolerance zone there is no part to mistake, and the model's marks are taken from a
   lower probability there (`model.outside_thresholds`: the Segmenter's `loose` masks).
+  Patches of scan-track texture there are misprint too, whatever the model made of them
+  (`geometry.stray_track_z`: monitor.geometry.stray).
 
 See docs/cameras.md for what each measured.
 """
@@ -29,7 +31,7 @@ import numpy.typing as npt
 
 BoolArray = npt.NDArray[np.bool_]
 
-SWELLING, OVER_MELTING = "swelling", "over_melting"
+SWELLING, OVER_MELTING, MISPRINT = "swelling", "over_melting", "misprint"
 BRIGHT = (SWELLING, OVER_MELTING)  # the classes split_bright may change
 
 
@@ -91,11 +93,17 @@ def outside_zone(part: BoolArray, tolerance_px: int, reach_px: int) -> BoolArray
 
 def read_layer(masks: BoolArray, class_names: Sequence[str], part: BoolArray, *,
                swelling_reach_px: int, loose: Mapping[int, BoolArray] | None = None,
-               zone: BoolArray | None = None) -> BoolArray | None:
-    """Both readings (split_bright, then add_outside where `zone` is given); None when
-    neither changes anything."""
+               zone: BoolArray | None = None, tracks: BoolArray | None = None
+               ) -> BoolArray | None:
+    """The readings: split_bright, then add_outside where `zone` is given, then `tracks`
+    ((H, W) stray scan tracks beyond the parts) marked misprint; None when none changes
+    anything."""
     out = split_bright(masks, class_names, part, reach_px=swelling_reach_px)
     if loose and zone is not None:
         more = add_outside(masks if out is None else out, loose, zone)
+        out = more if more is not None else out
+    if tracks is not None and MISPRINT in class_names:
+        more = add_outside(masks if out is None else out,
+                           {class_names.index(MISPRINT): tracks}, tracks)
         out = more if more is not None else out
     return out

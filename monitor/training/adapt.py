@@ -39,6 +39,7 @@ from torch import nn
 
 from monitor.config import Config, PrinterConfig
 from monitor.errors import MonitorError
+from monitor.geometry.stray import feature_scale
 from monitor.records import VerdictAlarm
 from monitor.training.onsite import (
     FOUND_SHARE,
@@ -50,7 +51,7 @@ from monitor.training.onsite import (
     pasted_shares,
     score,
 )
-from monitor.training.paste import PASTED, feature_scale, paste_defects
+from monitor.training.paste import PASTED, paste_defects
 from monitor.training.synth import CLASS_NAMES, BuildGenerator
 from monitor.vision.classes import NO_DEFECT
 from monitor.vision.imaging import FLAT_NORMS, apply_flat, flat_terms

@@ -26,6 +26,7 @@ from monitor.geometry.layer import LayerGeometry, layer_geometry, nominal_slices
 from monitor.geometry.parts import tolerance_px
 from monitor.geometry.reading import outside_zone, read_layer
 from monitor.geometry.slices import NominalSlices
+from monitor.geometry.stray import stray_tracks
 from monitor.training.paste import PASTED, paste_defects
 from monitor.vision.classes import NO_DEFECT
 from monitor.vision.segmenter import Segmenter, drop_small_components
@@ -165,8 +166,10 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
         counts = {c: per_class for c in PASTED if c in names}
         img2, _, pasted = paste_defects(img, part, rng, counts=counts)
         res = seg.predict(img2.astype(np.float32) / 255.0, probs=False)
+        g = site.printer.geometry
+        tracks = stray_tracks(img2, zone, z_min=g.stray_track_z)
         read = read_layer(res.masks, names, part, loose=res.loose, zone=zone,
-                          swelling_reach_px=site.printer.geometry.swelling_reach_px)
+                          swelling_reach_px=g.swelling_reach_px, tracks=tracks)
         masks2 = res.masks if read is None else read
         for p in pasted:
             hit = int((masks2[names.index(p.cls)] & p.mask).sum())

@@ -10,7 +10,8 @@ around it in *this* image, never by an absolute grey level:
   shadowed on the other;
 - spatter: specks on the powder near a part, brighter or darker than that powder;
 - misprint: loose scan tracks on the powder next to a part: stripes of the layer's own
-  melt texture (cut from a part) across a patch, each track ending raggedly.
+  melt texture (cut from a part) across a patch, each track ending raggedly, as far from
+  the powder as the melt around their source is and at least clearly apart from it.
 
 "Clearly" is in the part's own spread (its MAD) and its distance to black or white, so the
 same defect is as visible on a dull camera as on a bright one.
@@ -28,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from monitor.geometry.parts import disk
+from monitor.geometry.stray import feature_scale
 from monitor.training.dataset import (
     PASTE_GENERATOR,
     DatasetError,
@@ -248,6 +250,17 @@ class Paster:
         yi = np.clip(np.arange(box[0].start, box[0].stop) + dy, 0, h - 1)
         xi = np.clip(np.arange(box[1].start, box[1].stop) + dx, 0, w - 1)
         moved = self.img[np.ix_(yi, xi)]
+        # Its level: the layer's melt against its powder, at least clearly apart from the
+        # powder it lies on (a patch of melt as grey as the powder would be no defect).
+        wide = self._box(p[0], p[1], 3 * r)
+        powder, spread = _stats(self.img[wide], ~self.part[wide] & ~self.taken[wide])
+        # melt and powder around the source (the box reaches past its part's edge)
+        near = self._box(src[0], src[1], float(self.d_in[int(src[1]), int(src[0])]) + 3 * r)
+        melt = _stats(self.img[near], self.part[near])[0] - \
+            _stats(self.img[near], ~self.part[near])[0]
+        sign = math.copysign(1.0, melt) if melt else float(self.rng.choice([-1.0, 1.0]))
+        level = powder + sign * max(abs(melt), 5.0 * spread, 35.0)
+        moved = moved - float(np.median(moved)) + float(np.clip(level, 0.0, 255.0))
         crest = np.cos(2 * math.pi * u / pitch) > -0.3
         crop = self.img[box]
         fill = region & crest
@@ -264,11 +277,6 @@ class Paster:
         if "no_defect" in classes:
             masks[classes.index("no_defect")] = ~(self.part | masks.any(axis=0))
         return np.clip(self.img + 0.5, 0, 255).astype(np.uint8), masks
-
-
-def feature_scale(shape: tuple[int, int]) -> float:
-    """Defect sizes scale with the layer: 1.0 for a ~1000 px bed (never below 0.5)."""
-    return max(0.5, min(shape) / 1000.0)
 
 
 def paste_defects(image: U8, part: Bool, rng: np.random.Generator, *,
