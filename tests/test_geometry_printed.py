@@ -360,4 +360,4 @@ def test_bench_runs_small() -> None:
     from monitor.geometry.bench import bench
 
     out = bench(size=256, parts=4, repeats=1)
-    assert set(out) == {"warp", "printed_area", "part_stats", "total"}
+    assert set(out) == {"warp", "printed_area", "stray_tracks", "part_stats", "total"}

@@ -1,8 +1,9 @@
 """Cost of the geometry steps on a synthetic layer: `python -m monitor.geometry.bench`.
 
 A 2048 px oblique view of a plate with 36 parts (bars, blocks, rings) and five sparse class
-masks; prints the median milliseconds of the warp of the nominal labels, the printed area
-and the per-part statistics. Not a test: timings on a shared machine vary.
+masks; prints the median milliseconds of the warp of the nominal labels, the printed area,
+the stray scan tracks beyond the parts and the per-part statistics. Not a test: timings on
+a shared machine vary.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy.typing as npt
 from monitor.geometry.calibration import Calibration
 from monitor.geometry.parts import part_stats
 from monitor.geometry.printed import printed_area
+from monitor.geometry.reading import outside_zone
+from monitor.geometry.stray import stray_tracks
 
 
 def scene(size: int = 2048, parts: int = 36, seed: int = 0) -> tuple[
@@ -76,9 +79,11 @@ def bench(size: int = 2048, parts: int = 36, repeats: int = 7) -> dict[str, tupl
     cal.pixel_area_mm2(shape)  # cached per shape by the daemon's calibration
     nominal = cal.frame_to_image_labels(labels, shape)
     printed = printed_area(img, nominal > 0, tolerance_px=4).mask
+    zone = outside_zone(nominal > 0, 4, 80)  # 0.5 to 10 mm at about 0.12 mm per pixel
     out = {
         "warp": _ms(lambda: cal.frame_to_image_labels(labels, shape), repeats),
         "printed_area": _ms(lambda: printed_area(img, nominal > 0, tolerance_px=4), repeats),
+        "stray_tracks": _ms(lambda: stray_tracks(img, zone, z_min=10.0), repeats),
         "part_stats": _ms(lambda: part_stats(nominal, printed, classes, cal, tolerance_mm=0.5),
                           repeats),
     }

@@ -70,21 +70,31 @@ def stray_tracks(gray: npt.NDArray[np.generic], zone: BoolArray, *, z_min: float
     inside = z.astype(np.float32)
     gx = cv2.Sobel(g, cv2.CV_32F, 1, 0, ksize=3) * inside
     gy = cv2.Sobel(g, cv2.CV_32F, 0, 1, ksize=3) * inside
+    fields = [gx * gx, gy * gy, gx * gy, gx, gy, np.sqrt(gx * gx + gy * gy)]
+    rng = float(np.percentile(img[z], 99) - np.percentile(img[z], 1))  # the zone's greys
+    # The gradients need every pixel; their window sums do not: averaged down to about one
+    # pixel per unit of feature scale, a 2-3x larger layer costs little more.
+    f = max(1, round(sc))
+    if f > 1:
+        size = (max(1, (x1 - x0) // f), max(1, (y1 - y0) // f))
+        fields = [cv2.resize(a, size, interpolation=cv2.INTER_AREA) for a in fields]
+        z = cv2.resize(z.view(np.uint8), size, interpolation=cv2.INTER_NEAREST).view(bool)
+        sc, sigma = sc / f, sigma / f
+        if not z.any():
+            return out
 
     def blur(a: F32) -> F32:
         return np.asarray(cv2.GaussianBlur(a, (0, 0), sigma), dtype=np.float32)
 
-    jxx, jyy, jxy = blur(gx * gx), blur(gy * gy), blur(gx * gy)
+    jxx, jyy, jxy, mx, my, mean_len = (blur(a) for a in fields)
     trace = jxx + jyy
     oriented = np.sqrt((jxx - jyy) ** 2 + 4.0 * jxy * jxy)  # l1 - l2
-    mean_len = blur(np.sqrt(gx * gx + gy * gy))
-    polarity = np.sqrt(blur(gx) ** 2 + blur(gy) ** 2)
+    polarity = np.sqrt(mx * mx + my * my)
     v = oriented[z]
     med = float(np.median(v))
     spread = 1.4826 * float(np.median(np.abs(v - med)))
     # a flat zone (a test pattern, a saturated camera) has no spread: floor it at a tenth of
     # its median, and at a grey-level step too small to see
-    rng = float(np.percentile(img[z], 99) - np.percentile(img[z], 1))
     spread = max(spread, 0.1 * med, 1e-3 * rng * rng, 1e-12)
     tiny = np.float32(1e-12)
     # A single line (a scratch, a recoater streak) is coherent and of both signs too, but
@@ -92,8 +102,7 @@ def stray_tracks(gray: npt.NDArray[np.generic], zone: BoolArray, *, z_min: float
     # Keeping what holds PEAK_SHARE of the nearby peak leaves a line a band thinner than
     # the opening below.
     r_peak = max(1, round(2 * sigma))
-    peak = cv2.dilate(oriented, cv2.getStructuringElement(
-        cv2.MORPH_ELLIPSE, (2 * r_peak + 1, 2 * r_peak + 1)))
+    peak = cv2.dilate(oriented, np.ones((2 * r_peak + 1, 2 * r_peak + 1), np.uint8))
     cand = ((oriented - med) > z_min * spread) & (oriented > COHERENCE_MIN * (trace + tiny)) \
         & (polarity < POLARITY_MAX * (mean_len + tiny)) & (oriented >= PEAK_SHARE * peak) & z
     r = max(1, round(OPENING * sc))
@@ -103,5 +112,9 @@ def stray_tracks(gray: npt.NDArray[np.generic], zone: BoolArray, *, z_min: float
     big = np.flatnonzero(st[:, cv2.CC_STAT_AREA] >= MIN_AREA * sc * sc)
     big = big[big > 0]
     if big.size:
-        out[y0:y1, x0:x1] = np.isin(lab, big)
+        found = np.isin(lab, big)
+        if f > 1:
+            found = cv2.resize(found.view(np.uint8), (x1 - x0, y1 - y0),
+                               interpolation=cv2.INTER_NEAREST).view(bool)
+        out[y0:y1, x0:x1] = found & zone[y0:y1, x0:x1]
     return out
