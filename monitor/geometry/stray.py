@@ -106,9 +106,10 @@ def stray_tracks(gray: npt.NDArray[np.generic], zone: BoolArray, *, z_min: float
     cand = ((oriented - med) > z_min * spread) & (oriented > COHERENCE_MIN * (trace + tiny)) \
         & (polarity < POLARITY_MAX * (mean_len + tiny)) & (oriented >= PEAK_SHARE * peak) & z
     r = max(1, round(OPENING * sc))
-    cand = cv2.morphologyEx(cand.view(np.uint8), cv2.MORPH_OPEN,
-                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-    _, lab, st, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
+    opened = cv2.morphologyEx(cand.view(np.uint8), cv2.MORPH_OPEN,
+                              cv2.getStructuringElement(cv2.MORPH_ELLIPSE,
+                                                        (2 * r + 1, 2 * r + 1)))
+    _, lab, st, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
     big = np.flatnonzero(st[:, cv2.CC_STAT_AREA] >= MIN_AREA * sc * sc)
     big = big[big > 0]
     if big.size:
