@@ -158,7 +158,7 @@ class _Batches:
 
     def __init__(self, layers: list[_Layer], synth: list[tuple[F32, Bool]],
                  names: Sequence[str], opts: AdaptOptions, *, soft: bool,
-                 pasted: Sequence[str]) -> None:
+                 pasted: Sequence[str] = PASTED) -> None:
         self.layers, self.synth, self.names, self.opts = layers, synth, tuple(names), opts
         self.soft = soft  # the weights' "flat-soft" normalisation
         self.pasted = tuple(c for c in pasted if c in self.names)  # classes taught by pasting
