@@ -256,6 +256,7 @@ def test_adapt_reads_marked_builds_and_verdicts_from_the_database(printer: Path,
                                          "verdict": "false_alarm"}]
     assert (r.exit_code == 0) == card["written"] == out.is_file(), r.output
 
+
 def test_misprint_is_not_pasted_when_the_slice_reading_finds_it(printer: Path,
                                                                  tmp_path: Path) -> None:
     """adapt pastes the classes it is told to: without misprint (what it does when
