@@ -280,7 +280,6 @@ def test_misprint_is_not_pasted_when_the_slice_reading_finds_it(printer: Path,
         assert any(float(y[:, 1:].sum()) > 0 for y in labels)
 
 
-
 @pytest.mark.parametrize("norm", ["flat", "flat-soft"])
 def test_real_tiles_are_what_the_served_model_sees(printer: Path, tmp_path: Path,
                                                    norm: str) -> None:
