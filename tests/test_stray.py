@@ -151,12 +151,22 @@ def test_real_layers_misprints_pasted_in_are_found_and_nothing_else(tmp_path: Pa
     assert found >= 0.7 * pasted, (found, pasted)
 
 
-@pytest.mark.parametrize("z", [10.0, 0.0])
-def test_the_daemon_publishes_tracks_as_misprint(tmp_path: Path, z: float) -> None:
+IGNORE_PATCH = """
+[[regions]]
+name = "wall"
+kind = "ignore"
+polygon = [[70, 25], [96, 25], [96, 55], [70, 55]]
+"""
+
+
+@pytest.mark.parametrize(("z", "regions"), [(10.0, ""), (0.0, ""), (10.0, IGNORE_PATCH)])
+def test_the_daemon_publishes_tracks_as_misprint(tmp_path: Path, z: float,
+                                                 regions: str) -> None:
     """Weights that mark nothing; a layer with a patch of tracks 10-26 px beside its part:
-    misprint with geometry.stray_track_z on, nothing with it off."""
+    misprint with geometry.stray_track_z on; nothing with it off, or where an ignore region
+    covers the patch."""
     weights = make_weights(tmp_path / "w.safetensors", constant_prob={})
-    rig = _rig(tmp_path, weights, f"stray_track_z = {z}")
+    rig = _rig(tmp_path, weights, f"stray_track_z = {z}\n{regions}")
     try:
         rig.start()
         rng = np.random.default_rng(0)
@@ -173,7 +183,7 @@ def test_the_daemon_publishes_tracks_as_misprint(tmp_path: Path, z: float) -> No
         msg = rig.listener.layers()[1][0]
         assert msg["status"] == "ok", msg
         got = msg["classes"]["misprint"]["pixel_count"]
-        if z:
+        if z and not regions:
             assert 100 <= got <= 16 * 16 * 2, got
         else:
             assert got == 0
