@@ -118,7 +118,6 @@ class _Placed:
     stamp: tuple[int, int] | None  # the slice file's (mtime_ns, size) when it was read
     core: BoolArray  # (H, W) the nominal parts shrunk by the tolerance
     near: BoolArray | None  # (H, W) the nominal parts grown by outside_reach_mm
-    tracks: BoolArray | None = None  # (H, W) stray scan tracks beyond the tolerance zone
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
