@@ -101,7 +101,8 @@ def test_evaluate_reads_the_dataset_slices(tmp_path: Path, reach: int) -> None:
     weights = make_threshold_weights(tmp_path / "w.safetensors", channel=OVER)
     _synth_like(tmp_path / "ds")
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f"[model]\ndevice = \"cpu\"\n[geometry]\nswelling_reach_px = {reach}\n")
+    cfg.write_text(f"[model]\ndevice = \"cpu\"\n[geometry]\nswelling_reach_px = {reach}\n"
+                   "relative_k = 0\n")  # the split alone
     res = CliRunner().invoke(main, ["evaluate", str(tmp_path / "ds"), "--config", str(cfg),
                                     "--weights", str(weights), "--json"])
     assert res.exit_code == 0, res.output
@@ -129,7 +130,7 @@ nominal = "{tmp_path}/nominal/{{build}}/layer_{{layer:05d}}.png"
 @pytest.mark.parametrize("reach", [2, 0])
 def test_the_daemon_stores_and_publishes_the_split(tmp_path: Path, reach: int) -> None:
     weights = make_threshold_weights(tmp_path / "w.safetensors", channel=OVER)
-    rig = _rig(tmp_path, weights, f"swelling_reach_px = {reach}")
+    rig = _rig(tmp_path, weights, f"swelling_reach_px = {reach}\nrelative_k = 0")
     try:
         rig.start()
         # inside the part (10x10) and across its outline at x = 70 (16x10)

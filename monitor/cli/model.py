@@ -120,7 +120,8 @@ def evaluate(dataset: Path, config_path: Path | None, weights: Path | None, as_j
                           progress=lambda n: progress.update(task, completed=n),
                           swelling_reach_px=cfg.geometry.swelling_reach_px,
                           outside_px=outside_px(cfg),
-                          stray_track_z=cfg.geometry.stray_track_z)
+                          stray_track_z=cfg.geometry.stray_track_z,
+                          relative_k=cfg.geometry.relative_k)
     if as_json:
         out = metrics_json(counts)
         out.update({"dataset": str(dataset), "weights": str(weights or cfg.model.weights),

@@ -201,6 +201,12 @@ class GeometryConfig(Section):
         "model's classes as they are."
     )
 
+    relative_k: float = Field(
+        3.0, ge=0, description="Under- and over-melting marks read against their own part: "
+        "this many robust standard deviations darker (under) or brighter (over) than the rest "
+        "of the part, they are grown over the part's connected pixels as far; an under-melting "
+        "mark that is not is dropped; 0 = off."
+    )
     stray_track_z: float = Field(
         10.0, ge=0, description="Patches of scan-track texture beyond the tolerance zone and "
         "within outside_reach_mm are misprint when their oriented gradient energy lies this "

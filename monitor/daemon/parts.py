@@ -106,6 +106,7 @@ class Prepared:
     core: BoolArray  # (H, W) the nominal parts shrunk by tolerance_mm
     near: BoolArray | None  # (H, W) the nominal parts grown by outside_reach_mm
     tracks: BoolArray | None = None  # (H, W) stray scan tracks beyond the tolerance zone
+    gray: npt.NDArray[np.generic] | None = None  # the layer (geometry.relative_k)
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ class PartMeter:
         tracks = None
         if placed.near is not None and self.geometry.stray_track_z > 0:
             tracks = stray_tracks(gray, placed.near & ~zone, z_min=self.geometry.stray_track_z)
-        return Prepared(labels, cal, printed, parts, zone, placed.core, placed.near, tracks)
+        return Prepared(labels, cal, printed, parts, zone, placed.core, placed.near, tracks,
+                        gray if self.geometry.relative_k > 0 else None)
 
     def finish(self, prep: Prepared, masks: BoolArray, class_names: Sequence[str],
                loose: Mapping[int, BoolArray] | None = None, *,
@@ -246,7 +248,8 @@ class PartMeter:
             tracks = tracks & ~ignore
         read = read_layer(masks, class_names, prep.labels > 0,
                           swelling_reach_px=self.geometry.swelling_reach_px, loose=loose,
-                          zone=zone, tracks=tracks)
+                          zone=zone, tracks=tracks, gray=prep.gray,
+                          relative_k=self.geometry.relative_k)
         if read is not None:
             masks = read
         outside = outside_only(masks, class_names, prep.labels, prep.core,

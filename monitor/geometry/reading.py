@@ -18,6 +18,15 @@ classes are defined by that place, and the slice settles them:
   Patches of scan-track texture there are misprint too, whatever the model made of them
   (`geometry.stray_track_z`: monitor.geometry.stray).
 
+A third reading needs no class defined by place, only the part each mark lies on: under- and
+over-melting are darker and brighter than *their own part* (`geometry.relative_k`). An
+under-melting mark that is not clearly darker than the rest of its part is dropped (a row of
+small coupons darker than the powder read as under-melting whole); under- and over-melting
+marks that are clearly darker or brighter are grown over the connected pixels of their part
+that are as dark or as bright (the model marks the core of a spot, not its extent).
+Over-melting is never dropped this way: on a camera that saturates the melt it cannot be
+brighter than its part.
+
 See docs/cameras.md for what each measured.
 """
 
@@ -28,10 +37,12 @@ from collections.abc import Mapping, Sequence
 import cv2
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage  # type: ignore[import-untyped]
 
 BoolArray = npt.NDArray[np.bool_]
 
 SWELLING, OVER_MELTING, MISPRINT = "swelling", "over_melting", "misprint"
+UNDER_MELTING = "under_melting"
 BRIGHT = (SWELLING, OVER_MELTING)  # the classes split_bright may change
 
 
@@ -91,14 +102,77 @@ def outside_zone(part: BoolArray, tolerance_px: int, reach_px: int) -> BoolArray
     return np.asarray((d_out > tolerance_px) & (d_out <= reach_px))
 
 
+def relative(masks: BoolArray, class_names: Sequence[str], gray: np.ndarray,
+             part: BoolArray, *, k: float) -> BoolArray | None:
+    """`masks` with under- and over-melting read against their own part's grey level: a
+    mark whose median (lightly smoothed) grey lies `k` robust standard deviations (1.4826
+    MAD of the rest of its part) darker (under) or brighter (over) than the rest of its part
+    is grown over the connected pixels of that part as far; an under-melting mark that is
+    not is dropped. `part` (H, W) is the nominal parts; each connected part is its own.
+    None when nothing changes or `k` is 0. The input is never modified."""
+    todo = [(class_names.index(c), sign, drop)
+            for c, sign, drop in ((UNDER_MELTING, -1.0, True), (OVER_MELTING, 1.0, False))
+            if c in class_names and masks[class_names.index(c)].any()]
+    if k <= 0 or not todo or not part.any():
+        return None
+    _, lab = cv2.connectedComponents(part.view(np.uint8), connectivity=8)
+    boxes = ndimage.find_objects(lab)
+    g = np.asarray(gray, dtype=np.float32)
+    smooth = cv2.GaussianBlur(g, (0, 0), 1.5)
+    new = masks.copy()
+    for ci, sign, drop in todo:
+        m = masks[ci]
+        out = m.copy()
+        n, marks, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8),
+                                                              connectivity=8)
+        for c in range(1, n):
+            x, y, bw, bh = (int(v) for v in stats[c, :4])
+            ids = lab[y:y + bh, x:x + bw][marks[y:y + bh, x:x + bw] == c]
+            ids = ids[ids > 0]
+            if ids.size == 0:
+                continue  # off the parts: not this reading's business
+            pid = int(np.bincount(ids).argmax())
+            sl = boxes[pid - 1]
+            if sl is None:
+                continue
+            mine = lab[sl] == pid
+            rest = g[sl][mine & ~m[sl]]
+            if rest.size < 20:
+                continue  # the mark is (nearly) all of its part: nothing to compare with
+            med = float(np.median(rest))
+            # a flat part (a drawn test, a saturated camera) has no spread: floor it at 1%
+            # of its level, about a grey level
+            spread = max(1.4826 * float(np.median(np.abs(rest - med))), 0.01 * abs(med),
+                         1e-6)
+            d = sign * (smooth[sl] - med) / spread
+            comp = (marks[sl] == c) & mine  # the mark on its part
+            if not comp.any():
+                continue
+            if float(np.median(d[comp])) >= k:
+                far = ((d >= k) & mine).view(np.uint8)
+                _, grown = cv2.connectedComponents(far, connectivity=8)
+                keep = np.unique(grown[comp])
+                out[sl] |= np.isin(grown, keep[keep > 0])
+            elif drop:
+                out[sl] &= ~comp
+        new[ci] = out
+    if np.array_equal(new, masks):
+        return None
+    return new
+
+
 def read_layer(masks: BoolArray, class_names: Sequence[str], part: BoolArray, *,
                swelling_reach_px: int, loose: Mapping[int, BoolArray] | None = None,
-               zone: BoolArray | None = None, tracks: BoolArray | None = None
+               zone: BoolArray | None = None, tracks: BoolArray | None = None,
+               gray: np.ndarray | None = None, relative_k: float = 0.0
                ) -> BoolArray | None:
-    """The readings: split_bright, then add_outside where `zone` is given, then `tracks`
-    ((H, W) stray scan tracks beyond the parts) marked misprint; None when none changes
-    anything."""
+    """The readings: split_bright, then `relative` where `gray` (the layer) is given, then
+    add_outside where `zone` is given, then `tracks` ((H, W) stray scan tracks beyond the
+    parts) marked misprint; None when none changes anything."""
     out = split_bright(masks, class_names, part, reach_px=swelling_reach_px)
+    if gray is not None:
+        rel = relative(masks if out is None else out, class_names, gray, part, k=relative_k)
+        out = rel if rel is not None else out
     if loose and zone is not None:
         more = add_outside(masks if out is None else out, loose, zone)
         out = more if more is not None else out

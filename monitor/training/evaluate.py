@@ -186,6 +186,7 @@ def evaluate(
     swelling_reach_px: int = 0,
     outside_px: tuple[int, int] | None = None,
     stray_track_z: float = 0.0,
+    relative_k: float = 0.0,
 ) -> Counts:
     """Segment each layer with `segmenter` and count against the dataset's masks.
 
@@ -200,6 +201,7 @@ def evaluate(
         outside_px: (tolerance, reach) in pixels, where the dataset has nominal slices:
             the Segmenter's outside thresholds hold between the two (None = off).
         stray_track_z: as geometry.stray_track_z, between the same two (0 = off).
+        relative_k: as geometry.relative_k, where the dataset has nominal slices (0 = off).
     """
     chans = channel_map(dataset.classes, segmenter.class_names)
     counts = Counts(segmenter.class_names)
@@ -208,14 +210,16 @@ def evaluate(
         true = true[chans]
         result = segmenter.predict(gray, probs=sweep is not None)
         masks = result.masks
-        wanted = swelling_reach_px or (outside_px and (result.loose or stray_track_z))
+        wanted = swelling_reach_px or relative_k or \
+            (outside_px and (result.loose or stray_track_z))
         part = dataset.nominal(name, gray.shape) if wanted else None
         if part is not None:
             zone = outside_zone(part, *outside_px) if outside_px else None
             tracks = None if zone is None or not stray_track_z else \
                 stray_tracks(gray, zone, z_min=stray_track_z)
             read = read_layer(masks, segmenter.class_names, part, loose=result.loose,
-                              zone=zone, swelling_reach_px=swelling_reach_px, tracks=tracks)
+                              zone=zone, swelling_reach_px=swelling_reach_px, tracks=tracks,
+                              gray=gray, relative_k=relative_k)
             masks = masks if read is None else read
         counts.add(masks, true)
         if sweep is not None:

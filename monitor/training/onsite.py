@@ -153,7 +153,12 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
         img, part, zone = site.load_zones(item)
         if part is None or zone is None or not part.any():
             continue
+        g = site.printer.geometry
         masks = seg.predict(img.astype(np.float32) / 255.0, probs=False).masks
+        # what the daemon would mark on the parts (the readings beyond them do not reach in)
+        read = read_layer(masks, names, part, swelling_reach_px=g.swelling_reach_px,
+                          gray=img, relative_k=g.relative_k)
+        masks = masks if read is None else read
         marked = masks[defect_ids].any(axis=0) & part
         out.layers.append({
             "build": item.build, "layer": item.layer,
@@ -166,10 +171,10 @@ def score(seg: Segmenter, site: Site, items: Iterable[SiteLayer], *, paste: bool
         counts = {c: per_class for c in PASTED if c in names}
         img2, _, pasted = paste_defects(img, part, rng, counts=counts)
         res = seg.predict(img2.astype(np.float32) / 255.0, probs=False)
-        g = site.printer.geometry
         tracks = stray_tracks(img2, zone, z_min=g.stray_track_z)
         read = read_layer(res.masks, names, part, loose=res.loose, zone=zone,
-                          swelling_reach_px=g.swelling_reach_px, tracks=tracks)
+                          swelling_reach_px=g.swelling_reach_px, tracks=tracks, gray=img2,
+                          relative_k=g.relative_k)
         masks2 = res.masks if read is None else read
         for p in pasted:
             hit = int((masks2[names.index(p.cls)] & p.mask).sum())
