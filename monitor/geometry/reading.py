@@ -125,6 +125,10 @@ def relative(masks: BoolArray, class_names: Sequence[str], gray: np.ndarray,
         out = m.copy()
         n, marks, stats, _ = cv2.connectedComponentsWithStats(m.view(np.uint8),
                                                               connectivity=8)
+        # per part, once: its pixels, how far each lies from the rest of it, and the
+        # connected stretches that lie k or more (a part holds many marks)
+        seen: dict[int, tuple[tuple[slice, slice], BoolArray, np.ndarray,
+                              np.ndarray | None]] = {}
         for c in range(1, n):
             x, y, bw, bh = (int(v) for v in stats[c, :4])
             ids = lab[y:y + bh, x:x + bw][marks[y:y + bh, x:x + bw] == c]
@@ -132,27 +136,31 @@ def relative(masks: BoolArray, class_names: Sequence[str], gray: np.ndarray,
             if ids.size == 0:
                 continue  # off the parts: not this reading's business
             pid = int(np.bincount(ids).argmax())
-            sl = boxes[pid - 1]
-            if sl is None:
+            if pid not in seen:
+                sl = boxes[pid - 1]
+                mine = lab[sl] == pid
+                rest = g[sl][mine & ~m[sl]]
+                if rest.size < 20:  # marked (nearly) whole: nothing to compare with
+                    seen[pid] = (sl, mine, np.zeros(0), None)
+                    continue
+                med = float(np.median(rest))
+                # a flat part (a drawn test, a saturated camera) has no spread: floor it at
+                # 1% of its level, about a grey level
+                spread = max(1.4826 * float(np.median(np.abs(rest - med))),
+                             0.01 * abs(med), 1e-6)
+                d = sign * (smooth[sl] - med) / spread
+                _, far = cv2.connectedComponents(((d >= k) & mine).view(np.uint8),
+                                                 connectivity=8)
+                seen[pid] = (sl, mine, d, far)
+            sl, mine, d, far = seen[pid]
+            if far is None:
                 continue
-            mine = lab[sl] == pid
-            rest = g[sl][mine & ~m[sl]]
-            if rest.size < 20:
-                continue  # the mark is (nearly) all of its part: nothing to compare with
-            med = float(np.median(rest))
-            # a flat part (a drawn test, a saturated camera) has no spread: floor it at 1%
-            # of its level, about a grey level
-            spread = max(1.4826 * float(np.median(np.abs(rest - med))), 0.01 * abs(med),
-                         1e-6)
-            d = sign * (smooth[sl] - med) / spread
             comp = (marks[sl] == c) & mine  # the mark on its part
             if not comp.any():
                 continue
             if float(np.median(d[comp])) >= k:
-                far = ((d >= k) & mine).view(np.uint8)
-                _, grown = cv2.connectedComponents(far, connectivity=8)
-                keep = np.unique(grown[comp])
-                out[sl] |= np.isin(grown, keep[keep > 0])
+                keep = np.unique(far[comp])
+                out[sl] |= np.isin(far, keep[keep > 0])
             elif drop:
                 out[sl] &= ~comp
         new[ci] = out
