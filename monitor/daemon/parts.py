@@ -59,8 +59,8 @@ class LayerParts:
     outside: Mapping[str, BoolArray] = field(default_factory=dict)
     near: BoolArray | None = None
     # the model's masks read against the slice (monitor.geometry.reading: swelling or
-    # over-melting by the outline, outside thresholds beyond the parts); None when that
-    # changed nothing
+    # over-melting by the outline, under- and over-melting against their own part, outside
+    # thresholds and stray scan tracks beyond the parts); None when that changed nothing
     masks: BoolArray | None = None
 
     def zone_stats(self, masks: BoolArray, class_names: Sequence[str], *,

@@ -118,7 +118,16 @@ def relative(masks: BoolArray, class_names: Sequence[str], gray: np.ndarray,
     _, lab = cv2.connectedComponents(part.view(np.uint8), connectivity=8)
     boxes = ndimage.find_objects(lab)
     g = np.asarray(gray, dtype=np.float32)
-    smooth = cv2.GaussianBlur(g, (0, 0), 1.5)
+    h, w = g.shape[:2]
+    pad = 6  # the blur's reach (3 sigma, rounded up): each part's pixels see true neighbours
+
+    def smoothed(sl: tuple[slice, slice]) -> np.ndarray:
+        """The layer lightly smoothed over the box `sl` (only parts with marks need it)."""
+        y0, x0 = max(0, sl[0].start - pad), max(0, sl[1].start - pad)
+        y1, x1 = min(h, sl[0].stop + pad), min(w, sl[1].stop + pad)
+        sm = cv2.GaussianBlur(g[y0:y1, x0:x1], (0, 0), 1.5)
+        return np.asarray(sm[sl[0].start - y0:sl[0].stop - y0, sl[1].start - x0:sl[1].stop - x0])
+
     new = masks.copy()
     for ci, sign, drop in todo:
         m = masks[ci]
@@ -148,7 +157,7 @@ def relative(masks: BoolArray, class_names: Sequence[str], gray: np.ndarray,
                 # 1% of its level, about a grey level
                 spread = max(1.4826 * float(np.median(np.abs(rest - med))),
                              0.01 * abs(med), 1e-6)
-                d = sign * (smooth[sl] - med) / spread
+                d = sign * (smoothed(sl) - med) / spread
                 _, far = cv2.connectedComponents(((d >= k) & mine).view(np.uint8),
                                                  connectivity=8)
                 seen[pid] = (sl, mine, d, far)
