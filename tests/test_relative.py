@@ -1,6 +1,6 @@
 """Under- and over-melting read against their own part's grey level
 (monitor.geometry.reading.relative, geometry.relative_k): grown over the spot the model saw
-the core of, dropped (under-melting only) where the mark is not darker than its part, and
+the core of, dropped where the mark is not darker (brighter) than its part, and
 through the real daemon on and off."""
 
 from __future__ import annotations
@@ -47,16 +47,36 @@ def test_a_dark_spot_is_grown_from_its_core_and_a_bright_one_too() -> None:
     assert relative(masks, NAMES, img, _part(), k=0.0) is None
 
 
-def test_under_melting_not_darker_than_its_part_is_dropped_over_melting_kept() -> None:
+def test_marks_not_darker_or_brighter_than_their_part_are_dropped() -> None:
     img = _layer()
     masks = np.zeros((len(NAMES), 96, 96), bool)
     masks[U, 30:40, 30:40] = True  # healthy melt marked under-melting
-    masks[OVER, 50:60, 50:60] = True  # healthy melt marked over-melting (a saturated camera)
+    masks[OVER, 50:60, 50:60] = True  # healthy melt marked over-melting
     masks[U, 80:90, 80:90] = True  # off the parts: not this reading's business
     out = relative(masks, NAMES, img, _part(), k=3.0)
     assert out is not None
     assert not out[U, 30:40, 30:40].any() and out[U, 80:90, 80:90].all()
-    np.testing.assert_array_equal(out[OVER], masks[OVER])
+    assert not out[OVER].any()
+
+
+def test_over_melting_a_little_brighter_or_at_the_ceiling_is_kept() -> None:
+    """A camera that compresses highlights shows an over-melted spot 1.5 part SDs brighter
+    (kept: not grown, as under k); one that saturates the melt shows it no brighter than
+    its part, both at the layer's brightest grey (kept). The same spot at 0.5 SDs goes."""
+    for lift, kept in ((3.0, True), (1.0, False)):  # the grain's SD is 2: 1.5 and 0.5 SDs
+        img = _layer()
+        img[50:60, 50:60] += lift
+        masks = np.zeros((len(NAMES), 96, 96), bool)
+        masks[OVER, 52:58, 52:58] = True
+        out = relative(masks, NAMES, img, _part(), k=3.0)
+        got = masks[OVER] if out is None else out[OVER]
+        assert got.sum() == (36 if kept else 0), (lift, got.sum())
+    img = np.full((96, 96), 150.0, np.float32)
+    img[_part()] = 255.0  # melt clipped, the spot too
+    masks = np.zeros((len(NAMES), 96, 96), bool)
+    masks[OVER, 50:60, 50:60] = True
+    out = relative(masks, NAMES, img, _part(), k=3.0)
+    assert out is None or np.array_equal(out[OVER], masks[OVER])
 
 
 def test_a_whole_dark_coupon_is_no_under_melting() -> None:
