@@ -113,10 +113,36 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out by itself (for bind to 0 and for connects)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = np.random.default_rng(os.getpid()).permutation(
+    np.arange(10000, max(10001, _ephemeral_low()))).tolist()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on, for a daemon to bind later. Taken below the
+    kernel's ephemeral range and never twice: a port from bind(0) is freed before the
+    daemon binds it, and any outgoing connection (a test's own subscriber) could take it in
+    between (seen once in CI: "Address already in use")."""
+    while _PORTS:
+        port = int(_PORTS.pop())
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
 def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def layer_image(seed: int = 0, size: int = 96, dtype: type = np.uint8) -> np.ndarray:

@@ -25,15 +25,8 @@ from monitor.config import load_config
 from monitor.daemon.control import request
 from monitor.daemon.daemon import Daemon
 from monitor.daemon.security import raise_open_files_limit
-from tests.conftest import daemon_toml, layer_image, write_config
+from tests.conftest import daemon_toml, free_port, layer_image, write_config
 from tests.test_daemon_e2e import Listener
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

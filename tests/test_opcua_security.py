@@ -22,8 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from monitor.config import OpcuaConfig
 from monitor.daemon.opcua import NAMESPACE_URI, OpcuaServer
+from tests.conftest import free_port
 from tests.test_alarm_daemon import Rig, bright_weights  # noqa: F401 (fixture)
-from tests.test_plant import free_port, rig_with  # noqa: F401 (fixture)
+from tests.test_plant import rig_with  # noqa: F401 (fixture)
 
 CLIENT_URI = "urn:pbf-monitor:test-client"
 SIGN_AND_ENCRYPT = ua.MessageSecurityMode.SignAndEncrypt

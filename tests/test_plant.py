@@ -27,18 +27,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from monitor.config import parse_config
 from monitor.daemon.daemon import Daemon
 from monitor.errors import ConfigError
-from tests.conftest import daemon_toml, encode, wait_for_rows, write_config
+from tests.conftest import daemon_toml, encode, free_port, wait_for_rows, write_config
 from tests.test_alarm_daemon import RULE, Rig, bright_weights  # noqa: F401 (fixture)
 from tests.test_daemon_e2e import start_daemon
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait(cond: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
