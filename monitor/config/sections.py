@@ -205,7 +205,8 @@ class GeometryConfig(Section):
         3.0, ge=0, description="Under- and over-melting marks read against their own part: "
         "this many robust standard deviations darker (under) or brighter (over) than the rest "
         "of the part, they are grown over the part's connected pixels as far; an under-melting "
-        "mark that is not is dropped; 0 = off."
+        "mark that is not is dropped, and an over-melting mark not even 1 SD brighter nor at "
+        "the layer's brightest grey; 0 = off."
     )
     stray_track_z: float = Field(
         10.0, ge=0, description="Patches of scan-track texture beyond the tolerance zone and "
